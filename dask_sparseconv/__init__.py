@@ -1,0 +1,57 @@
+"""dask-sparseconv: out-of-core sparse 2D convolution of image stacks on dask.
+
+In memory::
+
+    conv = dask_sparseconv.Convolver((512, 512), kernel, mode="same")
+    y = conv(x_csr)                                   # (n, H*W) CSR -> CSR
+
+Out of core::
+
+    dask_sparseconv.convolve_zarr("in.zarr", kernel, "out.zarr")
+    y = dask_sparseconv.convolve(x, kernel)           # lazy dask array
+    stack = dask_sparseconv.open_stack("out.zarr")
+
+Drop-in for sparse_convolution 0.4.2::
+
+    from dask_sparseconv import Toeplitz_convolution2d
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
+
+from .convolver import Convolver
+from .geometry import geometry
+
+try:
+    __version__ = version("dask-sparseconv")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+# Heavier parts (dask, zarr, distributed) load on first use, so that
+# `import dask_sparseconv` stays fast for in-memory users.
+_LAZY = {
+    "Toeplitz_convolution2d": "compat",
+    "convolve": "pipeline",
+    "convolve_zarr": "pipeline",
+    "open_stack": "storage",
+    "kernels": None,
+    "cache_stats": "convolver_cache",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        mod = _LAZY[name]
+        if mod is None:
+            return import_module(f".{name}", __name__)
+        return getattr(import_module(f".{mod}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = ["Convolver", "Toeplitz_convolution2d", "convolve", "convolve_zarr", "open_stack", "geometry", "cache_stats", "__version__"]

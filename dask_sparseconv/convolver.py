@@ -1,0 +1,297 @@
+"""The in-memory face of the package: :class:`Convolver`.
+
+A convolver is built once for a frame shape and a kernel, and then called on
+batches of images. It normalises whatever it is given (CSR, CSC, COO, dense,
+a single image or a stack) into the canonical CSR form the engines expect,
+picks or builds the engine for the call's dtype, and shapes the result back
+like the input.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse
+
+from .engine import Engine, engine_class
+from .engine.threads import default_threads
+from .geometry import Geometry, geometry
+from .validation import (
+    check_choice,
+    check_dtype,
+    check_frame_shape,
+    check_kernel,
+    check_mode,
+    check_positive_int,
+    resolve_method_backend,
+)
+
+OutKind = Literal["csr", "dense"]
+
+
+def compute_dtype(input_dtype: np.dtype, requested: np.dtype | None) -> np.dtype:
+    """The dtype a call computes in: ``requested``, else float32 for float32
+    (and float16) input, float64 for everything else."""
+    if requested is not None:
+        return np.dtype(requested)
+    if np.dtype(input_dtype) in (np.dtype(np.float32), np.dtype(np.float16)):
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def as_canonical_csr(x: Any, n_cols: int, dtype: np.dtype, name: str = "x") -> scipy.sparse.csr_matrix:
+    """Return ``x`` (2-D sparse or dense, ``n_cols`` columns) as canonical CSR of ``dtype``.
+
+    Never modifies ``x``: canonicalisation and casting work on copies, and
+    index arrays are shared rather than copied when they are already usable.
+    """
+    if scipy.sparse.issparse(x):
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be 2-D; got a sparse array of shape {x.shape}")
+        if x.format == "csr":
+            csr = scipy.sparse.csr_matrix(x, copy=False) if not isinstance(x, scipy.sparse.csr_matrix) else x
+        else:
+            csr = scipy.sparse.csr_matrix(x.tocsr())
+        if not csr.has_canonical_format:
+            csr = csr.copy()
+            csr.sum_duplicates()  # sorts indices too
+    else:
+        arr = np.asarray(x)
+        if arr.ndim != 2:
+            raise ValueError(f"{name} must be 2-D here; got shape {arr.shape}")
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+            raise TypeError(f"{name} must hold real numbers; got dtype {arr.dtype}")
+        if np.iscomplexobj(arr):
+            raise TypeError(f"{name} must be real; got complex dtype {arr.dtype}")
+        csr = scipy.sparse.csr_matrix(arr.astype(dtype, copy=False))
+    if csr.shape[1] != n_cols:
+        raise ValueError(f"{name} must have {n_cols} columns (H*W); got shape {csr.shape}")
+    if np.iscomplexobj(csr.data):
+        raise TypeError(f"{name} must be real; got complex dtype {csr.data.dtype}")
+    if csr.data.dtype != dtype:
+        csr = scipy.sparse.csr_matrix((csr.data.astype(dtype), csr.indices, csr.indptr), shape=csr.shape, copy=False)
+        csr.has_sorted_indices = True
+        csr.has_canonical_format = True
+    return csr
+
+
+class Convolver:
+    """Convolve batches of sparse 2-D images with one dense 2-D kernel.
+
+    Semantics are those of ``scipy.signal.convolve2d(image, kernel, mode)``
+    with zero fill, computed only where the images are nonzero.
+
+    Parameters
+    ----------
+    frame_shape : tuple of int
+        ``(H, W)`` of every image.
+    kernel : array_like
+        2-D, non-empty, finite kernel. It is copied; later changes to the
+        caller's array do not affect the convolver.
+    mode : {'same', 'full', 'valid'}, default 'same'
+        Output window, as in ``scipy.signal.convolve2d``.
+    method : {'auto', 'direct', 'precomputed', 'lazy', 'gather_scatter'}, default 'auto'
+        ``'auto'`` is ``'direct'`` (numba) when numba is installed, else
+        ``'gather_scatter'`` (numpy).
+    backend : {'auto', 'numba', 'numpy', 'torch'}, default 'auto'
+        Must implement ``method``; see :data:`dask_sparseconv.engine.REGISTRY`.
+    dtype : {None, 'float32', 'float64'}, default None
+        Compute and output dtype. ``None`` follows the input: float32 in
+        gives float32 out, anything else float64.
+    device : str, optional
+        Torch device (``'cpu'``, ``'cuda'``, ``'cuda:0'``); default CUDA when
+        available. Only for ``backend='torch'``.
+    n_threads : int, optional
+        Threads one call may use (CPU engines). Default: the CPUs this
+        process may run on. Inside dask workers the pipeline sets it to
+        ``cores // worker threads`` so the two never oversubscribe.
+    max_buffer_bytes : int, default 256 MiB
+        Scratch-memory bound for engines with a dense accumulator.
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.sparse
+    >>> conv = Convolver((64, 64), np.ones((3, 3)), mode="same")
+    >>> x = scipy.sparse.random(10, 64 * 64, density=0.01, format="csr", random_state=0)
+    >>> conv(x).shape
+    (10, 4096)
+    """
+
+    def __init__(
+        self,
+        frame_shape: tuple[int, int],
+        kernel: Any,
+        mode: str = "same",
+        method: str = "auto",
+        backend: str | None = "auto",
+        dtype: Any = None,
+        device: str | None = None,
+        n_threads: int | None = None,
+        max_buffer_bytes: int = 256 * 1024**2,
+    ):
+        self.frame_shape = check_frame_shape(frame_shape)
+        self.kernel = check_kernel(kernel)
+        self.mode = check_mode(mode)
+        self.method, self.backend = resolve_method_backend(method, backend)
+        self.dtype = check_dtype(dtype)
+        self.n_threads = check_positive_int(n_threads, "n_threads", allow_none=True) or default_threads()
+        self.max_buffer_bytes = check_positive_int(max_buffer_bytes, "max_buffer_bytes")
+        if device is not None and self.backend != "torch":
+            raise ValueError(f"device is only used by backend='torch'; got device={device!r} with backend={self.backend!r}")
+        self.device = self._resolve_device(device) if self.backend == "torch" else None
+        geometry(self.frame_shape, self.kernel.shape, self.mode)  # raises for 'valid' with a too-large kernel
+        self._engines: dict[np.dtype, Engine] = {}
+        self._lock = threading.Lock()
+        # Build eagerly for the likely dtype so that init-time work (a
+        # Toeplitz matrix) happens here, not on the first call.
+        self.engine(self.dtype or compute_dtype(self.kernel.dtype, None))
+
+    @staticmethod
+    def _resolve_device(device: str | None) -> str:
+        import torch
+
+        if device is None:
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:0'; got {device!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} was asked for but CUDA is not available on this machine")
+        return str(dev)
+
+    # -- engines ---------------------------------------------------------
+    def engine(self, dtype: np.dtype) -> Engine:
+        """The engine computing in ``dtype``, built on first use and kept."""
+        dtype = np.dtype(dtype)
+        eng = self._engines.get(dtype)
+        if eng is None:
+            with self._lock:
+                eng = self._engines.get(dtype)
+                if eng is None:
+                    cls = engine_class(self.method, self.backend)
+                    eng = cls(
+                        self.frame_shape,
+                        self.kernel.astype(dtype),
+                        dtype,
+                        device=self.device,
+                        n_threads=self.n_threads,
+                        max_buffer_bytes=self.max_buffer_bytes,
+                    )
+                    self._engines[dtype] = eng
+        return eng
+
+    def geometry(self, mode: str | None = None) -> Geometry:
+        """Output geometry for ``mode`` (default: the convolver's)."""
+        return geometry(self.frame_shape, self.kernel.shape, check_mode(mode or self.mode))
+
+    @property
+    def out_shape(self) -> tuple[int, int]:
+        """``(H_out, W_out)`` for the convolver's mode."""
+        return self.geometry().out_shape
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held between calls (kernel, Toeplitz matrices)."""
+        return sum(e.nbytes() for e in self._engines.values())
+
+    # -- calling ---------------------------------------------------------
+    def __call__(self, x: Any, out: OutKind | None = None, mode: str | None = None, batched: bool | None = None):
+        """Convolve ``x``.
+
+        Parameters
+        ----------
+        x : sparse matrix/array or ndarray
+            A batch ``(n_images, H*W)`` (any scipy.sparse format or dense), a
+            single image ``(H, W)``, or a dense stack ``(n_images, H, W)``.
+        out : {None, 'csr', 'dense'}
+            Result kind. ``None``: CSR for sparse input, dense for dense input.
+        mode : str, optional
+            Override the convolver's mode for this call.
+        batched : bool, optional
+            Force reading a 2-D ``x`` as a batch (True) or one image (False);
+            needed only when ``H == 1`` makes the two shapes coincide.
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix or ndarray
+            Laid out like the input: ``(n_images, H_out*W_out)`` for a batch,
+            ``(H_out, W_out)`` for one image, ``(n_images, H_out, W_out)`` for
+            a stack. CSR results are canonical with exact zeros dropped.
+        """
+        mode = check_mode(mode if mode is not None else self.mode)
+        geo = geometry(self.frame_shape, self.kernel.shape, mode)
+        sparse_in = scipy.sparse.issparse(x)
+        if out is None:
+            out = "csr" if sparse_in else "dense"
+        check_choice("out", out, ("csr", "dense"))
+        H, W = self.frame_shape
+        if not sparse_in and not isinstance(x, np.ndarray):
+            if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
+                x = np.asarray(x)
+            else:
+                raise TypeError(f"x must be a scipy.sparse matrix/array or a numpy array; got {type(x).__name__}")
+        shape = tuple(x.shape)
+        layout = self._layout(shape, batched)
+        in_dtype = x.dtype
+        if not (np.issubdtype(in_dtype, np.number) or in_dtype == np.bool_) or np.issubdtype(in_dtype, np.complexfloating):
+            raise TypeError(f"x must hold real numbers; got dtype {in_dtype}")
+        dtype = compute_dtype(in_dtype, self.dtype)
+        if layout == "stack":
+            flat = np.asarray(x).reshape(shape[0], H * W)
+        elif layout == "single":
+            flat = x.reshape(1, H * W) if sparse_in else np.asarray(x).reshape(1, H * W)
+        else:
+            flat = x
+        csr = as_canonical_csr(flat, H * W, dtype)
+        eng = self.engine(dtype)
+        n = csr.shape[0]
+        if out == "dense":
+            res = eng.to_dense(csr, mode)
+            if layout == "batch":
+                return res.reshape(n, geo.out_pixels)
+            if layout == "single":
+                return res.reshape(geo.out_shape)
+            return res
+        res = eng.to_csr(csr, mode)
+        if layout == "single":
+            res = scipy.sparse.csr_matrix(res.reshape(geo.out_shape))
+        elif layout == "stack":
+            raise ValueError("out='csr' needs a 2-D batch (n_images, H*W) or one image; got a 3-D stack (use out='dense')")
+        return res
+
+    def _layout(self, shape: tuple[int, ...], batched: bool | None) -> str:
+        H, W = self.frame_shape
+        if len(shape) == 3:
+            if shape[1:] != (H, W):
+                raise ValueError(f"x as a stack must have shape (n_images, {H}, {W}); got {shape}")
+            return "stack"
+        if len(shape) != 2:
+            raise ValueError(
+                f"x must be a batch (n_images, {H * W}), an image {(H, W)} or a stack (n, {H}, {W}); got shape {shape}"
+            )
+        is_batch = shape[1] == H * W
+        is_single = shape == (H, W)
+        if batched is True:
+            if not is_batch:
+                raise ValueError(f"x as a batch (batched=True) must have shape (n_images, {H * W}); got {shape}")
+            return "batch"
+        if batched is False:
+            if not is_single:
+                raise ValueError(f"x as one image (batched=False) must have shape {(H, W)}; got {shape}")
+            return "single"
+        if is_batch:
+            return "batch"
+        if is_single:
+            return "single"
+        raise ValueError(
+            f"x must be a batch (n_images, {H * W}) or an image {(H, W)} for frame_shape={(H, W)}; got shape {shape}"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Convolver(frame_shape={self.frame_shape}, kernel_shape={self.kernel.shape}, mode={self.mode!r}, "
+            f"method={self.method!r}, backend={self.backend!r}, dtype={self.dtype}, device={self.device!r})"
+        )

@@ -1,0 +1,73 @@
+"""Batch parallelism for CPU engines, safe under concurrent callers.
+
+Numba's ``parallel=True`` runs on a threading layer whose default
+(workqueue) aborts when two threads enter parallel regions at once, and dask
+workers call a cached convolver from several threads. So the CPU kernels are
+serial ``nogil`` functions over a range of images, and the parallelism lives
+here: the batch is cut into contiguous ranges, the calling thread computes the
+first, and a shared pool of plain Python threads computes the rest with the
+GIL released. Pool threads never submit work to the pool, so a saturated pool
+delays a call but cannot deadlock it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def default_threads() -> int:
+    """Threads a single convolver call may use: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _get_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(1, default_threads()), thread_name_prefix="dask-sparseconv")
+        return _pool
+
+
+def split_ranges(weights: Sequence[int] | None, n_items: int, n_chunks: int) -> list[tuple[int, int]]:
+    """Cut ``range(n_items)`` into at most ``n_chunks`` contiguous ranges.
+
+    With ``weights`` (for example a CSR ``indptr``, length ``n_items + 1``) the
+    cuts balance cumulative work rather than item counts.
+    """
+    n_chunks = max(1, min(n_chunks, n_items))
+    if n_chunks == 1:
+        return [(0, n_items)]
+    if weights is None:
+        bounds = [round(i * n_items / n_chunks) for i in range(n_chunks + 1)]
+    else:
+        import numpy as np
+
+        cum = np.asarray(weights, dtype=np.float64) + np.arange(n_items + 1)  # +1 per item: empty rows still cost
+        targets = np.linspace(0.0, cum[-1], n_chunks + 1)
+        bounds = [0] + [int(b) for b in np.searchsorted(cum, targets[1:-1], side="left")] + [n_items]
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            out.append((a, b))
+    return out or [(0, n_items)]
+
+
+def run_ranges(func: Callable[[int, int], T], ranges: list[tuple[int, int]]) -> list[T]:
+    """Run ``func(start, stop)`` for each range; the first in this thread. Results in order."""
+    if len(ranges) == 1:
+        return [func(*ranges[0])]
+    pool = _get_pool()
+    futures = [pool.submit(func, a, b) for a, b in ranges[1:]]
+    first = func(*ranges[0])
+    return [first] + [f.result() for f in futures]

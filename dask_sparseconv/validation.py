@@ -1,0 +1,148 @@
+"""Argument checks shared by every user-facing entry point.
+
+Each check raises ``ValueError`` or ``TypeError`` with a message that names
+the argument, the value given, and what is allowed, so the API, the workflow
+loader and the CLI all report bad input the same way.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Iterable
+
+import numpy as np
+
+from .geometry import MODES
+
+METHODS = ("direct", "precomputed", "lazy", "gather_scatter")
+BACKENDS = ("numpy", "numba", "torch")
+
+#: Which backends implement which method.
+VALID_BACKENDS: dict[str, tuple[str, ...]] = {
+    "direct": ("numba",),
+    "precomputed": ("numpy", "numba", "torch"),
+    "lazy": ("numpy", "torch"),
+    "gather_scatter": ("numpy", "numba", "torch"),
+}
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``allowed`` strings, else raise."""
+    allowed = tuple(allowed)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {allowed}; got {_short(value)} ({type(value).__name__})")
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+    return value
+
+
+def check_mode(mode: Any, name: str = "mode") -> str:
+    """Validate a convolution mode."""
+    return check_choice(name, mode, MODES)
+
+
+def check_frame_shape(frame_shape: Any, name: str = "frame_shape") -> tuple[int, int]:
+    """Validate ``(H, W)``: two positive integers."""
+    if isinstance(frame_shape, (str, bytes)) or not hasattr(frame_shape, "__len__"):
+        raise TypeError(f"{name} must be a pair of positive integers (H, W); got {_short(frame_shape)}")
+    if len(frame_shape) != 2:
+        raise ValueError(f"{name} must have exactly 2 entries (H, W); got {_short(frame_shape)}")
+    out = []
+    for v in frame_shape:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (numbers.Integral, numbers.Real)):
+            raise TypeError(f"{name} must be a pair of positive integers (H, W); got {_short(frame_shape)}")
+        if int(v) != v or int(v) < 1:
+            raise ValueError(f"{name} must be a pair of positive integers (H, W); got {_short(frame_shape)}")
+        out.append(int(v))
+    return (out[0], out[1])
+
+
+def check_kernel(kernel: Any, name: str = "kernel") -> np.ndarray:
+    """Validate a kernel: a non-empty, finite, real 2-D array. Returns a copy."""
+    if hasattr(kernel, "detach") and hasattr(kernel, "cpu"):  # a torch tensor
+        kernel = kernel.detach().cpu().numpy()
+    if isinstance(kernel, (str, bytes)) or kernel is None:
+        raise TypeError(f"{name} must be a 2-D array of numbers; got {_short(kernel)}")
+    try:
+        arr = np.array(kernel, copy=True)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be a 2-D array of numbers; got {_short(kernel)} ({exc})") from None
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise TypeError(f"{name} must be a 2-D array of real numbers; got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise TypeError(f"{name} must be real; got complex dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D; got {arr.ndim}-D with shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} must not be empty; got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must hold only finite values; got NaN or inf in a kernel of shape {arr.shape}")
+    return arr
+
+
+def check_dtype(dtype: Any, name: str = "dtype") -> np.dtype | None:
+    """Validate a compute dtype: ``None``, float32 or float64."""
+    if dtype is None:
+        return None
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be None, 'float32' or 'float64'; got {_short(dtype)}") from None
+    if dt not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be None, 'float32' or 'float64'; got {dt}")
+    return dt
+
+
+def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> int | None:
+    """Validate a positive integer (or ``None`` when allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be a positive integer{extra}; got {_short(value)}")
+    return int(value)
+
+
+def module_available(name: str) -> bool:
+    """Whether ``name`` can be imported, without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def resolve_method_backend(method: Any, backend: Any) -> tuple[str, str]:
+    """Resolve ``'auto'``/``None`` method and backend to an implemented pair.
+
+    ``method='auto'`` means ``'direct'`` when numba is installed, otherwise
+    ``'gather_scatter'``. ``backend=None``/``'auto'`` means numba for
+    ``direct`` and ``gather_scatter`` when numba is installed, numpy otherwise.
+    """
+    has_numba = module_available("numba")
+    if method is None or method == "auto":
+        method = "direct" if has_numba else "gather_scatter"
+    check_choice("method", method, ("auto",) + METHODS)
+    if backend is None or backend == "auto":
+        if method in ("direct", "gather_scatter") and has_numba:
+            backend = "numba"
+        elif method == "direct":
+            raise ValueError("method='direct' requires numba, which is not installed; install numba or use method='gather_scatter'")
+        else:
+            backend = "numpy"
+    check_choice("backend", backend, ("auto",) + BACKENDS)
+    if backend not in VALID_BACKENDS[method]:
+        raise ValueError(
+            f"backend={backend!r} is not valid for method={method!r}; valid backends: {VALID_BACKENDS[method]}"
+        )
+    if not module_available(backend if backend != "numpy" else "numpy"):
+        raise ValueError(
+            f"backend={backend!r} was asked for but {backend} is not installed; "
+            + ("install the CPU build with `pip install torch==2.13.0` or a CUDA build" if backend == "torch" else f"install {backend}")
+        )
+    return method, backend
