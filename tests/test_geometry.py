@@ -1,0 +1,36 @@
+"""Output geometry must match scipy.signal.convolve2d for every mode and shape."""
+
+import numpy as np
+import pytest
+import scipy.signal
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dask_sparseconv.geometry import geometry
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    H=st.integers(1, 12), W=st.integers(1, 12), kh=st.integers(1, 14), kw=st.integers(1, 14),
+    mode=st.sampled_from(["full", "same", "valid"]),
+)
+def test_geometry_matches_scipy_window(H, W, kh, kw, mode):
+    rng = np.random.default_rng(H * 1000 + W * 100 + kh * 10 + kw)
+    x = rng.standard_normal((H, W))
+    k = rng.standard_normal((kh, kw))
+    if mode == "valid" and (H < kh or W < kw):
+        with pytest.raises(ValueError, match="x must be larger than k"):
+            geometry((H, W), (kh, kw), mode)
+        return
+    geo = geometry((H, W), (kh, kw), mode)
+    ref = scipy.signal.convolve2d(x, k, mode=mode)
+    assert geo.out_shape == ref.shape
+    full = scipy.signal.convolve2d(x, k, mode="full")
+    Ho, Wo = geo.out_shape
+    np.testing.assert_allclose(full[geo.top : geo.top + Ho, geo.left : geo.left + Wo], ref, rtol=1e-12, atol=1e-12)
+    assert geo.out_pixels == Ho * Wo and geo.in_pixels == H * W
+
+
+def test_unknown_mode_names_value():
+    with pytest.raises(ValueError, match="'sideways'"):
+        geometry((4, 4), (3, 3), "sideways")
