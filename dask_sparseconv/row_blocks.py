@@ -11,8 +11,9 @@ read, convolved and written by one dask task, so its size is a trade-off:
   when one input chunk alone exceeds the budget it is split into equal parts
   (a divisor of the chunk size, so the splits still line up with chunks);
 * **parallelism** — with ``min_blocks`` the blocks are made small enough that
-  there are at least that many (never smaller than one input chunk because of
-  this rule alone), so a small stack still keeps every worker busy.
+  there are at least that many, so a small stack still keeps every worker
+  busy (for dense stores never below one input chunk because of this rule
+  alone: see ``strict_chunks``).
 
 Blocks are uniform except the last one, which is shorter when the block size
 does not divide the number of images. Dense outputs are chunked by block
@@ -187,6 +188,7 @@ def plan_row_blocks(
     block_memory: Any = None,
     *,
     min_blocks: int = 1,
+    strict_chunks: bool = True,
 ) -> RowBlocks:
     """Choose uniform row blocks for a stack.
 
@@ -203,8 +205,11 @@ def plan_row_blocks(
         Memory budget per block: bytes, or a string like ``'64MiB'``.
         Default 64 MiB.
     min_blocks : int, default 1
-        Make blocks small enough for at least this many blocks, but never
-        smaller than one input chunk for this reason.
+        Make blocks small enough for at least this many blocks.
+    strict_chunks : bool, default True
+        Never split an input chunk just to reach ``min_blocks`` (right for
+        dense stores, where a split chunk is decompressed by several tasks).
+        ``False`` allows it (CSR stores read row ranges cheaply).
 
     Raises
     ------
@@ -233,8 +238,11 @@ def plan_row_blocks(
         rows = (fit // chunk_rows) * chunk_rows
         if min_blocks > 1:
             want = -(-n_images // int(min_blocks))  # rows per block for min_blocks blocks
-            want_aligned = max(chunk_rows, -(-want // chunk_rows) * chunk_rows)
-            rows = min(rows, want_aligned)
+            if want >= chunk_rows or strict_chunks:
+                rows = min(rows, max(chunk_rows, -(-want // chunk_rows) * chunk_rows))
+            else:
+                div = _largest_divisor_at_most(chunk_rows, want)
+                rows = div if div >= _MIN_DIVISOR_FILL * want else want
     else:
         # One chunk is over budget: split it into equal parts when a divisor
         # of the chunk size is close enough to the budget, else straddle.

@@ -1,0 +1,711 @@
+"""Out-of-core convolution of image stacks as one lazy dask graph.
+
+Two entry points:
+
+* :func:`convolve` returns a lazy dask array: dense ``(n, H_out, W_out)``,
+  or ``(n, H_out*W_out)`` with ``scipy.sparse.csr_matrix`` chunks for CSR
+  output. Nothing is read until it is computed.
+* :func:`convolve_zarr` convolves a zarr stack into a new zarr stack. It
+  builds ONE graph::
+
+      kernel ─┐
+      source ─┼─> block 0: read -> convolve -> write (+ progress marker) ─┐
+      target ─┘   block 1: ...                                            ├─> finalize
+                  ...                                                     ┘   (CSR: consolidate,
+                                                                               then the completion
+                                                                               flag, last)
+
+  and by default computes it on the current scheduler: the active
+  ``distributed.Client`` when there is one (dask makes a new client the
+  default scheduler), else dask's local threaded scheduler. With
+  ``compute=False`` it returns that graph as a :class:`dask.delayed.Delayed`
+  (hand it to ``client.compute()`` or call ``.compute()``); computing it
+  yields the same :class:`ConvolveSummary`.
+
+Where things run
+----------------
+The kernel is put in the graph once, as a single key every block task
+depends on, so it travels to each worker once per graph. The same holds for
+the source and target handles (small picklable objects). The
+:class:`~dask_sparseconv.Convolver` — and any Toeplitz matrix an engine
+builds — is always built on the worker by the per-process cache
+(:mod:`dask_sparseconv.convolver_cache`), never pickled from the client.
+The engine's thread count follows the cache's policy:
+``max(1, cores // concurrent dask threads)``.
+
+Blocks
+------
+Images are processed in row blocks (:mod:`dask_sparseconv.row_blocks`):
+aligned to the input chunks, sized by ``block_memory`` (default 64 MiB per
+task), and at least ``4 x`` the scheduler's thread count of them when the
+stack is large enough, so every thread has work. Dense outputs are chunked
+by block along the image axis.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse
+
+from .convolver import compute_dtype
+from .convolver_cache import get_convolver, kernel_digest
+from .geometry import geometry
+from .row_blocks import RowBlocks, image_bytes, parse_block_memory, plan_row_blocks
+from .validation import (
+    check_choice,
+    check_dtype,
+    check_frame_shape,
+    check_kernel,
+    check_mode,
+    resolve_method_backend,
+)
+
+OUTPUT_FORMATS = ("dense", "csr")
+
+#: Blocks per scheduler thread the planner aims for (when the stack allows).
+BLOCKS_PER_THREAD = 4
+
+
+# -- small picklable pieces that travel in the graph -------------------------------
+@dataclass(frozen=True)
+class _Spec:
+    """What every block task needs besides its data: travels by value (tiny)."""
+
+    frame_shape: tuple[int, int]
+    out_shape: tuple[int, int]
+    mode: str
+    method: str
+    backend: str
+    dtype: str  # compute / output dtype
+    out_format: str
+    device: str | None = None
+
+
+@dataclass
+class ConvolveSummary:
+    """What :func:`convolve_zarr` did.
+
+    Attributes
+    ----------
+    target : str
+        Where the output is.
+    format : str
+        ``'dense'`` or ``'csr'``.
+    n_images : int
+    frame_shape, out_shape : tuple of int
+    dtype : str
+        Output dtype.
+    nnz_in, nnz_out : int
+        Nonzeros read and written (``nnz_out`` of a dense output counts its
+        nonzero pixels).
+    blocks : int
+        Row blocks (tasks) the stack was cut into.
+    block_rows : int
+        Images per block.
+    elapsed : float
+        Wall-clock seconds of the whole graph.
+    read_s, convolve_s, write_s : float
+        Seconds spent in each stage, summed over blocks (so they add up to
+        more than ``elapsed`` when blocks ran in parallel). Consolidation and
+        finalisation are in ``finalize_s``.
+    """
+
+    target: str
+    format: str
+    n_images: int
+    frame_shape: tuple[int, int]
+    out_shape: tuple[int, int]
+    dtype: str
+    nnz_in: int
+    nnz_out: int
+    blocks: int
+    block_rows: int
+    elapsed: float
+    read_s: float = 0.0
+    convolve_s: float = 0.0
+    write_s: float = 0.0
+    finalize_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- argument checks ---------------------------------------------------------------------
+def _check_output_format(output_format: Any) -> str | None:
+    if output_format is None:
+        return None
+    return check_choice("output_format", output_format, OUTPUT_FORMATS)
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return bool(value)
+
+
+def _common_checks(kernel, mode, method, backend, dtype, output_format, block_memory):
+    kernel = check_kernel(kernel)
+    mode = check_mode(mode)
+    method, backend = resolve_method_backend(method, backend)
+    dtype = check_dtype(dtype)
+    output_format = _check_output_format(output_format)
+    parse_block_memory(block_memory)
+    return kernel, mode, method, backend, dtype, output_format
+
+
+def _scheduler_threads() -> int:
+    """Threads the scheduler that will run the graph has (for block planning)."""
+    client = _active_client()
+    if client is not None:
+        try:
+            n = sum(client.nthreads().values())
+            if n:
+                return int(n)
+        except Exception:  # a client that cannot answer right now
+            pass
+    from .convolver_cache import _local_pool_size
+
+    return _local_pool_size()
+
+
+def _active_client():
+    """The distributed client dask would compute on now, or None."""
+    try:
+        import dask
+        from distributed import get_client
+    except ImportError:
+        return None
+    sched = dask.config.get("scheduler", None)
+    if sched not in (None, "dask.distributed", "distributed"):
+        return None
+    try:
+        return get_client()
+    except ValueError:
+        return None
+
+
+# -- the work of one block (runs on a worker) --------------------------------------
+def _convolver(spec: _Spec, kernel: np.ndarray):
+    return get_convolver(
+        spec.frame_shape, kernel, spec.mode, spec.method, spec.backend, spec.dtype, spec.device
+    )
+
+
+def _apply(conv, csr: scipy.sparse.csr_matrix, spec: _Spec):
+    n = csr.shape[0]
+    if spec.out_format == "dense":
+        res = conv(csr, out="dense", batched=True)
+        return np.ascontiguousarray(res).reshape((n,) + tuple(spec.out_shape))
+    return conv(csr, out="csr", batched=True)
+
+
+def _to_csr_rows(block, spec: _Spec) -> scipy.sparse.csr_matrix:
+    """A block of images (dense (b,H,W)/(b,H*W), or sparse (b,H*W)) as (b, H*W) CSR."""
+    H, W = spec.frame_shape
+    if scipy.sparse.issparse(block):
+        return scipy.sparse.csr_matrix(block)
+    arr = np.asarray(block)
+    return scipy.sparse.csr_matrix(arr.reshape(arr.shape[0], H * W))
+
+
+def _convolve_array_block(block, kernel, spec: _Spec):
+    """map_blocks body for in-memory / dask-array inputs."""
+    conv = _convolver(spec, kernel)
+    return _apply(conv, _to_csr_rows(block, spec), spec)
+
+
+def _convolve_source_block(src, kernel, start: int, stop: int, spec: _Spec):
+    """Lazy-array body for store inputs: read a block and convolve it."""
+    conv = _convolver(spec, kernel)
+    return _apply(conv, src.read_block(start, stop), spec)
+
+
+def _run_block(src, kernel, out, index: int, start: int, stop: int, spec: _Spec) -> dict:
+    """convolve_zarr body: read -> convolve -> write one block; returns small stats."""
+    t0 = time.time()
+    p0 = time.perf_counter()
+    csr = src.read_block(start, stop)
+    p1 = time.perf_counter()
+    conv = _convolver(spec, kernel)
+    res = _apply(conv, csr, spec)
+    p2 = time.perf_counter()
+    nnz_out = int(res.nnz) if scipy.sparse.issparse(res) else int(np.count_nonzero(res))
+    out.write_block(index, start, stop, res)
+    p3 = time.perf_counter()
+    return {
+        "index": index,
+        "start": start,
+        "stop": stop,
+        "nnz_in": int(csr.nnz),
+        "nnz_out": nnz_out,
+        "t_start": t0,
+        "read_s": p1 - p0,
+        "convolve_s": p2 - p1,
+        "write_s": p3 - p2,
+        "pid": os.getpid(),
+    }
+
+
+def _finalize(out, stats: list[dict], info: dict) -> ConvolveSummary:
+    """Last task: consolidate (CSR) and set the completion flag; summarise."""
+    p0 = time.perf_counter()
+    stats = sorted(stats, key=lambda s: s["index"])
+    block_nnz = [s["nnz_out"] for s in stats]
+    out.finalize(block_nnz=block_nnz)
+    p1 = time.perf_counter()
+    t_first = min((s["t_start"] for s in stats), default=time.time())
+    return ConvolveSummary(
+        target=str(getattr(out, "location", info["target"])),
+        format=info["format"],
+        n_images=info["n_images"],
+        frame_shape=tuple(info["frame_shape"]),
+        out_shape=tuple(info["out_shape"]),
+        dtype=info["dtype"],
+        nnz_in=int(sum(s["nnz_in"] for s in stats)),
+        nnz_out=int(sum(block_nnz)),
+        blocks=len(stats),
+        block_rows=info["block_rows"],
+        elapsed=time.time() - t_first,
+        read_s=float(sum(s["read_s"] for s in stats)),
+        convolve_s=float(sum(s["convolve_s"] for s in stats)),
+        write_s=float(sum(s["write_s"] for s in stats)),
+        finalize_s=p1 - p0,
+        extra={"worker_pids": sorted({s["pid"] for s in stats})},
+    )
+
+
+# -- inputs ------------------------------------------------------------------------------
+def _is_store_like(x: Any) -> bool:
+    if isinstance(x, (str, os.PathLike)):
+        return True
+    mod = type(x).__module__ or ""
+    return mod.startswith("zarr")
+
+
+def _plan(n_images, chunk_rows, frame_shape, out_shape, in_dtype, out_dtype, in_format, out_format, nnz, kernel,
+          block_memory) -> RowBlocks:
+    nnz_per_image = (nnz / n_images) if (nnz is not None and n_images) else None
+    per_image = image_bytes(
+        frame_shape,
+        out_shape,
+        np.dtype(in_dtype).itemsize,
+        np.dtype(out_dtype).itemsize,
+        in_format=in_format,
+        out_format=out_format,
+        nnz_per_image=nnz_per_image,
+        kernel_size=int(np.count_nonzero(kernel)) or 1,
+    )
+    return plan_row_blocks(
+        n_images,
+        chunk_rows,
+        per_image,
+        block_memory,
+        min_blocks=BLOCKS_PER_THREAD * _scheduler_threads(),
+        strict_chunks=(in_format == "dense"),
+    )
+
+
+def _kernel_node(kernel: np.ndarray):
+    from dask import delayed
+
+    return delayed(kernel, name=f"sparseconv-kernel-{kernel_digest(kernel)}", traverse=False)
+
+
+def _handle_node(obj, prefix: str):
+    from dask import delayed
+    from dask.base import tokenize
+
+    return delayed(obj, name=f"{prefix}-{tokenize(prefix, id(obj), time.time_ns())}", traverse=False)
+
+
+def convolve(
+    x: Any,
+    kernel: Any,
+    mode: str = "same",
+    *,
+    method: str = "auto",
+    backend: str | None = "auto",
+    dtype: Any = None,
+    output_format: str | None = None,
+    block_memory: Any = None,
+    frame_shape: tuple[int, int] | None = None,
+    array: str | None = None,
+    storage_options: dict | None = None,
+):
+    """Convolve every image of a stack with ``kernel``, lazily.
+
+    Semantics are those of ``scipy.signal.convolve2d(image, kernel, mode)``
+    applied to each image.
+
+    Parameters
+    ----------
+    x : str, os.PathLike, zarr.Array, zarr.Group, dask.array.Array, numpy.ndarray or scipy.sparse matrix
+        The stack: a zarr store (path or URL, dense ``(n, H, W)`` array or
+        anndata-style CSR group; ``array`` picks a member of a group), a dask
+        or numpy array ``(n, H, W)``, or a sparse matrix / 2-D dask array
+        ``(n, H*W)`` together with ``frame_shape``.
+    kernel : array_like
+        2-D, finite kernel.
+    mode : {'same', 'full', 'valid'}
+    method, backend, dtype
+        As for :class:`~dask_sparseconv.Convolver`.
+    output_format : {None, 'dense', 'csr'}
+        ``'dense'``: a ``(n, H_out, W_out)`` dask array of ndarrays.
+        ``'csr'``: a ``(n, H_out*W_out)`` dask array whose chunks are
+        ``scipy.sparse.csr_matrix`` (computing it gives one CSR matrix).
+        Default: the input's format (CSR stores and sparse matrices give CSR,
+        everything else dense).
+    block_memory : int or str, optional
+        Memory budget of one block task (default 64 MiB).
+    frame_shape : tuple of int, optional
+        ``(H, W)``, required for ``(n, H*W)`` inputs.
+    array, storage_options
+        Passed to the store opener for zarr inputs.
+
+    Returns
+    -------
+    dask.array.Array
+        Chunked by row block along the image axis.
+    """
+    import dask.array as da
+
+    kernel, mode, method, backend, dtype, output_format = _common_checks(
+        kernel, mode, method, backend, dtype, output_format, block_memory
+    )
+    if frame_shape is not None:
+        frame_shape = check_frame_shape(frame_shape)
+
+    if _is_store_like(x):
+        from .storage import open_input
+
+        src = open_input(x, array=array, storage_options=storage_options)
+        fs = tuple(src.frame_shape)
+        if frame_shape is not None and frame_shape != fs:
+            raise ValueError(f"frame_shape={frame_shape} does not match the store's frame shape {fs}")
+        geo = geometry(fs, kernel.shape, mode)
+        out_dtype = compute_dtype(src.dtype, dtype)
+        fmt = output_format or src.format
+        blocks = _plan(src.n_images, src.chunk_rows, fs, geo.out_shape, src.dtype, out_dtype, src.format, fmt, src.nnz,
+                       kernel, block_memory)
+        spec = _Spec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt)
+        return _source_array(src, kernel, blocks, spec)
+
+    if array is not None or storage_options is not None:
+        raise ValueError("array= and storage_options= apply only when x is a zarr store (path, URL or zarr object)")
+
+    if scipy.sparse.issparse(x):
+        if x.ndim != 2:
+            raise ValueError(f"a sparse x must be 2-D (n_images, H*W); got shape {x.shape}")
+        if frame_shape is None:
+            raise ValueError("frame_shape=(H, W) is required when x is a sparse matrix of shape (n_images, H*W)")
+        H, W = frame_shape
+        if x.shape[1] != H * W:
+            raise ValueError(f"x must have H*W = {H * W} columns for frame_shape={frame_shape}; got shape {x.shape}")
+        _check_real(x.dtype)
+        geo = geometry(frame_shape, kernel.shape, mode)
+        out_dtype = compute_dtype(x.dtype, dtype)
+        fmt = output_format or "csr"
+        csr = scipy.sparse.csr_matrix(x)
+        blocks = _plan(csr.shape[0], 1, frame_shape, geo.out_shape, x.dtype, out_dtype, "csr", fmt, csr.nnz, kernel,
+                       block_memory)
+        spec = _Spec(frame_shape, geo.out_shape, mode, method, backend, out_dtype.str, fmt)
+        return _sparse_array(csr, kernel, blocks, spec)
+
+    if isinstance(x, da.Array):
+        arr = x
+    elif isinstance(x, np.ndarray):
+        arr = None
+    elif hasattr(x, "__array__"):
+        x = np.asarray(x)
+        arr = None
+    else:
+        raise TypeError(
+            "x must be a zarr store (path, URL, zarr.Array/Group), a dask or numpy array (n, H, W), "
+            f"or a scipy.sparse matrix (n, H*W) with frame_shape; got {type(x).__name__}"
+        )
+    _check_real(x.dtype)
+    if x.ndim == 3:
+        fs = (int(x.shape[1]), int(x.shape[2]))
+        if frame_shape is not None and frame_shape != fs:
+            raise ValueError(f"frame_shape={frame_shape} does not match x's frame shape {fs}")
+    elif x.ndim == 2 and frame_shape is not None:
+        fs = frame_shape
+        if x.shape[1] != fs[0] * fs[1]:
+            raise ValueError(f"x must have H*W = {fs[0] * fs[1]} columns for frame_shape={fs}; got shape {x.shape}")
+    else:
+        raise ValueError(
+            f"x must be a stack (n_images, H, W), or (n_images, H*W) with frame_shape; got shape {x.shape}"
+        )
+    fs = check_frame_shape(fs)
+    geo = geometry(fs, kernel.shape, mode)
+    out_dtype = compute_dtype(x.dtype, dtype)
+    in_sparse = arr is not None and scipy.sparse.issparse(getattr(arr, "_meta", None))
+    fmt = output_format or ("csr" if in_sparse else "dense")
+    n = int(x.shape[0])
+    if arr is None:
+        chunk_rows = 1
+        arr = da.from_array(x, chunks=(max(n, 1),) + x.shape[1:])
+    else:
+        chunk_rows = int(max(arr.chunks[0])) if arr.chunks[0] else 1
+    blocks = _plan(n, chunk_rows, fs, geo.out_shape, x.dtype, out_dtype, "csr" if in_sparse else "dense", fmt, None,
+                   kernel, block_memory)
+    spec = _Spec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt)
+    arr = arr.rechunk((blocks.chunks,) + tuple((s,) for s in arr.shape[1:])) if n else arr
+    return _map_array(arr, kernel, blocks, spec)
+
+
+def _check_real(dt) -> None:
+    dt = np.dtype(dt)
+    if not (np.issubdtype(dt, np.number) or dt == np.bool_) or np.issubdtype(dt, np.complexfloating):
+        raise TypeError(f"x must hold real numbers; got dtype {dt}")
+
+
+def _meta(spec: _Spec):
+    dt = np.dtype(spec.dtype)
+    if spec.out_format == "dense":
+        return np.empty((0, 0, 0), dtype=dt)
+    return scipy.sparse.csr_matrix((0, spec.out_shape[0] * spec.out_shape[1]), dtype=dt)
+
+
+def _out_block_shape(rows: int, spec: _Spec) -> tuple[int, ...]:
+    Ho, Wo = spec.out_shape
+    return (rows, Ho, Wo) if spec.out_format == "dense" else (rows, Ho * Wo)
+
+
+def _map_array(arr, kernel, blocks: RowBlocks, spec: _Spec):
+    Ho, Wo = spec.out_shape
+    if spec.out_format == "dense":
+        chunks = (blocks.chunks or (0,), (Ho,), (Wo,))
+    else:
+        chunks = (blocks.chunks or (0,), (Ho * Wo,))
+    kernel_node = _kernel_node(kernel)
+    if arr.ndim == 3:
+        drop, new = ((), ()) if spec.out_format == "dense" else ((2,), ())
+    else:
+        drop, new = ((), (2,)) if spec.out_format == "dense" else ((), ())
+    return arr.map_blocks(
+        _convolve_array_block,
+        kernel_node,
+        spec,
+        chunks=chunks,
+        drop_axis=drop,
+        new_axis=new,
+        dtype=np.dtype(spec.dtype),
+        meta=_meta(spec),
+        name=f"sparseconv-{spec.mode}",
+    )
+
+
+def _from_tasks(delayed_blocks, blocks: RowBlocks, spec: _Spec):
+    import dask.array as da
+
+    meta = _meta(spec)
+    if not delayed_blocks:
+        if spec.out_format == "dense":
+            return da.zeros((0,) + tuple(spec.out_shape), dtype=spec.dtype)
+        return da.from_array(scipy.sparse.csr_matrix(_out_block_shape(0, spec), dtype=spec.dtype), asarray=False)
+    parts = [
+        da.from_delayed(d, shape=_out_block_shape(stop - start, spec), dtype=np.dtype(spec.dtype), meta=meta)
+        for d, (start, stop) in zip(delayed_blocks, blocks.bounds)
+    ]
+    return da.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+def _source_array(src, kernel, blocks: RowBlocks, spec: _Spec):
+    from dask import delayed
+
+    kernel_node = _kernel_node(kernel)
+    src_node = _handle_node(src, "sparseconv-source")
+    func = delayed(_convolve_source_block, pure=True)
+    tasks = [
+        func(src_node, kernel_node, start, stop, spec, dask_key_name=f"sparseconv-block-{src_node.key}-{i}")
+        for i, (start, stop) in enumerate(blocks.bounds)
+    ]
+    return _from_tasks(tasks, blocks, spec)
+
+
+def _sparse_array(csr, kernel, blocks: RowBlocks, spec: _Spec):
+    from dask import delayed
+    from dask.base import tokenize
+
+    kernel_node = _kernel_node(kernel)
+    token = tokenize(csr.shape, csr.nnz, id(csr), time.time_ns())
+    func = delayed(_convolve_array_block, pure=True)
+    tasks = []
+    for i, (start, stop) in enumerate(blocks.bounds):
+        part = delayed(csr[start:stop], name=f"sparseconv-input-{token}-{i}", traverse=False)
+        tasks.append(func(part, kernel_node, spec, dask_key_name=f"sparseconv-block-{token}-{i}"))
+    return _from_tasks(tasks, blocks, spec)
+
+
+# -- store to store ----------------------------------------------------------------------
+def _check_locations(source, target, array, storage_options, target_storage_options, overwrite):
+    """Refuse a target that overlaps the source, or exists without ``overwrite``."""
+    from .storage.location import resolve_location, stores_overlap
+
+    src_loc = resolve_location(source, array, storage_options, name="source")
+    tgt_loc = resolve_location(target, None, target_storage_options, name="target")
+    if stores_overlap(tgt_loc, src_loc):
+        raise ValueError(
+            f"target {tgt_loc} overlaps the source {src_loc} (one is the other or lies inside it); "
+            "writing there would modify the input: choose a separate target"
+        )
+    if not overwrite and tgt_loc.exists():
+        raise FileExistsError(f"target {tgt_loc} already exists; pass overwrite=True to replace it")
+    return tgt_loc
+
+
+def convolve_zarr(
+    source: Any,
+    kernel: Any,
+    target: Any,
+    mode: str = "same",
+    *,
+    output_format: str | None = None,
+    method: str = "auto",
+    backend: str | None = "auto",
+    dtype: Any = None,
+    block_memory: Any = None,
+    overwrite: bool = False,
+    compute: bool = True,
+    array: str | None = None,
+    storage_options: dict | None = None,
+    target_storage_options: dict | None = None,
+    compressor: Any = "default",
+):
+    """Convolve a zarr stack into a new zarr stack, out of core.
+
+    Parameters
+    ----------
+    source : str, os.PathLike, zarr.Array or zarr.Group
+        Input stack: a dense ``(n, H, W)`` array or an anndata ``csr_matrix``
+        group ``(n, H*W)``, local or any fsspec URL (``s3://``, ``memory://``).
+    kernel : array_like
+        2-D, finite kernel.
+    target : str, os.PathLike or zarr store
+        Where to write the output (local path, fsspec URL or zarr store). It
+        must not overlap the source.
+    mode : {'same', 'full', 'valid'}
+    output_format : {None, 'dense', 'csr'}
+        Default: the source's format. Dense output is computed by the
+        engines' dense path directly (no CSR in between).
+    method, backend, dtype
+        As for :class:`~dask_sparseconv.Convolver`.
+    block_memory : int or str, optional
+        Memory budget per block task, e.g. ``'64MiB'`` (the default).
+    overwrite : bool, default False
+        Replace an existing target. Without it an existing target is an error.
+    compute : bool, default True
+        ``True``: run now on the current scheduler (the active
+        ``distributed.Client`` if any, else the threaded scheduler) and
+        return a :class:`ConvolveSummary`. ``False``: return the graph as a
+        :class:`dask.delayed.Delayed` whose result is that summary — e.g.
+        ``summary = client.compute(d).result()``. The target store is
+        created (empty, marked incomplete) when the graph is built.
+    array : str, optional
+        Member of ``source`` to read when it is a group holding several.
+    storage_options, target_storage_options : dict, optional
+        fsspec options for the source and the target.
+    compressor : 'default', None or a zarr codec
+        Codec of the output arrays.
+
+    Returns
+    -------
+    ConvolveSummary or dask.delayed.Delayed
+
+    Raises
+    ------
+    ValueError, TypeError, FileNotFoundError, FileExistsError
+        For bad arguments, all checked before anything is written.
+    """
+    # 1. everything that can be checked without touching storage
+    kernel, mode, method, backend, dtype, output_format = _common_checks(
+        kernel, mode, method, backend, dtype, output_format, block_memory
+    )
+    overwrite = _check_bool(overwrite, "overwrite")
+    compute = _check_bool(compute, "compute")
+    if target is None:
+        raise TypeError("target must be a local path, an fsspec URL or a zarr store; got None")
+    tgt_loc = _check_locations(source, target, array, storage_options, target_storage_options, overwrite)
+
+    # 2. open the source (read-only) and check what depends on it
+    from .storage import create_output, open_input
+
+    src = open_input(source, array=array, storage_options=storage_options)
+    fs = tuple(int(v) for v in src.frame_shape)
+    geo = geometry(fs, kernel.shape, mode)  # ValueError for 'valid' with a kernel larger than the frame
+    out_dtype = compute_dtype(src.dtype, dtype)
+    fmt = output_format or src.format
+    blocks = _plan(src.n_images, src.chunk_rows, fs, geo.out_shape, src.dtype, out_dtype, src.format, fmt, src.nnz,
+                   kernel, block_memory)
+
+    # 3. create the target (first write), then the graph
+    attrs = {
+        "source": str(src.location),
+        "mode": mode,
+        "method": method,
+        "backend": backend,
+        "kernel_shape": list(kernel.shape),
+        "kernel_sha": kernel_digest(kernel),
+        "frame_shape": list(fs),
+        "out_shape": list(geo.out_shape),
+        "dtype": out_dtype.name,
+        "block_rows": blocks.block_rows,
+    }
+    out = create_output(
+        target,
+        fmt,
+        src.n_images,
+        geo.out_shape,
+        out_dtype,
+        blocks.bounds,
+        storage_options=target_storage_options,
+        overwrite=overwrite,
+        attrs=attrs,
+        chunk_rows=blocks.block_rows,
+        compressor=compressor,
+    )
+    spec = _Spec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt)
+    graph = _store_graph(src, out, kernel, blocks, spec, str(tgt_loc))
+    if not compute:
+        return graph
+    import dask
+
+    t0 = time.perf_counter()
+    (summary,) = dask.compute(graph)
+    summary.elapsed = time.perf_counter() - t0
+    return summary
+
+
+def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str):
+    from dask import delayed
+    from dask.base import tokenize
+
+    token = tokenize(target, spec, blocks.block_rows, time.time_ns())
+    kernel_node = _kernel_node(kernel)
+    src_node = delayed(src, name=f"sparseconv-source-{token}", traverse=False)
+    out_node = delayed(out, name=f"sparseconv-target-{token}", traverse=False)
+    run = delayed(_run_block, pure=False)
+    stats = [
+        run(src_node, kernel_node, out_node, i, start, stop, spec, dask_key_name=f"sparseconv-block-{token}-{i}")
+        for i, (start, stop) in enumerate(blocks.bounds)
+    ]
+    info = {
+        "target": target,
+        "format": spec.out_format,
+        "n_images": blocks.n_images,
+        "frame_shape": spec.frame_shape,
+        "out_shape": spec.out_shape,
+        "dtype": np.dtype(spec.dtype).name,
+        "block_rows": blocks.block_rows,
+    }
+    return delayed(_finalize, pure=False)(out_node, stats, info, dask_key_name=f"sparseconv-finalize-{token}")
+
+
+__all__ = ["ConvolveSummary", "convolve", "convolve_zarr"]

@@ -1,0 +1,169 @@
+"""The per-process convolver cache: keys, LRU bound, stats, one build per key
+under concurrency, and the engine thread policy."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import scipy.signal
+import scipy.sparse
+
+import dask
+import dask_sparseconv
+from dask_sparseconv import convolver_cache as cc
+from dask_sparseconv.engine.threads import default_threads
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    previous = cc.set_cache_size(8)
+    cc.clear_cache()
+    yield
+    cc.clear_cache()
+    cc.set_cache_size(previous)
+
+
+K = np.arange(9, dtype=np.float64).reshape(3, 3) / 36.0
+
+
+def test_hit_miss_build_counts():
+    a = cc.get_convolver((16, 16), K, "same", n_threads=1)
+    b = cc.get_convolver((16, 16), K.copy(), "same", n_threads=1)  # equal content, other object
+    assert a is b
+    s = cc.cache_stats()
+    assert (s["hits"], s["misses"], s["builds"], s["size"]) == (1, 1, 1, 1)
+    assert dask_sparseconv.cache_stats()["builds"] == 1  # the package-level export
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(frame_shape=(16, 17)),
+        dict(kernel=K * 2),
+        dict(kernel=K.astype(np.float32)),
+        dict(mode="full"),
+        dict(dtype="float32"),
+        dict(n_threads=2),
+    ],
+)
+def test_every_key_part_matters(change):
+    base = dict(frame_shape=(16, 16), kernel=K, mode="same", dtype=None, n_threads=1)
+    a = cc.get_convolver(**base)
+    b = cc.get_convolver(**{**base, **change})
+    assert a is not b
+    assert cc.cache_stats()["builds"] == 2
+
+
+def test_method_and_backend_are_part_of_the_key():
+    a = cc.get_convolver((16, 16), K, method="auto", n_threads=1)
+    b = cc.get_convolver((16, 16), K, method="lazy", backend="numpy", n_threads=1)
+    assert a is not b and b.method == "lazy"
+    # 'auto' resolves before keying: an explicit equal choice is a hit
+    c = cc.get_convolver((16, 16), K, method=a.method, backend=a.backend, n_threads=1)
+    assert c is a
+
+
+def test_cached_convolver_is_correct():
+    conv = cc.get_convolver((20, 15), K, "full", n_threads=1)
+    rng = np.random.default_rng(0)
+    x = scipy.sparse.random(4, 300, density=0.05, format="csr", random_state=rng)
+    y = conv(x, out="dense", batched=True).reshape(4, 22, 17)
+    for i in range(4):
+        ref = scipy.signal.convolve2d(x[i].toarray().reshape(20, 15), K, "full")
+        np.testing.assert_allclose(y[i], ref, atol=1e-12)
+
+
+def test_lru_bound_and_eviction_order():
+    cc.set_cache_size(2)
+    a = cc.get_convolver((8, 8), K, n_threads=1)
+    cc.get_convolver((9, 9), K, n_threads=1)
+    cc.get_convolver((8, 8), K, n_threads=1)  # a is now most recent
+    cc.get_convolver((10, 10), K, n_threads=1)  # evicts (9, 9)
+    s = cc.cache_stats()
+    assert s["size"] == 2 and s["evictions"] == 1 and s["maxsize"] == 2
+    assert cc.get_convolver((8, 8), K, n_threads=1) is a
+    before = cc.cache_stats()["builds"]
+    cc.get_convolver((9, 9), K, n_threads=1)
+    assert cc.cache_stats()["builds"] == before + 1
+
+
+def test_shrinking_evicts_immediately():
+    for n in range(4):
+        cc.get_convolver((8 + n, 8), K, n_threads=1)
+    cc.set_cache_size(1)
+    assert cc.cache_stats()["size"] == 1
+    with pytest.raises(ValueError, match="maxsize"):
+        cc.set_cache_size(0)
+
+
+def test_reset_stats_keeps_entries():
+    a = cc.get_convolver((8, 8), K, n_threads=1)
+    before = cc.cache_stats(reset=True)
+    assert before["builds"] == 1
+    after = cc.cache_stats()
+    assert (after["hits"], after["misses"], after["builds"], after["size"]) == (0, 0, 0, 1)
+    assert cc.get_convolver((8, 8), K, n_threads=1) is a
+    cc.reset_cache_stats()
+    assert cc.cache_stats()["hits"] == 0
+    cc.clear_cache()
+    assert cc.cache_stats()["size"] == 0
+
+
+def test_concurrent_misses_build_once():
+    n = 8
+    barrier = threading.Barrier(n)
+
+    def get(_):
+        barrier.wait()
+        return cc.get_convolver((64, 64), K, "same", n_threads=1)
+
+    with ThreadPoolExecutor(n) as pool:
+        convs = list(pool.map(get, range(n)))
+    assert all(c is convs[0] for c in convs)
+    s = cc.cache_stats()
+    assert s["builds"] == 1
+    assert s["hits"] + s["misses"] == n
+
+
+def test_concurrent_distinct_keys_build_each_once():
+    shapes = [(8 + i % 3, 8) for i in range(12)]
+
+    def get(shape):
+        return cc.get_convolver(shape, K, n_threads=1)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(get, shapes))
+    assert cc.cache_stats()["builds"] == 3
+
+
+def test_failed_build_is_not_cached():
+    with pytest.raises(ValueError, match="valid"):
+        cc.get_convolver((2, 2), K, "valid", n_threads=1)
+    s = cc.cache_stats()
+    assert s["builds"] == 0 and s["size"] == 0
+
+
+def test_thread_policy_main_thread_uses_all_cores():
+    assert cc.concurrent_tasks() == 1
+    assert cc.engine_threads() == default_threads()
+    conv = cc.get_convolver((8, 8), K)
+    assert conv.n_threads == default_threads()
+
+
+def test_thread_policy_in_threaded_scheduler_divides_cores():
+    @dask.delayed
+    def policy():
+        return cc.concurrent_tasks(), cc.engine_threads(cores=8)
+
+    with dask.config.set(scheduler="threads", num_workers=4):
+        tasks, threads = dask.compute(policy())[0]
+    assert tasks == 4 and threads == 2
+    with dask.config.set(scheduler="threads", num_workers=16):
+        assert dask.compute(policy())[0] == (16, 1)  # never below one thread
+
+
+def test_explicit_n_threads_wins():
+    assert cc.get_convolver((8, 8), K, n_threads=3).n_threads == 3
+    with pytest.raises(ValueError, match="n_threads"):
+        cc.get_convolver((8, 8), K, n_threads=0)
