@@ -1,0 +1,450 @@
+"""DirectNumba (method='direct', backend='numba') against scipy.signal.convolve2d.
+
+Every result is checked image by image against scipy, and every CSR result
+for canonical form (sorted, no duplicates), no stored zeros and the index
+dtype rule of the engine contract. Scratch-memory budgets are varied so that
+all three per-image paths run: frame-sized buffer, bounding-box buffer and
+coordinate list.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import scipy.signal
+import scipy.sparse
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dask_sparseconv import Convolver
+from dask_sparseconv.engine import engine_class
+from dask_sparseconv.engine.base import INT32_MAX
+from dask_sparseconv.engine.direct import DirectNumba
+from dask_sparseconv.geometry import geometry
+
+MODES = ("full", "same", "valid")
+TOL = {np.dtype(np.float32): dict(rtol=1e-5, atol=1e-5), np.dtype(np.float64): dict(rtol=1e-10, atol=1e-12)}
+# frame-sized buffer / bbox buffer of 8 float64 slots / bbox buffer of 512 slots
+BUDGETS = (256 * 1024**2, 64, 4096)
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+def random_csr(rng, n, H, W, density, dtype, *, explicit_zeros=False, idx64=False):
+    """A canonical (n, H*W) CSR batch of normal values (optionally with stored zeros)."""
+    dense = rng.standard_normal((n, H * W)).astype(dtype)
+    keep = rng.random((n, H * W)) < density
+    if explicit_zeros:
+        zero = keep & (rng.random((n, H * W)) < 0.3)
+        dense[zero] = 0
+    rows, cols = np.nonzero(keep)
+    x = scipy.sparse.csr_matrix((dense[rows, cols], (rows, cols)), shape=(n, H * W))
+    x.sum_duplicates()
+    if idx64:
+        x.indices = x.indices.astype(np.int64)
+        x.indptr = x.indptr.astype(np.int64)
+    return x
+
+
+def reference(x, frame_shape, kernel, mode):
+    """scipy.signal.convolve2d per image, computed in float64: (n, H_out, W_out)."""
+    H, W = frame_shape
+    geo = geometry(frame_shape, kernel.shape, mode)
+    dense = x.toarray().astype(np.float64)
+    out = np.zeros((x.shape[0],) + geo.out_shape)
+    for i in range(x.shape[0]):
+        out[i] = scipy.signal.convolve2d(dense[i].reshape(H, W), kernel.astype(np.float64), mode=mode)
+    return out
+
+
+def check_csr(y, n, out_pixels, dtype):
+    """The engine contract's promises about a CSR result."""
+    assert isinstance(y, scipy.sparse.csr_matrix)
+    assert y.shape == (n, out_pixels)
+    assert y.data.dtype == np.dtype(dtype)
+    want_idx = np.int32 if max(n, out_pixels, y.nnz) <= INT32_MAX else np.int64
+    assert y.indices.dtype == want_idx and y.indptr.dtype == want_idx
+    assert y.indptr[0] == 0 and y.indptr[-1] == y.nnz == y.data.size == y.indices.size
+    assert np.all(np.diff(y.indptr) >= 0)
+    # sorted, no duplicates, in range: strictly increasing within each row
+    for i in range(n):
+        row = y.indices[y.indptr[i] : y.indptr[i + 1]]
+        assert np.all(np.diff(row) > 0)
+        if row.size:
+            assert 0 <= row[0] and row[-1] < out_pixels
+    assert not np.any(y.data == 0), "explicit zeros stored"
+
+
+def check_against_scipy(y, ref, dtype, *, pattern=True):
+    """Values (and the nonzero pattern) equal scipy's up to rounding."""
+    tol = TOL[np.dtype(dtype)]
+    got = y.toarray().reshape(ref.shape) if scipy.sparse.issparse(y) else y
+    np.testing.assert_allclose(got, ref, equal_nan=True, **tol)
+    if pattern and scipy.sparse.issparse(y):
+        # continuous random values: exact zeros only where nothing lands
+        np.testing.assert_array_equal(got != 0, ref != 0)
+
+
+# -- property test -------------------------------------------------------------
+
+
+@st.composite
+def problems(draw):
+    H = draw(st.integers(1, 40))
+    W = draw(st.integers(1, 40))
+    kh = draw(st.integers(1, 9))
+    kw = draw(st.integers(1, 9))
+    modes = [m for m in MODES if m != "valid" or (H >= kh and W >= kw)]
+    return dict(
+        H=H, W=W, kh=kh, kw=kw,
+        n=draw(st.integers(0, 6)),
+        density=draw(st.sampled_from([0.0, 0.01, 0.05, 0.2, 0.6, 1.0])),
+        kernel_density=draw(st.sampled_from([1.0, 0.5])),
+        dtype=draw(st.sampled_from([np.float32, np.float64])),
+        mode=draw(st.sampled_from(modes)),
+        budget=draw(st.sampled_from(BUDGETS)),
+        n_threads=draw(st.sampled_from([1, 2, 3])),
+        idx64=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=problems())
+def test_engine_matches_scipy(p):
+    rng = np.random.default_rng(p["seed"])
+    H, W, dtype, mode = p["H"], p["W"], np.dtype(p["dtype"]), p["mode"]
+    kernel = rng.standard_normal((p["kh"], p["kw"]))
+    kernel[rng.random(kernel.shape) > p["kernel_density"]] = 0
+    kernel = kernel.astype(dtype)
+    x = random_csr(rng, p["n"], H, W, p["density"], dtype, explicit_zeros=True, idx64=p["idx64"])
+    eng = DirectNumba((H, W), kernel, dtype, n_threads=p["n_threads"], max_buffer_bytes=p["budget"])
+    eng.serial_work = 0  # let every multi-image call use the thread pool
+    ref = reference(x, (H, W), kernel, mode)
+    y = eng.to_csr(x, mode)
+    check_csr(y, p["n"], ref[0].size if p["n"] else geometry((H, W), kernel.shape, mode).out_pixels, dtype)
+    check_against_scipy(y, ref, dtype)
+    d = eng.to_dense(x, mode)
+    assert d.shape == ref.shape and d.dtype == dtype and d.flags.c_contiguous
+    check_against_scipy(d, ref, dtype)
+
+
+# -- explicit cases ------------------------------------------------------------
+
+
+def run_engine_all_modes(frame_shape, kernel, x, dtype=np.float64, **kw):
+    for mode in MODES:
+        if mode == "valid" and (frame_shape[0] < kernel.shape[0] or frame_shape[1] < kernel.shape[1]):
+            continue
+        for budget in BUDGETS:
+            eng = DirectNumba(frame_shape, kernel.astype(dtype), dtype, max_buffer_bytes=budget, **kw)
+            ref = reference(x, frame_shape, kernel, mode)
+            y = eng.to_csr(x, mode)
+            check_csr(y, x.shape[0], ref[0].size, dtype)
+            check_against_scipy(y, ref, dtype)
+            check_against_scipy(eng.to_dense(x, mode), ref, dtype)
+
+
+@pytest.mark.parametrize(
+    "frame_shape,kshape",
+    [
+        ((1, 1), (1, 1)),
+        ((1, 30), (3, 3)),  # one row
+        ((30, 1), (3, 3)),  # one column
+        ((1, 30), (1, 4)),
+        ((7, 5), (9, 9)),  # kernel larger than the image (full/same only)
+        ((3, 3), (8, 2)),
+        ((12, 10), (1, 1)),
+        ((12, 10), (4, 2)),  # even kernel: scipy's 'same' offset
+        ((16, 16), (6, 6)),
+    ],
+)
+def test_shapes(frame_shape, kshape):
+    rng = np.random.default_rng(sum(frame_shape) * 31 + sum(kshape))
+    kernel = rng.standard_normal(kshape)
+    x = random_csr(rng, 5, *frame_shape, 0.3, np.float64)
+    run_engine_all_modes(frame_shape, kernel, x)
+
+
+def test_dense_images_and_kernel_with_holes():
+    rng = np.random.default_rng(3)
+    kernel = rng.standard_normal((5, 5))
+    kernel[2, :] = 0
+    kernel[:, 0] = 0
+    x = random_csr(rng, 4, 20, 17, 1.0, np.float32)
+    run_engine_all_modes((20, 17), kernel, x, dtype=np.float32)
+
+
+def test_all_zero_kernel_gives_empty_result():
+    x = random_csr(np.random.default_rng(1), 3, 10, 10, 0.5, np.float64)
+    eng = DirectNumba((10, 10), np.zeros((3, 3)), np.float64)
+    for mode in MODES:
+        y = eng.to_csr(x, mode)
+        check_csr(y, 3, geometry((10, 10), (3, 3), mode).out_pixels, np.float64)
+        assert y.nnz == 0
+        assert not eng.to_dense(x, mode).any()
+
+
+def test_empty_images_and_empty_batch():
+    eng = DirectNumba((8, 9), np.ones((3, 3)), np.float64)
+    for n in (0, 1, 4):
+        x = scipy.sparse.csr_matrix((n, 72))
+        for mode in MODES:
+            geo = geometry((8, 9), (3, 3), mode)
+            y = eng.to_csr(x, mode)
+            check_csr(y, n, geo.out_pixels, np.float64)
+            assert y.nnz == 0
+            d = eng.to_dense(x, mode)
+            assert d.shape == (n,) + geo.out_shape and not d.any()
+    # empty rows between full ones
+    rng = np.random.default_rng(0)
+    x = random_csr(rng, 6, 8, 9, 0.5, np.float64)
+    x = scipy.sparse.vstack([x[:2], scipy.sparse.csr_matrix((3, 72)), x[2:], scipy.sparse.csr_matrix((1, 72))]).tocsr()
+    run_engine_all_modes((8, 9), np.ones((3, 3)), x)
+
+
+def test_cancellation_and_stored_zeros_are_dropped():
+    # [1, 1] * [1, -1]: full output is [1, 0, -1]; the middle cancels exactly
+    kernel = np.array([[1.0, -1.0]])
+    x = scipy.sparse.csr_matrix(np.array([[1.0, 1.0, 0.0, 0.0]]))
+    for budget in BUDGETS:
+        eng = DirectNumba((1, 4), kernel, np.float64, max_buffer_bytes=budget)
+        y = eng.to_csr(x, "full")
+        check_csr(y, 1, 5, np.float64)
+        assert y.indices.tolist() == [0, 2] and y.data.tolist() == [1.0, -1.0]
+    # stored zeros in the input contribute nothing
+    xz = scipy.sparse.csr_matrix((np.array([0.0, 2.0, 0.0]), np.array([0, 5, 9]), np.array([0, 3])), shape=(1, 16))
+    assert xz.has_canonical_format
+    eng = DirectNumba((4, 4), np.ones((3, 3)), np.float64)
+    y = eng.to_csr(xz, "same")
+    check_csr(y, 1, 16, np.float64)
+    check_against_scipy(y, reference(xz, (4, 4), np.ones((3, 3)), "same"), np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_and_inf_propagate_like_scipy(dtype):
+    # with every tap nonzero the result is exactly scipy's, NaN/inf included
+    rng = np.random.default_rng(5)
+    kernel = rng.uniform(0.5, 1.5, (3, 4))
+    img = np.zeros((10, 12))
+    img[2, 3], img[7, 8], img[5, 5], img[5, 6], img[0, 0] = np.nan, np.inf, np.inf, -np.inf, 1.0
+    x = scipy.sparse.csr_matrix(img.reshape(1, -1).astype(dtype))
+    for mode in MODES:
+        for budget in BUDGETS:
+            eng = DirectNumba((10, 12), kernel.astype(dtype), dtype, max_buffer_bytes=budget)
+            ref = reference(x, (10, 12), kernel, mode)
+            assert np.isnan(ref).any() and np.isinf(ref).any()
+            y = eng.to_csr(x, mode)
+            check_csr(y, 1, ref[0].size, dtype)
+            check_against_scipy(y, ref, dtype)  # stored NaNs count as nonzero
+            check_against_scipy(eng.to_dense(x, mode), ref, dtype)
+
+
+def test_inf_next_to_zero_tap_is_not_nan():
+    # documented sparse semantics: only nonzero taps are scattered, so
+    # inf * (zero tap) is never formed, where dense scipy gives NaN
+    kernel = np.array([[1.0, 0.0]])
+    x = scipy.sparse.csr_matrix(np.array([[np.inf, 0.0, 0.0]]))
+    y = DirectNumba((1, 3), kernel, np.float64).to_csr(x, "full")
+    assert y.indices.tolist() == [0] and np.isposinf(y.data).all()
+    assert np.isnan(scipy.signal.convolve2d(x.toarray(), kernel, mode="full")[0, 1])
+
+
+def test_int64_indices_are_used_as_given():
+    rng = np.random.default_rng(11)
+    kernel = rng.standard_normal((5, 3))
+    for dtype in (np.float32, np.float64):
+        x = random_csr(rng, 7, 25, 31, 0.1, dtype, idx64=True)
+        assert x.indices.dtype == np.int64 and x.indptr.dtype == np.int64
+        run_engine_all_modes((25, 31), kernel, x, dtype=dtype)
+
+
+def test_sparse_blobs_in_a_large_frame_take_the_coordinate_path():
+    # two pixels in opposite corners: the bounding box is the whole frame,
+    # far larger than nnz * K, so the image is done by coordinate list
+    H = W = 3000
+    kernel = np.arange(1.0, 10.0).reshape(3, 3)
+    img = scipy.sparse.csr_matrix(([2.0, -1.0, 0.5], ([0, 0, 0], [1, W + 5, H * W - 1])), shape=(1, H * W))
+    for mode in MODES:
+        eng = DirectNumba((H, W), kernel, np.float64)
+        y = eng.to_csr(img, mode)
+        geo = geometry((H, W), kernel.shape, mode)
+        check_csr(y, 1, geo.out_pixels, np.float64)
+        expect = blob_reference(img, (H, W), kernel, mode)
+        assert dict(zip(y.indices.tolist(), y.data.tolist())) == pytest.approx(expect, rel=1e-12)
+
+
+def blob_reference(x, frame_shape, kernel, mode):
+    """{out index: value} of a single huge image, by direct summation in Python."""
+    H, W = frame_shape
+    geo = geometry(frame_shape, kernel.shape, mode)
+    Ho, Wo = geo.out_shape
+    acc: dict[int, float] = {}
+    for p, v in zip(x.indices.tolist(), x.data.tolist()):
+        r, c = divmod(p, W)
+        for (i, j), kv in np.ndenumerate(kernel):
+            if kv == 0:
+                continue
+            R, C = r + i - geo.top, c + j - geo.left
+            if 0 <= R < Ho and 0 <= C < Wo:
+                acc[R * Wo + C] = acc.get(R * Wo + C, 0.0) + v * kv
+    return {k: v for k, v in acc.items() if v != 0}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_huge_frame_with_int64_indices(dtype):
+    # 50000 x 50000 = 2.5e9 pixels > 2**31: int64 indices in and out; a few
+    # small blobs far apart (opposite corners, centre) must not cost a
+    # frame-sized (20 GB) buffer
+    H = W = 50_000
+    rng = np.random.default_rng(2)
+    kernel = rng.uniform(0.5, 1.5, (5, 5)).astype(dtype)
+    pos, val = [], []
+    for r0, c0 in [(0, 0), (H - 12, W - 12), (0, W - 12), (H - 12, 0), (25_000, 25_000), (25_005, 25_020)]:
+        blob = rng.standard_normal((12, 12))
+        blob[rng.random(blob.shape) < 0.5] = 0
+        rr, cc = np.nonzero(blob)
+        pos.append((rr + r0).astype(np.int64) * W + cc + c0)
+        val.append(blob[rr, cc])
+    pos, val = np.concatenate(pos), np.concatenate(val)
+    order = np.argsort(pos)
+    x = scipy.sparse.csr_matrix((val[order].astype(dtype), pos[order], np.array([0, pos.size])), shape=(1, H * W))
+    x2 = scipy.sparse.vstack([x, scipy.sparse.csr_matrix((1, H * W), dtype=dtype), x]).tocsr()
+    assert x2.indices.dtype == np.int64
+    tol = TOL[np.dtype(dtype)]
+    for mode in MODES:
+        eng = DirectNumba((H, W), kernel, dtype)
+        y = eng.to_csr(x2, mode)
+        geo = geometry((H, W), kernel.shape, mode)
+        check_csr(y, 3, geo.out_pixels, dtype)
+        assert y.indices.dtype == np.int64
+        expect = blob_reference(x, (H, W), kernel.astype(np.float64), mode)
+        for row in (0, 2):
+            got = dict(zip(y[row].indices.tolist(), y[row].data.tolist()))
+            assert set(got) == set(expect)
+            np.testing.assert_allclose([got[k] for k in expect], list(expect.values()), **tol)
+        assert y.indptr[2] == y.indptr[1]
+
+
+def test_huge_frame_through_convolver_with_mode_override():
+    H = W = 50_000
+    x = scipy.sparse.csr_matrix(
+        (np.array([1.0, 2.0]), np.array([0, H * W - 1], dtype=np.int64), np.array([0, 2])), shape=(1, H * W)
+    )
+    conv = Convolver((H, W), np.ones((3, 3)), mode="same", method="direct")
+    for mode, n_out in (("same", 8), ("full", 18), ("valid", 2)):
+        y = conv(x, mode=mode)
+        assert y.nnz == n_out and y.indices.dtype == np.int64
+
+
+def test_window_buffer_path_on_a_huge_frame():
+    # one compact blob: the bounding-box buffer (not the coordinate list) is used
+    H = W = 50_000
+    rng = np.random.default_rng(8)
+    blob = rng.standard_normal((40, 40))
+    rr, cc = np.nonzero(blob)
+    pos = (rr + 30_000).astype(np.int64) * W + cc + 100
+    x = scipy.sparse.csr_matrix((blob[rr, cc], pos, np.array([0, pos.size])), shape=(1, H * W))
+    kernel = rng.standard_normal((7, 7))
+    eng = DirectNumba((H, W), kernel, np.float64)
+    y = eng.to_csr(x, "same")
+    expect = blob_reference(x, (H, W), kernel, "same")
+    got = dict(zip(y.indices.tolist(), y.data.tolist()))
+    assert set(got) == set(expect)
+    np.testing.assert_allclose([got[k] for k in expect], list(expect.values()), rtol=1e-10)
+
+
+# -- through the public API ----------------------------------------------------
+
+
+def test_convolver_default_is_direct_and_matches_scipy():
+    rng = np.random.default_rng(21)
+    kernel = rng.standard_normal((5, 5))
+    conv = Convolver((33, 29), kernel, mode="same")
+    assert (conv.method, conv.backend) == ("direct", "numba")
+    assert engine_class("direct", "numba") is DirectNumba
+    for dtype in (np.float32, np.float64):
+        x = random_csr(rng, 9, 33, 29, 0.05, dtype)
+        for mode in MODES:
+            ref = reference(x, (33, 29), kernel.astype(dtype), mode)
+            y = conv(x, mode=mode)
+            check_csr(y, 9, ref[0].size, dtype)
+            check_against_scipy(y, ref, dtype)
+            d = conv(x, out="dense", mode=mode)
+            check_against_scipy(d.reshape(ref.shape), ref, dtype)
+            # one image, dense stack
+            one = conv(x[3].toarray().reshape(33, 29), mode=mode)
+            check_against_scipy(one[None], ref[3:4], dtype)
+            stack = conv(x.toarray().reshape(9, 33, 29), mode=mode)
+            check_against_scipy(stack, ref, dtype)
+    # dense output into an engine-supplied buffer
+    eng = conv.engine(np.float64)
+    x = random_csr(rng, 3, 33, 29, 0.05, np.float64)
+    buf = np.full((3, 33 + 4, 29 + 4), 7.0)
+    res = eng.to_dense(x, "full", out=buf)
+    assert res is buf
+    check_against_scipy(buf, reference(x, (33, 29), kernel, "full"), np.float64)
+
+
+def test_concurrent_calls_from_many_threads():
+    # dask workers call one cached convolver from several threads at once
+    rng = np.random.default_rng(99)
+    kernel = rng.standard_normal((5, 5))
+    conv = Convolver((48, 40), kernel, mode="same", method="direct", n_threads=2)
+    for dt in (np.float32, np.float64):
+        conv.engine(dt).serial_work = 0  # ranges go through the shared pool too
+    batches = []
+    for t in range(8):
+        dtype = (np.float32, np.float64)[t % 2]
+        mode = MODES[t % 3]
+        x = random_csr(rng, 20 + 7 * t, 48, 40, (0.01, 0.05, 0.2)[t % 3], dtype)
+        batches.append((x, mode, dtype, reference(x, (48, 40), kernel.astype(dtype), mode)))
+    errors = []
+    barrier = threading.Barrier(8)
+
+    def hammer(t):
+        try:
+            x, mode, dtype, ref = batches[t]
+            barrier.wait()
+            for _ in range(15):
+                y = conv(x, mode=mode)
+                check_csr(y, x.shape[0], ref[0].size, dtype)
+                check_against_scipy(y, ref, dtype)
+                d = conv(x, out="dense", mode=mode)
+                check_against_scipy(d.reshape(ref.shape), ref, dtype)
+        except Exception as exc:  # collected, re-raised in the main thread
+            errors.append((t, exc))
+
+    threads = [threading.Thread(target=hammer, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+
+
+def test_large_batch_uses_threads_and_matches_serial():
+    rng = np.random.default_rng(4)
+    kernel = rng.standard_normal((5, 5))
+    x = random_csr(rng, 400, 40, 40, 0.05, np.float64)
+    serial = DirectNumba((40, 40), kernel, np.float64, n_threads=1)
+    threaded = DirectNumba((40, 40), kernel, np.float64, n_threads=3)
+    threaded.serial_work = 0
+    for mode in MODES:
+        a, b = serial.to_csr(x, mode), threaded.to_csr(x, mode)
+        check_csr(b, 400, a.shape[1], np.float64)
+        np.testing.assert_array_equal(a.indptr, b.indptr)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.data, b.data)  # same summation order
+        np.testing.assert_array_equal(serial.to_dense(x, mode), threaded.to_dense(x, mode))
+    check_against_scipy(a, reference(x, (40, 40), kernel, "valid"), np.float64)
+
+
+def test_dense_out_buffer_is_validated():
+    eng = DirectNumba((6, 6), np.ones((3, 3)), np.float64)
+    x = scipy.sparse.csr_matrix(np.eye(1, 36))
+    with pytest.raises(ValueError, match="out must be"):
+        eng.to_dense(x, "same", out=np.zeros((1, 6, 6), dtype=np.float32))
