@@ -1,0 +1,36 @@
+"""Fixtures of the pipeline tests: one 2-process LocalCluster per module of
+the "cluster" xdist group. Helpers (stacks, scipy reference) are in
+pipeline_support.py."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_configure(config):
+    # registered by pytest-xdist when it is installed; registered here too so
+    # a plain `pytest` run does not warn about an unknown mark
+    config.addinivalue_line("markers", "xdist_group(name): run these tests in one xdist worker")
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    """A real LocalCluster: 2 worker processes x 1 thread (module-scoped).
+
+    memory_limit is set so the out-of-core test can measure against it; a
+    worker holding numba, zarr and a compiled engine sits at about 200 MB.
+    """
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=2,
+        processes=True,
+        threads_per_worker=1,
+        memory_limit="400MB",
+        dashboard_address=None,
+        host="127.0.0.1",
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.close()
