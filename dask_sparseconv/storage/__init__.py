@@ -1,0 +1,370 @@
+"""Reading and writing image stacks in zarr stores.
+
+Public entry points (the contract in docs/design.md; details in docs/storage.md):
+
+* :func:`open_input` -- a read-only, picklable input (dense array or CSR group).
+* :func:`create_output` -- a writer for a dense array or a CSR group, with
+  per-block done markers, staged CSR writes and a completion flag.
+* :func:`open_stack` -- a lazy dask array over a stack.
+* :func:`describe_stack` -- a summary dict (for ``dask-sparseconv info``).
+* :func:`write_dense_stack`, :func:`write_csr_stack` -- write inputs
+  (sample data, tests, benchmarks).
+* :func:`same_or_inside`, :func:`stores_overlap` -- location overlap checks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import scipy.sparse
+import zarr
+from zarr.errors import NodeNotFoundError
+
+from ..validation import _short, check_choice, check_positive_int
+from . import progress
+from .csr_store import CSRInput, CSROutput, ConsolidationTask, is_csr_group, write_csr_stack
+from .dense_store import (
+    DenseInput,
+    DenseOutput,
+    check_block_bounds,
+    check_numeric_dtype,
+    dense_to_csr,
+    resolve_compressors,
+    write_dense_stack,
+)
+from .location import Location, resolve_location, same_or_inside, stores_overlap
+
+__all__ = [
+    "open_input",
+    "create_output",
+    "open_stack",
+    "describe_stack",
+    "write_dense_stack",
+    "write_csr_stack",
+    "same_or_inside",
+    "stores_overlap",
+    "resolve_location",
+    "Location",
+    "DenseInput",
+    "CSRInput",
+    "DenseOutput",
+    "CSROutput",
+    "ConsolidationTask",
+    "dense_to_csr",
+]
+
+InputStack = DenseInput | CSRInput
+
+
+def _list_members(node: zarr.Group, limit: int = 12) -> list[str]:
+    try:
+        names = sorted(k for k in node.keys() if not k.startswith("_"))
+    except Exception:
+        return []
+    return names[:limit] + (["..."] if len(names) > limit else [])
+
+
+def _open_node(source: Any, array: str | None, storage_options: dict | None, name: str = "source"):
+    """Resolve and open (read-only) the node at ``source``/``array``; return ``(loc, node)``."""
+    loc = resolve_location(source, array, storage_options, name=name)
+    root = Location(loc.kind, loc.root, "", loc.storage_options, loc.store)
+    if loc.kind != "object" and not root.exists():
+        raise FileNotFoundError(f"{name} {str(root)!r} does not exist")
+    try:
+        node = loc.open(mode="r")
+    except (NodeNotFoundError, FileNotFoundError, KeyError) as exc:
+        if loc.path:
+            try:
+                parent = root.open(mode="r")
+            except Exception:
+                parent = None
+            if parent is not None:
+                hint = f"; nodes at its root: {_list_members(parent)}" if isinstance(parent, zarr.Group) else ""
+                raise FileNotFoundError(f"array={loc.path!r} was not found in {name} {str(root)!r}{hint}") from None
+        raise ValueError(f"{name} {str(loc)!r} is not a zarr store (no zarr.json, .zarray or .zgroup there): {exc}") from None
+    except Exception as exc:
+        raise ValueError(f"{name} {str(loc)!r} could not be opened as a zarr store ({type(exc).__name__}: {exc})") from None
+    return loc, node
+
+
+def _input_from_node(loc: Location, node: Any, name: str = "source", validate: bool = True) -> InputStack:
+    if isinstance(node, zarr.Array):
+        return DenseInput(loc, node)
+    if is_csr_group(node):
+        return CSRInput(loc, node, validate=validate)
+    enc = node.attrs.get("encoding-type")
+    what = f"an anndata '{enc}' group" if enc else "a zarr group"
+    raise ValueError(
+        f"{name} {str(loc)!r} is {what}, neither a csr_matrix encoding (attribute encoding-type: csr_matrix) "
+        f"nor a 3-D array; pass array='<path inside the store>' to pick one (members: {_list_members(node)})"
+    )
+
+
+def open_input(source: Any, array: str | None = None, storage_options: dict | None = None,
+               allow_incomplete: bool = False) -> InputStack:
+    """Open an input stack read-only.
+
+    Parameters
+    ----------
+    source : str, os.PathLike, zarr.Array, zarr.Group or zarr store
+        Local path, fsspec URL (``memory://``, ``s3://``...) or zarr object.
+    array : str, optional
+        Path of the stack inside the store.
+    storage_options : dict, optional
+        fsspec options (URLs only), e.g. ``{"anon": True}``.
+    allow_incomplete : bool
+        Read an output of this package whose run did not finish (refused by
+        default, like :func:`open_stack`).
+
+    Returns
+    -------
+    DenseInput or CSRInput
+        ``format``, ``n_images``, ``frame_shape``, ``dtype``, ``chunk_rows``,
+        ``nnz``, ``location``, ``read_block``, ``read_dense_block``,
+        ``bytes_per_image_dense``.
+
+    Raises
+    ------
+    FileNotFoundError
+        Nothing at ``source``, or no ``array`` inside it.
+    ValueError
+        Not a zarr store, a group that is no csr_matrix encoding, a non-3-D
+        array, an inconsistent CSR encoding.
+    TypeError
+        Unsupported ``source`` type or dtype.
+    """
+    loc, node = _open_node(source, array, storage_options)
+    _refuse_incomplete(loc, node, allow_incomplete)
+    return _input_from_node(loc, node)
+
+
+def _check_target_writable(loc: Location, target: Any) -> None:
+    if loc.kind == "object":
+        if loc.store.read_only:
+            raise PermissionError(f"target {str(loc)!r} is a read-only zarr store; open it with mode='a' or 'w' to write to it")
+        return
+    if loc.kind == "local":
+        p = loc.root if not loc.path else os.path.join(loc.root, loc.path)
+        probe = p
+        while not os.path.exists(probe):
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                break
+            probe = parent
+        if os.path.exists(probe) and not os.path.isdir(probe):
+            raise NotADirectoryError(f"target {target!r} cannot be created: {probe!r} is a file, not a directory")
+        if not os.access(probe, os.W_OK):
+            raise PermissionError(f"target {target!r} is not writable: no write permission on {probe!r}")
+
+
+def create_output(target: Any, fmt: str, n_images: int, out_shape: Sequence[int], dtype: Any,
+                  block_bounds: Sequence[tuple[int, int]], storage_options: dict | None = None,
+                  overwrite: bool = False, attrs: dict | None = None, chunk_rows: int | None = None,
+                  compressor: Any = "default", *, array: str | None = None, resume: bool = False,
+                  chunk_nnz: int | None = None) -> DenseOutput | CSROutput:
+    """Create an output stack for row-block writes.
+
+    Parameters
+    ----------
+    target : str, os.PathLike, zarr.Group or zarr store
+        Where to write (path, URL, zarr object). ``array=`` names a path inside.
+    fmt : {'dense', 'csr'}
+    n_images : int
+    out_shape : (H_out, W_out)
+    dtype : numeric or bool dtype of the output values
+    block_bounds : sequence of (start, stop)
+        The pipeline's row blocks: contiguous, covering ``[0, n_images)``, all
+        of one size except a smaller last one. ``write_block(i, ...)`` must
+        use block ``i``'s bounds.
+    storage_options : dict, optional
+        fsspec options for URL targets.
+    overwrite : bool
+        Replace whatever is at ``target``. Without it an existing target is
+        an error (unless ``resume``).
+    attrs : dict, optional
+        Provenance (source, kernel, mode, method, backend, ...) stored in the
+        ``dask_sparseconv`` attribute with ``complete: false``.
+    chunk_rows : int, optional
+        dense: images per chunk; must divide the block size (default: the
+        block size). csr: rows per ``indptr`` chunk.
+    compressor : 'default', None, 'zstd', 'lz4', 'blosc-zstd' or zarr codec(s)
+        'default' is zstd level 1 (see docs/storage.md for measurements).
+    array : str, optional (keyword)
+        Path inside the target store.
+    resume : bool (keyword)
+        If an output of this package with the same format, shape, dtype and
+        blocks is already at ``target``, reopen it instead of failing; its
+        :meth:`done_blocks` tell which blocks to skip. Provenance keys given
+        in ``attrs`` must match the stored ones.
+    chunk_nnz : int, optional (keyword)
+        csr: elements per ``data``/``indices`` chunk (default 2**20).
+
+    Returns
+    -------
+    DenseOutput or CSROutput
+    """
+    fmt = check_choice("fmt", fmt, ("dense", "csr"))
+    n_images = check_positive_int(n_images, "n_images")
+    try:
+        out_shape = tuple(int(v) for v in out_shape)
+    except Exception:
+        raise TypeError(f"out_shape must be (H_out, W_out), two positive integers; got {_short(out_shape)}") from None
+    if len(out_shape) != 2 or min(out_shape) < 1:
+        raise ValueError(f"out_shape must be (H_out, W_out), two positive integers; got {_short(out_shape)}")
+    dtype = check_numeric_dtype(dtype, "dtype")
+    bounds = check_block_bounds(block_bounds, n_images)
+    chunk_rows = check_positive_int(chunk_rows, "chunk_rows", allow_none=True)
+    chunk_nnz = check_positive_int(chunk_nnz, "chunk_nnz", allow_none=True)
+    if attrs is not None and not isinstance(attrs, dict):
+        raise TypeError(f"attrs must be a dict or None; got {_short(attrs)}")
+    resolve_compressors(compressor)  # validate early
+    loc = resolve_location(target, array, storage_options, name="target")
+    _check_target_writable(loc, target)
+    exists = loc.exists()
+    if exists and resume and not overwrite:
+        return _reopen_for_resume(loc, target, fmt, n_images, out_shape, dtype, bounds, attrs)
+    if exists and not overwrite:
+        raise ValueError(
+            f"target {str(loc)!r} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
+            + (", or resume=True to continue an incomplete run" if not resume else "")
+        )
+    try:
+        if fmt == "dense":
+            return DenseOutput.create(loc, n_images, out_shape, dtype, bounds, chunk_rows, compressor, attrs, overwrite)
+        return CSROutput.create(loc, n_images, out_shape, dtype, bounds, chunk_rows, chunk_nnz, compressor, attrs, overwrite)
+    except (PermissionError, OSError) as exc:
+        raise PermissionError(f"target {str(loc)!r} is not writable ({type(exc).__name__}: {exc})") from exc
+
+
+def _reopen_for_resume(loc, target, fmt, n_images, out_shape, dtype, bounds, attrs):
+    try:
+        node = loc.open(mode="r+")
+    except Exception as exc:
+        raise ValueError(f"target {str(loc)!r} exists but is not a zarr output of dask_sparseconv ({exc}); "
+                         "pass overwrite=True to replace it") from None
+    prov = progress.provenance(node)
+    if prov is None:
+        raise ValueError(f"target {str(loc)!r} exists but was not written by dask_sparseconv; pass overwrite=True to replace it")
+    want = {
+        "format": fmt,
+        "n_images": n_images,
+        "frame_shape": list(out_shape),
+        "dtype": str(np.dtype(dtype)),
+        "block_rows": bounds[0][1] - bounds[0][0],
+        "n_blocks": len(bounds),
+    }
+    want.update(progress._jsonable(dict(attrs or {})))
+    diff = {k: (prov.get(k), v) for k, v in want.items() if prov.get(k) != v}
+    if diff:
+        text = ", ".join(f"{k}: stored {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(f"cannot resume {str(loc)!r}: it was written with different settings ({text}); "
+                         "pass overwrite=True to start over")
+    if fmt == "dense":
+        out = DenseOutput(loc, n_images, out_shape, dtype, bounds, int(node.chunks[0]))
+    else:
+        out = CSROutput(loc, n_images, out_shape, dtype, bounds, int(prov.get("indptr_chunk", 0)) or None,
+                        int(prov.get("chunk_nnz", 0)) or None, prov.get("compressor", "default"))
+    out._node = node
+    return out
+
+
+def _refuse_incomplete(loc: Location, node: Any, allow_incomplete: bool) -> None:
+    if progress.is_complete(node) is False and not allow_incomplete:
+        raise ValueError(
+            f"output {str(loc)!r} is incomplete (its dask_sparseconv attribute says complete: false): the run that wrote it "
+            "did not finish. Run the same command again to resume it, or pass allow_incomplete=True to read it anyway"
+        )
+
+
+def open_stack(source: Any, array: str | None = None, storage_options: dict | None = None,
+               allow_incomplete: bool = False):
+    """A lazy dask array over a stack.
+
+    Dense stores give an ``(n, H, W)`` array chunked like the zarr array.
+    CSR stores give an ``(n, H*W)`` array whose chunks are
+    ``scipy.sparse.csr_matrix`` row blocks (``.compute()`` concatenates them
+    into one ``csr_matrix``; ``.blocks[i]`` selects one block).
+
+    Outputs of this package that are not complete are refused unless
+    ``allow_incomplete=True``; stores written by others open as they are.
+    """
+    import dask.array as da
+    from dask.base import tokenize
+
+    loc, node = _open_node(source, array, storage_options)
+    _refuse_incomplete(loc, node, allow_incomplete)
+    src = _input_from_node(loc, node)
+    if isinstance(src, DenseInput):
+        return da.from_zarr(src.array)
+    rows = src.chunk_rows
+    bounds = [(a, min(a + rows, src.n_images)) for a in range(0, src.n_images, rows)] or [(0, 0)]
+    name = "csr-stack-" + tokenize(str(loc), src.n_images, src.nnz, rows, str(src.dtype))
+    dsk = {(name, i, 0): (src.read_block, a, b) for i, (a, b) in enumerate(bounds)}
+    meta = scipy.sparse.csr_matrix((0, 0), dtype=src.dtype)
+    chunks = (tuple(b - a for a, b in bounds), (src.shape[1],))
+    return da.Array(dsk, name, chunks=chunks, meta=meta)
+
+
+def _codec_text(arr: zarr.Array) -> str:
+    parts = []
+    try:
+        parts += [repr(c) for c in (arr.filters or ())]
+        parts += [repr(c) for c in (arr.compressors or ())]
+    except Exception:
+        pass
+    return ", ".join(parts) if parts else "none"
+
+
+def describe_stack(source: Any, array: str | None = None, storage_options: dict | None = None,
+                   sample_chunks: int = 4) -> dict:
+    """Summary of a stack for ``dask-sparseconv info``.
+
+    Keys: location, format, shape, dtype, frame_shape, n_images, chunks,
+    codec, nnz, density, nnz_exact, zarr_format, provenance, complete.
+    For dense stores nnz/density are estimated from up to ``sample_chunks``
+    evenly spaced row chunks (``nnz_exact`` False unless all were read).
+    """
+    loc, node = _open_node(source, array, storage_options)
+    src = _input_from_node(loc, node)
+    info: dict[str, Any] = {
+        "location": str(loc),
+        "format": src.format,
+        "n_images": src.n_images,
+        "frame_shape": list(src.frame_shape),
+        "dtype": str(src.dtype),
+        "provenance": progress.provenance(node),
+        "complete": progress.is_complete(node),
+    }
+    if isinstance(src, DenseInput):
+        arr = src.array
+        info.update(shape=list(arr.shape), chunks=list(arr.chunks), codec=_codec_text(arr),
+                    zarr_format=arr.metadata.zarr_format)
+        shards = getattr(arr, "shards", None)
+        if shards:
+            info["shards"] = list(shards)
+        c = src.chunk_rows
+        n_chunks = math.ceil(src.n_images / c) if src.n_images else 0
+        picks = sorted(set(np.linspace(0, n_chunks - 1, min(n_chunks, sample_chunks)).round().astype(int).tolist())) if n_chunks else []
+        seen = nz = 0
+        for j in picks:
+            block = src.read_dense_block(j * c, min((j + 1) * c, src.n_images))
+            seen += block.size
+            nz += int(np.count_nonzero(block))
+        exact = len(picks) == n_chunks
+        total = src.n_images * src.frame_shape[0] * src.frame_shape[1]
+        density = nz / seen if seen else 0.0
+        info.update(nnz=int(nz) if exact else int(round(density * total)), density=density, nnz_exact=exact,
+                    sampled_images=int(sum(min((j + 1) * c, src.n_images) - j * c for j in picks)))
+    else:
+        arrays = src.arrays
+        total = src.n_images * src.shape[1]
+        info.update(shape=list(src.shape), chunks={k: list(v.chunks) for k, v in arrays.items()},
+                    codec={k: _codec_text(v) for k, v in arrays.items()}, nnz=src.nnz,
+                    density=(src.nnz / total) if total else 0.0, nnz_exact=True,
+                    zarr_format=arrays["data"].metadata.zarr_format,
+                    index_dtypes={"indices": str(arrays["indices"].dtype), "indptr": str(arrays["indptr"].dtype)})
+    return info
+

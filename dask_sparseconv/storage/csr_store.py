@@ -1,0 +1,546 @@
+"""CSR zarr stacks in anndata's on-disk ``csr_matrix`` encoding.
+
+Layout (a zarr group, format 2 or 3)::
+
+    <group>/            attrs: encoding-type: csr_matrix, encoding-version: 0.1.0,
+                               shape: [n_images, H*W], frame_shape: [H, W]
+    <group>/data        (nnz,)   values
+    <group>/indices     (nnz,)   column index of each value (flattened pixel)
+    <group>/indptr      (n+1,)   row i's values are data[indptr[i]:indptr[i+1]]
+
+Reading a row block reads ``indptr[start:stop+1]`` and then one slice of
+``data``/``indices``.
+
+Writing (:class:`CSROutput`) cannot know a block's nnz, hence its offset in
+``data``, before the block is computed, and parallel writers must never share
+a zarr chunk. Each block therefore writes its own staging arrays
+``_staging/block_<i>/{data,indices,indptr}`` and then its done marker.
+Consolidation copies staging into contiguous ``data``/``indices``/``indptr``
+in tasks that each write whole chunks (:meth:`CSROutput.consolidation_tasks`),
+so they can run in parallel; :meth:`CSROutput.finalize` runs any that have
+not run, deletes staging and sets ``complete: true`` last.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import scipy.sparse
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from ..validation import _short
+from . import progress
+from .dense_store import (
+    _create_kw,
+    _layout,
+    check_numeric_dtype,
+    check_rows,
+    index_dtype_for,
+    read_rows,
+    resolve_compressors,
+)
+from .location import Location, resolve_location
+
+__all__ = ["CSRInput", "CSROutput", "ConsolidationTask", "write_csr_stack", "is_csr_group", "CSR_ATTRS"]
+
+CSR_ATTRS = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
+STAGING = "_staging"
+CONSOLIDATED = "_consolidated"
+DEFAULT_CHUNK_NNZ = 1 << 20  # elements per data/indices chunk (4 MiB of float32)
+DEFAULT_INDPTR_CHUNK = 1 << 18  # indptr entries per chunk (2 MiB of int64)
+_VALIDATE_STEP = 1 << 22
+
+
+def is_csr_group(node: Any) -> bool:
+    return isinstance(node, zarr.Group) and node.attrs.get("encoding-type") == "csr_matrix"
+
+
+def _int_pair(value: Any) -> tuple[int, int] | None:
+    try:
+        if len(value) != 2:
+            return None
+        a, b = value
+        if int(a) != a or int(b) != b:
+            return None
+        return int(a), int(b)
+    except Exception:
+        return None
+
+
+# --------------------------------------------------------------------------
+# input
+# --------------------------------------------------------------------------
+class CSRInput:
+    """A read-only CSR stack (anndata ``csr_matrix`` encoding) in a zarr group.
+
+    Opening validates the attributes, the array lengths and that ``indptr``
+    is non-decreasing from 0 to ``nnz`` (reading ``indptr`` once, in pieces);
+    column indices are checked block by block as blocks are read. Picklable
+    and light (the three zarr arrays' metadata only).
+    """
+
+    format = "csr"
+
+    def __init__(self, loc: Location, group: zarr.Group, validate: bool = True):
+        self._loc = loc
+        attrs = dict(group.attrs)
+        where = f"CSR source {loc}"
+        version = attrs.get("encoding-version")
+        if version != "0.1.0":
+            raise ValueError(f"{where} has encoding-version {version!r}; only anndata's csr_matrix encoding 0.1.0 is supported")
+        shape = _int_pair(attrs.get("shape"))
+        if shape is None or shape[0] < 0 or shape[1] < 1:
+            raise ValueError(f"{where} needs a 'shape' attribute [n_images, H*W] of non-negative integers; got {_short(attrs.get('shape'))}")
+        if "frame_shape" not in attrs:
+            raise ValueError(f"{where} has no 'frame_shape' attribute; set it to [H, W] (with H*W == shape[1] == {shape[1]}), "
+                             "e.g. group.attrs['frame_shape'] = [H, W]")
+        fs = _int_pair(attrs["frame_shape"])
+        if fs is None or fs[0] < 1 or fs[1] < 1:
+            raise ValueError(f"{where} has frame_shape {_short(attrs['frame_shape'])}; it must be [H, W], two positive integers")
+        if fs[0] * fs[1] != shape[1]:
+            raise ValueError(f"{where} has frame_shape {list(fs)} but H*W = {fs[0] * fs[1]} != shape[1] = {shape[1]} "
+                             "(the number of columns)")
+        arrays = {}
+        for name in ("data", "indices", "indptr"):
+            try:
+                node = group[name]
+            except KeyError:
+                raise ValueError(f"{where} has no '{name}' array; a csr_matrix group holds data, indices and indptr") from None
+            if not isinstance(node, zarr.Array) or node.ndim != 1:
+                raise ValueError(f"{where}: '{name}' must be a 1-D array; got {_short(node)}")
+            arrays[name] = node
+        self._data, self._indices, self._indptr = arrays["data"], arrays["indices"], arrays["indptr"]
+        try:
+            self.dtype = check_numeric_dtype(self._data.dtype, "data dtype")
+        except TypeError:
+            raise TypeError(f"{where}: data has dtype {self._data.dtype}; it must hold real numbers or bools") from None
+        for name in ("indices", "indptr"):
+            dt = arrays[name].dtype
+            if not np.issubdtype(dt, np.integer):
+                raise TypeError(f"{where}: {name} has dtype {dt}; it must be an integer array")
+        self.n_images, n_cols = shape
+        self.frame_shape = fs
+        self.nnz = int(self._data.shape[0])
+        if self._indptr.shape[0] != self.n_images + 1:
+            raise ValueError(f"{where}: indptr has length {self._indptr.shape[0]} but shape[0] = {self.n_images} needs "
+                             f"n_images + 1 = {self.n_images + 1}")
+        if self._indices.shape[0] != self.nnz:
+            raise ValueError(f"{where}: indices has length {self._indices.shape[0]} but data has length {self.nnz}; they must match")
+        if validate:
+            self._validate_indptr()
+        avg = self.nnz / self.n_images if self.n_images else 0.0
+        by_data = self._data.chunks[0] / avg if avg > 0 else float(self.n_images or 1)
+        self.chunk_rows = int(max(1, min(self.n_images or 1, by_data, self._indptr.chunks[0])))
+
+    def _validate_indptr(self) -> None:
+        where = f"CSR source {self._loc}"
+        n1 = self.n_images + 1
+        prev = None
+        for lo in range(0, n1, _VALIDATE_STEP):
+            hi = min(n1, lo + _VALIDATE_STEP)
+            piece = read_rows(self._indptr, lo, hi, "indptr", str(self._loc)).astype(np.int64, copy=False)
+            if lo == 0 and piece[0] != 0:
+                raise ValueError(f"{where}: indptr[0] is {piece[0]}; it must be 0")
+            if prev is not None and piece[0] < prev:
+                raise ValueError(f"{where}: indptr is not monotonic (non-decreasing): indptr[{lo}] = {piece[0]} < indptr[{lo - 1}] = {prev}")
+            d = np.diff(piece)
+            if d.size and d.min() < 0:
+                k = int(np.argmax(d < 0))
+                raise ValueError(f"{where}: indptr is not monotonic (non-decreasing): indptr[{lo + k + 1}] = {piece[k + 1]} < "
+                                 f"indptr[{lo + k}] = {piece[k]}")
+            prev = piece[-1]
+        if prev != self.nnz:
+            raise ValueError(f"{where}: indptr[-1] = {prev} but data and indices have length {self.nnz}; they must match")
+
+    @property
+    def location(self) -> str:
+        return self._loc.description
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_images, self.frame_shape[0] * self.frame_shape[1])
+
+    @property
+    def bytes_per_image_dense(self) -> int:
+        return self.frame_shape[0] * self.frame_shape[1] * self.dtype.itemsize
+
+    @property
+    def arrays(self) -> dict[str, zarr.Array]:
+        return {"data": self._data, "indices": self._indices, "indptr": self._indptr}
+
+    def read_block(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
+        """Rows ``[start, stop)`` as canonical CSR ``(rows, H*W)`` of the input dtype.
+
+        Raises ``ValueError`` naming the rows when ``indptr`` is inconsistent
+        there or a column index is outside ``[0, H*W)``.
+        """
+        start, stop = check_rows(start, stop, self.n_images, f"CSR source {self._loc}")
+        where = f"CSR source {self._loc}"
+        block = f"block rows [{start}, {stop})"
+        ncols = self.shape[1]
+        ip = read_rows(self._indptr, start, stop + 1, "indptr", str(self._loc)).astype(np.int64, copy=False)
+        a, b = int(ip[0]), int(ip[-1])
+        if a < 0 or b > self.nnz or (ip.size > 1 and np.diff(ip).min() < 0):
+            raise ValueError(f"{where}: indptr is inconsistent in {block} (values {a}..{b}, must be non-decreasing within "
+                             f"[0, {self.nnz}])")
+        data = read_rows(self._data, a, b, "data", str(self._loc))
+        indices = read_rows(self._indices, a, b, "indices", str(self._loc))
+        if indices.size:
+            lo, hi = int(indices.min()), int(indices.max())
+            if lo < 0 or hi >= ncols:
+                bad = lo if lo < 0 else hi
+                pos = int(np.argmax(indices == bad)) + a
+                row = int(np.searchsorted(ip, pos, side="right")) - 1 + start
+                raise ValueError(f"{where}: column index {bad} out of range [0, {ncols}) (H*W) in {block}, at row {row}")
+        idt = index_dtype_for(ncols, b - a, stop - start)
+        out = scipy.sparse.csr_matrix(
+            (data.astype(self.dtype, copy=False), indices.astype(idt, copy=False), (ip - a).astype(idt)),
+            shape=(stop - start, ncols),
+            copy=False,
+        )
+        if not out.has_canonical_format:
+            out.sum_duplicates()  # sorts indices; zarr gave us fresh buffers, so in place is safe
+        return out
+
+    def read_dense_block(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as a dense ``(rows, H, W)`` array."""
+        csr = self.read_block(start, stop)
+        return csr.toarray().reshape((csr.shape[0],) + self.frame_shape)
+
+    def __repr__(self) -> str:
+        return f"CSRInput({self._loc}, n_images={self.n_images}, frame_shape={self.frame_shape}, nnz={self.nnz}, dtype={self.dtype})"
+
+
+# --------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------
+def _canonical_csr(result: Any, rows: int, ncols: int, dtype: np.dtype, i: int) -> scipy.sparse.csr_matrix:
+    from .dense_store import dense_to_csr
+
+    if scipy.sparse.issparse(result):
+        if result.shape != (rows, ncols):
+            raise ValueError(f"block {i}: result must have shape {(rows, ncols)}; got {result.shape}")
+        csr = result if isinstance(result, scipy.sparse.csr_matrix) else scipy.sparse.csr_matrix(result.tocsr())
+        if not csr.has_canonical_format:
+            csr = csr.copy()
+            csr.sum_duplicates()
+    else:
+        arr = np.asarray(result)
+        if arr.ndim < 2 or arr.shape[0] != rows or int(np.prod(arr.shape[1:])) != ncols:
+            raise ValueError(f"block {i}: result must have {rows} rows of {ncols} pixels; got shape {arr.shape}")
+        csr = dense_to_csr(arr.reshape(rows, ncols))
+    return csr
+
+
+class ConsolidationTask:
+    """One consolidation step: writes whole chunks of the final arrays.
+
+    ``kind='nz'``: chunk ``j`` of ``data`` and ``indices``; ``kind='indptr'``:
+    chunk ``j`` of ``indptr``. ``pieces`` says which staging slices make up
+    the chunk. Call it (no arguments) from any process; it is idempotent
+    and records itself as done in ``_consolidated``.
+    """
+
+    __slots__ = ("output", "kind", "j", "index", "lo", "hi", "pieces")
+
+    def __init__(self, output: "CSROutput", kind: str, j: int, index: int, lo: int, hi: int, pieces: list):
+        self.output, self.kind, self.j, self.index, self.lo, self.hi, self.pieces = output, kind, j, index, lo, hi, pieces
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+    def __repr__(self) -> str:
+        return f"ConsolidationTask({self.kind} chunk {self.j}: [{self.lo}, {self.hi}) from {len(self.pieces)} block(s))"
+
+    def __call__(self) -> int:
+        out = self.output
+        g = out.node
+        if self.kind == "nz":
+            datas, idxs = [], []
+            for b, a, z, expect in self.pieces:
+                st = g[f"{STAGING}/block_{b}"]
+                sd, si = st["data"], st["indices"]
+                if sd.shape[0] != expect or si.shape[0] != expect:
+                    raise ValueError(f"block {b} of {out._loc} holds {sd.shape[0]} values in staging but block_nnz says {expect}; "
+                                     "pass the nnz that write_block returned (or block_nnz=None)")
+                datas.append(read_rows(sd, a, z, f"staging data of block {b}", str(out._loc)))
+                idxs.append(read_rows(si, a, z, f"staging indices of block {b}", str(out._loc)))
+            g["data"][self.lo:self.hi] = np.concatenate(datas) if len(datas) != 1 else datas[0]
+            g["indices"][self.lo:self.hi] = np.concatenate(idxs) if len(idxs) != 1 else idxs[0]
+        else:
+            parts = []
+            for b, a, z, offset in self.pieces:
+                if b < 0:  # the final entry: total nnz
+                    parts.append(np.full(z - a, offset, dtype=np.int64))
+                    continue
+                sp = g[f"{STAGING}/block_{b}/indptr"]
+                parts.append(read_rows(sp, a, z, f"staging indptr of block {b}", str(out._loc)).astype(np.int64) + offset)
+            g["indptr"][self.lo:self.hi] = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        g[CONSOLIDATED][self.index] = 1
+        return self.hi - self.lo
+
+
+class CSROutput:
+    """Writer for a CSR output group; see :func:`dask_sparseconv.storage.create_output`.
+
+    Picklable (location and layout only); each process reopens the group on
+    first use.
+    """
+
+    format = "csr"
+
+    def __init__(self, loc: Location, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
+                 block_bounds: Sequence[tuple[int, int]], indptr_chunk: int | None, chunk_nnz: int | None,
+                 compressor: Any = "default"):
+        self._loc = loc
+        self.n_images = n_images
+        self.out_shape = tuple(out_shape)
+        self.n_cols = self.out_shape[0] * self.out_shape[1]
+        self.dtype = np.dtype(dtype)
+        self.block_bounds = list(block_bounds)
+        self.block_rows = self.block_bounds[0][1] - self.block_bounds[0][0]
+        self.indptr_chunk = indptr_chunk or DEFAULT_INDPTR_CHUNK
+        self.chunk_nnz = chunk_nnz or DEFAULT_CHUNK_NNZ
+        self.compressor = compressor
+        self.index_dtype = index_dtype_for(self.n_cols)
+        self._node: zarr.Group | None = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_node"] = None
+        return state
+
+    @property
+    def location(self) -> str:
+        return self._loc.description
+
+    @property
+    def node(self) -> zarr.Group:
+        if self._node is None:
+            self._node = self._loc.open_group(mode="r+")
+        return self._node
+
+    @classmethod
+    def create(cls, loc: Location, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
+               block_bounds: list[tuple[int, int]], chunk_rows: int | None, chunk_nnz: int | None, compressor: Any,
+               attrs: dict | None, overwrite: bool) -> "CSROutput":
+        out = cls(loc, n_images, out_shape, dtype, block_bounds, chunk_rows, chunk_nnz, compressor)
+        kw = _create_kw(loc)
+        kw["path"] = kw.pop("name")
+        g = zarr.create_group(zarr_format=3, overwrite=overwrite, **kw)
+        g.attrs.update({**CSR_ATTRS, "shape": [int(n_images), out.n_cols], "frame_shape": [int(v) for v in out_shape]})
+        g.create_array(progress.PROGRESS, shape=(len(block_bounds),), chunks=(1,), dtype="uint8", fill_value=0,
+                       compressors=None)
+        extra = _layout("csr", n_images, out_shape, dtype, block_bounds)
+        extra.update(chunk_nnz=out.chunk_nnz, indptr_chunk=out.indptr_chunk,
+                     compressor=compressor if isinstance(compressor, str) or compressor is None else repr(compressor))
+        progress.init_provenance(g, attrs, extra)
+        out._node = g
+        return out
+
+    # -- block writes ------------------------------------------------------
+    def _check_block(self, i: int, start: int, stop: int) -> None:
+        if not 0 <= int(i) < len(self.block_bounds):
+            raise ValueError(f"block index {i} is out of range: the output {self._loc} has {len(self.block_bounds)} blocks")
+        if (int(start), int(stop)) != self.block_bounds[int(i)]:
+            raise ValueError(f"block {i} covers rows {self.block_bounds[int(i)]}; got start={start}, stop={stop}")
+
+    def write_block(self, i: int, start: int, stop: int, result: Any) -> int:
+        """Write block ``i`` (rows ``[start, stop)``) to its own staging
+        arrays, then mark it done. ``result``: CSR ``(rows, H_out*W_out)`` or
+        dense ``(rows, H_out, W_out)``. Returns the block's nnz (collect them
+        for :meth:`finalize`)."""
+        self._check_block(i, start, stop)
+        rows = stop - start
+        csr = _canonical_csr(result, rows, self.n_cols, self.dtype, i)
+        nnz = int(csr.nnz)
+        comp = resolve_compressors(self.compressor)
+        chunk = max(1, min(self.chunk_nnz, nnz))
+        base = f"{STAGING}/block_{int(i)}"
+        g = self.node
+        arrays = (
+            ("data", np.asarray(csr.data[:nnz], dtype=self.dtype), chunk),
+            ("indices", np.asarray(csr.indices[:nnz], dtype=self.index_dtype), chunk),
+            ("indptr", np.asarray(csr.indptr, dtype=np.int64), max(1, min(self.indptr_chunk, rows + 1))),
+        )
+        for name, values, c in arrays:
+            z = g.create_array(f"{base}/{name}", shape=values.shape, chunks=(c,), dtype=values.dtype, fill_value=0,
+                               compressors=comp, overwrite=True)
+            if values.size:
+                z[:] = values
+        progress.mark_block_done(g, i)
+        return nnz
+
+    def done_blocks(self) -> set[int]:
+        """Blocks whose staging data and marker are written."""
+        return {i for i in progress.done_blocks(self.node) if i < len(self.block_bounds)}
+
+    @property
+    def complete(self) -> bool:
+        return bool(progress.is_complete(self.node))
+
+    # -- consolidation -----------------------------------------------------
+    def staged_nnz(self) -> list[int]:
+        """nnz of every block, read from the staging arrays' metadata."""
+        g = self.node
+        return [int(g[f"{STAGING}/block_{b}/data"].shape[0]) for b in range(len(self.block_bounds))]
+
+    def _require(self, name: str, shape: tuple, chunks: tuple, dtype: Any, compressors: Any) -> tuple[zarr.Array, bool]:
+        g = self.node
+        try:
+            z = g[name]
+            if isinstance(z, zarr.Array) and z.shape == shape and z.chunks == chunks and z.dtype == np.dtype(dtype):
+                return z, False
+        except KeyError:
+            pass
+        z = g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=compressors,
+                           overwrite=True)
+        return z, True
+
+    def consolidation_tasks(self, block_nnz: Sequence[int] | None = None) -> list[ConsolidationTask]:
+        """Create the final ``data``/``indices``/``indptr`` arrays and return
+        the tasks that fill them, one per output chunk (parallel-safe: no two
+        tasks write the same chunk). Call from the driver after every block
+        is written; run the tasks anywhere (e.g. ``dask.delayed(t)()``), then
+        call :meth:`finalize`. Already-run tasks are kept on a second call
+        with the same ``block_nnz`` (resume)."""
+        n_blocks = len(self.block_bounds)
+        missing = sorted(set(range(n_blocks)) - self.done_blocks())
+        if missing:
+            raise ValueError(f"cannot consolidate {self._loc}: {len(missing)} block(s) are not written yet (first: {missing[:10]})")
+        if block_nnz is None:
+            block_nnz = self.staged_nnz()
+        block_nnz = [int(x) for x in block_nnz]
+        if len(block_nnz) != n_blocks or min(block_nnz) < 0:
+            raise ValueError(f"block_nnz must hold {n_blocks} non-negative counts (one per block); got {len(block_nnz)}")
+        offsets = np.zeros(n_blocks + 1, dtype=np.int64)
+        np.cumsum(block_nnz, out=offsets[1:])
+        nnz = int(offsets[-1])
+        comp = resolve_compressors(self.compressor)
+        c_nz = max(1, min(self.chunk_nnz, nnz))
+        c_ip = max(1, min(self.indptr_chunk, self.n_images + 1))
+        fresh = False
+        for name, shape, c, dt in (("data", (nnz,), c_nz, self.dtype), ("indices", (nnz,), c_nz, self.index_dtype),
+                                   ("indptr", (self.n_images + 1,), c_ip, np.int64)):
+            fresh |= self._require(name, shape, (c,), dt, comp)[1]
+        n_nz = math.ceil(nnz / c_nz) if nnz else 0
+        n_ip = math.ceil((self.n_images + 1) / c_ip)
+        tasks: list[ConsolidationTask] = []
+        for j in range(n_nz):
+            lo, hi = j * c_nz, min((j + 1) * c_nz, nnz)
+            b0 = int(np.searchsorted(offsets, lo, side="right")) - 1
+            pieces = []
+            b = b0
+            while b < n_blocks and offsets[b] < hi:
+                a, z = max(lo, offsets[b]) - offsets[b], min(hi, offsets[b + 1]) - offsets[b]
+                if z > a:
+                    pieces.append((b, int(a), int(z), block_nnz[b]))
+                b += 1
+            tasks.append(ConsolidationTask(self, "nz", j, len(tasks), lo, hi, pieces))
+        R = self.block_rows
+        for j in range(n_ip):
+            lo, hi = j * c_ip, min((j + 1) * c_ip, self.n_images + 1)
+            pieces = []
+            r = lo
+            while r < hi:
+                if r >= self.n_images:
+                    pieces.append((-1, r, hi, nnz))
+                    break
+                b = r // R
+                start, stop = self.block_bounds[b]
+                z = min(hi, stop)
+                pieces.append((b, r - start, z - start, int(offsets[b])))
+                r = z
+            tasks.append(ConsolidationTask(self, "indptr", j, len(tasks), lo, hi, pieces))
+        marks, made = self._require(CONSOLIDATED, (max(1, len(tasks)),), (1,), "uint8", None)
+        if fresh and not made:  # the final arrays were (re)created: earlier marks are stale
+            self.node.create_array(CONSOLIDATED, shape=(max(1, len(tasks)),), chunks=(1,), dtype="uint8", fill_value=0,
+                                   compressors=None, overwrite=True)
+        self._plan_nnz = nnz
+        return tasks
+
+    def consolidated_tasks(self) -> set[int]:
+        """Indices of consolidation tasks that have run."""
+        g = self.node
+        store = g.store
+        prefix = (g.path + "/" if g.path else "") + CONSOLIDATED + "/c/"
+
+        async def _list() -> list[str]:
+            return [k async for k in store.list_prefix(prefix)]
+
+        return {int(k.rsplit("/", 1)[-1]) for k in sync(_list()) if k.rsplit("/", 1)[-1].isdigit()}
+
+    def finalize(self, block_nnz: Sequence[int] | None = None) -> None:
+        """Consolidate (running any consolidation task that has not run),
+        delete staging, then set ``complete: true`` as the last write.
+
+        ``block_nnz``: the counts ``write_block`` returned, in block order;
+        ``None`` reads them from the staging arrays' metadata.
+        """
+        g = self.node
+        prov = progress.provenance(g) or {}
+        if prov.get("complete"):
+            return
+        if not prov.get("consolidated"):
+            tasks = self.consolidation_tasks(block_nnz)
+            done = self.consolidated_tasks()
+            for t in tasks:
+                if t.index not in done:
+                    t()
+            nnz = self._plan_nnz
+            prov["consolidated"] = True
+            prov["nnz"] = nnz
+            g.attrs[progress.ATTR] = prov  # staging may go now; a crash from here on resumes at the cleanup
+        else:
+            nnz = int(prov.get("nnz", g["data"].shape[0]))
+        for name in (STAGING, CONSOLIDATED):
+            path = (g.path + "/" if g.path else "") + name
+            sync(g.store.delete_dir(path))
+        g.attrs.update({**CSR_ATTRS, "shape": [int(self.n_images), self.n_cols],
+                        "frame_shape": [int(v) for v in self.out_shape]})
+        progress.mark_complete(g, nnz=nnz)
+
+    def __repr__(self) -> str:
+        return f"CSROutput({self._loc}, n_images={self.n_images}, frame_shape={self.out_shape}, dtype={self.dtype})"
+
+
+def write_csr_stack(target: Any, csr: Any, frame_shape: Sequence[int], storage_options: dict | None = None,
+                    chunk_size: int = DEFAULT_CHUNK_NNZ, array_path: str | None = None, overwrite: bool = False,
+                    zarr_format: int = 3, compressor: Any = "default") -> zarr.Group:
+    """Write ``csr`` ``(n_images, H*W)`` as an anndata ``csr_matrix`` group plus ``frame_shape``.
+
+    For tests, benchmarks and sample data. ``chunk_size``: elements per
+    chunk of ``data``/``indices``/``indptr``.
+    """
+    from ..validation import check_frame_shape, check_positive_int
+
+    fs = check_frame_shape(frame_shape)
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    if not scipy.sparse.issparse(csr):
+        raise TypeError(f"csr must be a scipy.sparse matrix or array; got {type(csr).__name__}")
+    m = scipy.sparse.csr_matrix(csr)
+    if m.shape[1] != fs[0] * fs[1]:
+        raise ValueError(f"csr has {m.shape[1]} columns but frame_shape {list(fs)} needs H*W = {fs[0] * fs[1]}")
+    if not m.has_canonical_format:
+        m = m.copy()
+        m.sum_duplicates()
+    loc = resolve_location(target, array_path, storage_options, name="target")
+    kw = _create_kw(loc)
+    kw["path"] = kw.pop("name")
+    g = zarr.create_group(zarr_format=zarr_format, overwrite=overwrite, **kw)
+    g.attrs.update({**CSR_ATTRS, "shape": [int(m.shape[0]), int(m.shape[1])], "frame_shape": list(fs)})
+    comp = resolve_compressors(compressor) if zarr_format == 3 else "auto"
+    for name, values in (("data", m.data), ("indices", m.indices), ("indptr", m.indptr.astype(np.int64))):
+        z = g.create_array(name, shape=values.shape, chunks=(max(1, min(chunk_size, values.shape[0])),),
+                           dtype=values.dtype, fill_value=0, compressors=comp)
+        if values.size:
+            z[:] = values
+    return g
