@@ -252,8 +252,24 @@ def _run_block(src, kernel, out, index: int, start: int, stop: int, spec: _Spec)
     }
 
 
-def _finalize(out, stats: list[dict], info: dict) -> ConvolveSummary:
-    """Last task: consolidate (CSR) and set the completion flag; summarise."""
+def _consolidation_plan(out, stats: list[dict]) -> list:
+    """CSR output, after every block: create the final arrays and list the
+    chunk-writing tasks (how many depends on the total nnz, known only now)."""
+    stats = sorted(stats, key=lambda s: s["index"])
+    return out.consolidation_tasks([s["nnz_out"] for s in stats])
+
+
+def _consolidate_part(tasks: list, part: int, n_parts: int) -> float:
+    """Run every ``n_parts``-th consolidation task, from ``part``; returns seconds."""
+    p0 = time.perf_counter()
+    for task in tasks[part::n_parts]:
+        task()
+    return time.perf_counter() - p0
+
+
+def _finalize(out, stats: list[dict], info: dict, consolidation: list | None = None) -> ConvolveSummary:
+    """Last task: (CSR: finish consolidation, drop staging) and set the
+    completion flag, then summarise."""
     p0 = time.perf_counter()
     stats = sorted(stats, key=lambda s: s["index"])
     block_nnz = [s["nnz_out"] for s in stats]
@@ -275,8 +291,8 @@ def _finalize(out, stats: list[dict], info: dict) -> ConvolveSummary:
         read_s=float(sum(s["read_s"] for s in stats)),
         convolve_s=float(sum(s["convolve_s"] for s in stats)),
         write_s=float(sum(s["write_s"] for s in stats)),
-        finalize_s=p1 - p0,
-        extra={"worker_pids": sorted({s["pid"] for s in stats})},
+        finalize_s=p1 - p0 + float(sum(consolidation or ())),
+        extra={"worker_pids": sorted({s["pid"] for s in stats}), "consolidation_parts": len(consolidation or ())},
     )
 
 
@@ -288,9 +304,41 @@ def _is_store_like(x: Any) -> bool:
     return mod.startswith("zarr")
 
 
+#: Safety factor on a sampled density (other chunks may be denser).
+_DENSITY_SAFETY = 2.0
+
+
+def _sample_nnz_per_image(src, max_chunks: int = 2) -> float | None:
+    """Estimate nonzeros per image of a dense store from its first and middle chunk.
+
+    The memory estimate of a block needs the size of the CSR form of its
+    images; for a dense store that depends on the data. Reading one or two
+    chunks on the client (at graph-build time) is cheap next to the job, and
+    far better than assuming every pixel is nonzero (which would make blocks
+    several times too small and split input chunks needlessly).
+    """
+    n, c = int(src.n_images), max(1, int(src.chunk_rows))
+    if n == 0:
+        return None
+    starts = sorted({0, ((n // c) // 2) * c})[:max_chunks]
+    rows = nnz = 0
+    for a in starts:
+        b = min(a + c, n)
+        nnz += int(src.read_block(a, b).nnz)
+        rows += b - a
+    return _DENSITY_SAFETY * nnz / rows if rows else None
+
+
+def _source_nnz_per_image(src) -> float | None:
+    if src.nnz is not None:
+        return src.nnz / src.n_images if src.n_images else None
+    return _sample_nnz_per_image(src)
+
+
 def _plan(n_images, chunk_rows, frame_shape, out_shape, in_dtype, out_dtype, in_format, out_format, nnz, kernel,
-          block_memory) -> RowBlocks:
-    nnz_per_image = (nnz / n_images) if (nnz is not None and n_images) else None
+          block_memory, nnz_per_image=None) -> RowBlocks:
+    if nnz_per_image is None and nnz is not None and n_images:
+        nnz_per_image = nnz / n_images
     per_image = image_bytes(
         frame_shape,
         out_shape,
@@ -392,7 +440,7 @@ def convolve(
         out_dtype = compute_dtype(src.dtype, dtype)
         fmt = output_format or src.format
         blocks = _plan(src.n_images, src.chunk_rows, fs, geo.out_shape, src.dtype, out_dtype, src.format, fmt, src.nnz,
-                       kernel, block_memory)
+                       kernel, block_memory, _source_nnz_per_image(src))
         spec = _Spec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt)
         return _source_array(src, kernel, blocks, spec)
 
@@ -643,21 +691,23 @@ def convolve_zarr(
     out_dtype = compute_dtype(src.dtype, dtype)
     fmt = output_format or src.format
     blocks = _plan(src.n_images, src.chunk_rows, fs, geo.out_shape, src.dtype, out_dtype, src.format, fmt, src.nnz,
-                   kernel, block_memory)
+                   kernel, block_memory, _source_nnz_per_image(src))
 
     # 3. create the target (first write), then the graph
+    if src.n_images == 0:
+        raise ValueError(f"source {src.location} holds no images (shape[0] == 0); nothing to convolve")
     attrs = {
         "source": str(src.location),
+        "source_format": src.format,
+        "source_frame_shape": list(fs),
         "mode": mode,
         "method": method,
         "backend": backend,
         "kernel_shape": list(kernel.shape),
         "kernel_sha": kernel_digest(kernel),
-        "frame_shape": list(fs),
-        "out_shape": list(geo.out_shape),
-        "dtype": out_dtype.name,
-        "block_rows": blocks.block_rows,
     }
+    if kernel.size <= 256:
+        attrs["kernel"] = kernel.tolist()
     out = create_output(
         target,
         fmt,
@@ -705,7 +755,16 @@ def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str):
         "dtype": np.dtype(spec.dtype).name,
         "block_rows": blocks.block_rows,
     }
-    return delayed(_finalize, pure=False)(out_node, stats, info, dask_key_name=f"sparseconv-finalize-{token}")
+    parts = None
+    if spec.out_format == "csr":
+        # the number of final chunks depends on the total nnz, known only after
+        # the blocks: one task plans them, a fixed number of tasks write them
+        # in parallel (each a disjoint set of whole chunks)
+        plan = delayed(_consolidation_plan, pure=False)(out_node, stats, dask_key_name=f"sparseconv-plan-{token}")
+        n_parts = max(1, min(_scheduler_threads(), 64))
+        part = delayed(_consolidate_part, pure=False)
+        parts = [part(plan, k, n_parts, dask_key_name=f"sparseconv-consolidate-{token}-{k}") for k in range(n_parts)]
+    return delayed(_finalize, pure=False)(out_node, stats, info, parts, dask_key_name=f"sparseconv-finalize-{token}")
 
 
 __all__ = ["ConvolveSummary", "convolve", "convolve_zarr"]
