@@ -32,12 +32,24 @@ import numpy as np
 import scipy.sparse
 import torch
 
+from ..geometry import geometry
 from .base import INT32_MAX, Engine, dense_out, empty_csr, index_dtype
 
-# Building torch sparse CSR tensors warns once per process that the layout is
-# "beta"; the layout is used here in a way (construct, multiply, read back)
-# that has been stable for many releases, so the warning is only noise.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
+
+def _silence_csr_beta_warning() -> None:
+    """torch warns once per process (TORCH_WARN_ONCE) that sparse CSR tensors
+    are "beta". The layout is used here only to construct, multiply and read
+    back, which has been stable for many releases, so the warning is noise:
+    trigger it once at import with warnings ignored, and it never shows."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.sparse_csr_tensor(
+            torch.zeros(2, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0), size=(1, 1),
+            check_invariants=False,
+        )
+
+
+_silence_csr_beta_warning()
 
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
@@ -66,14 +78,22 @@ def _kernel_taps(kernel: np.ndarray):
     return ki.astype(np.int64), kj.astype(np.int64), kernel[ki, kj]
 
 
-def estimate_toeplitz_bytes(frame_shape, kernel, dtype) -> int:
+def _valid_count(n_in: int, n_out: int, shift: int) -> int:
+    """How many ``r`` in ``[0, n_in)`` have ``0 <= r + shift < n_out``."""
+    return max(0, min(n_in, n_out - shift) - max(0, -shift))
+
+
+def estimate_toeplitz_bytes(frame_shape, kernel, dtype, mode: str | None = None) -> int:
     """Bytes of the Toeplitz matrix :class:`PrecomputedTorch` builds for a frame.
 
     The matrix has one row per input pixel and at most one entry per nonzero
     kernel tap in each row: ``H * W * nnz(kernel)`` entries (exact for
-    ``mode='full'``, an upper bound for ``'same'`` and ``'valid'``), each a
-    value of ``dtype`` plus a column index, plus the row pointer. Indices are
-    int32 when the entry count and the matrix dimensions fit, else int64.
+    ``mode='full'``; with ``mode=None`` this bound is used for every mode),
+    each a value of ``dtype`` plus a column index, plus the row pointer.
+    With ``mode='same'``/``'valid'`` the entries that fall outside the output
+    window are left out, giving the exact size. Indices are int32 when the
+    entry count and the matrix dimensions fit, else int64. Nothing is
+    allocated: callers use it to decide before building (GPU fallback).
 
     Parameters
     ----------
@@ -95,12 +115,20 @@ def estimate_toeplitz_bytes(frame_shape, kernel, dtype) -> int:
     if k.ndim != 2:
         raise ValueError(f"kernel must be 2-D; got shape {k.shape}")
     dt = np.dtype(dtype)
-    taps = int(np.count_nonzero(k.astype(dt, copy=False)))
+    ki, kj = np.nonzero(k.astype(dt, copy=False))
     pixels = H * W
-    kh, kw = k.shape
-    out_max = (H + kh - 1) * (W + kw - 1)  # 'full' is the widest output
-    entries = pixels * taps
-    idx = index_dtype(pixels, out_max, entries).itemsize
+    if mode is None:
+        kh, kw = k.shape
+        out_pixels = (H + kh - 1) * (W + kw - 1)  # 'full' is the widest output
+        entries = pixels * len(ki)
+    else:
+        geo = geometry((H, W), k.shape, mode)
+        out_pixels = geo.out_pixels
+        Ho, Wo = geo.out_shape
+        entries = sum(
+            _valid_count(H, Ho, int(i) - geo.top) * _valid_count(W, Wo, int(j) - geo.left) for i, j in zip(ki, kj)
+        )
+    idx = index_dtype(pixels, out_pixels, entries).itemsize
     return int(entries * (dt.itemsize + idx) + (pixels + 1) * idx)
 
 
@@ -205,7 +233,7 @@ class _TorchEngine(Engine):
         return x.shape[0] == 0 or x.nnz == 0 or self.n_taps == 0
 
     def nbytes(self) -> int:
-        return int(self.kernel.nbytes + self._kv.numel() * self._kv.element_size() * 3)
+        return int(self.kernel.nbytes + sum(t.numel() * t.element_size() for t in (self._ki, self._kj, self._kv)))
 
 
 class PrecomputedTorch(_TorchEngine):
@@ -221,14 +249,18 @@ class PrecomputedTorch(_TorchEngine):
 
     method = "precomputed"
 
+    #: Largest Toeplitz matrix (bytes) the engine agrees to build for one mode
+    #: (same limit as the CPU precomputed engines).
+    max_toeplitz_bytes: int = 4 * 1024**3
+
     def __init__(self, frame_shape, kernel, dtype, *, device=None, n_threads=1, max_buffer_bytes=256 * 1024**2):
         super().__init__(frame_shape, kernel, dtype, device=device, n_threads=n_threads, max_buffer_bytes=max_buffer_bytes)
         self._matrices: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
-    def estimated_bytes(self) -> int:
+    def estimated_bytes(self, mode: str | None = None) -> int:
         """:func:`estimate_toeplitz_bytes` for this engine's frame, kernel and dtype."""
-        return estimate_toeplitz_bytes(self.frame_shape, self.kernel, self.dtype)
+        return estimate_toeplitz_bytes(self.frame_shape, self.kernel, self.dtype, mode)
 
     def prepare(self, mode: str) -> torch.Tensor:
         """Build (once) and return the Toeplitz matrix for ``mode`` on the device."""
@@ -237,9 +269,20 @@ class PrecomputedTorch(_TorchEngine):
             with self._lock:
                 mat = self._matrices.get(mode)
                 if mat is None:
+                    size = self.estimated_bytes(mode)
+                    if size > self.max_toeplitz_bytes:
+                        raise ValueError(
+                            f"method='precomputed' would need a {size / 1024**3:.1f} GiB Toeplitz matrix on "
+                            f"{self.device} for frame_shape={self.frame_shape}, kernel shape={self.kernel.shape}, "
+                            f"mode={mode!r} (limit {self.max_toeplitz_bytes / 1024**3:.1f} GiB); use "
+                            f"method='gather_scatter' for frames this large"
+                        )
                     mat = self._build(mode)
                     self._matrices[mode] = mat
         return mat
+
+    #: Same name as the CPU precomputed engines' accessor.
+    toeplitz = prepare
 
     def _build(self, mode: str) -> torch.Tensor:
         geo = self.geometry(mode)
