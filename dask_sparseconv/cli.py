@@ -1,0 +1,800 @@
+"""The ``dask-sparseconv`` command line.
+
+Commands::
+
+    dask-sparseconv run WORKFLOW.yaml [--dry-run] [--verbose] [--restart]
+    dask-sparseconv validate WORKFLOW.yaml
+    dask-sparseconv info STORE [--array A] [--storage-option k=v ...]
+    dask-sparseconv preview WORKFLOW.yaml --images 0,1,2 -o preview.png
+
+Exit codes: 0 success, 1 runtime failure (a task failed, the scheduler could
+not be reached, ...), 2 usage or validation error (bad arguments, a workflow
+with problems, a missing input, an existing output). Errors are one clear
+message on stderr; a Python traceback is printed only with ``--verbose``.
+See ``docs/cli.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import logging
+import math
+import os
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+PROG = "dask-sparseconv"
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+class CLIError(Exception):
+    """An error to report as one message and an exit code (no traceback)."""
+
+    def __init__(self, message: str, code: int = EXIT_RUNTIME):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+# ---------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _out(*parts: Any) -> None:
+    print(*parts, flush=True)
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _int(n: int | float) -> str:
+    return f"{int(n):,}"
+
+
+def _shape(shape) -> str:
+    return " x ".join(str(int(s)) for s in shape)
+
+
+def _bytes(n: float) -> str:
+    from .workflow import format_bytes
+
+    return format_bytes(n)
+
+
+def _seconds(s: float) -> str:
+    if s < 60:
+        return f"{s:.1f} s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{int(m)} min {s:04.1f} s"
+    h, m = divmod(m, 60)
+    return f"{int(h)} h {int(m):02d} min"
+
+
+def _is_numba_error(exc: BaseException) -> bool:
+    for cls in type(exc).__mro__:
+        if (cls.__module__ or "").startswith("numba"):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Hide library warnings and dask/distributed log chatter unless --verbose."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("distributed", "dask", "tornado", "asyncio", "numba")]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, saved):
+            lg.setLevel(lvl)
+
+
+def _load(path: str):
+    """Load a workflow; schema problems become a usage error (exit 2)."""
+    from .workflow import WorkflowError, load_workflow
+
+    try:
+        return load_workflow(path)
+    except WorkflowError as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
+
+
+# ---------------------------------------------------------------------------
+# inspecting a workflow's input and output (validate, dry-run, run, preview)
+# ---------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """What a workflow will do, worked out without computing anything."""
+
+    wf: Any
+    src: Any  # opened input, or None when a sample will be generated
+    sample_pending: bool
+    n_images: int
+    frame_shape: tuple[int, int]
+    in_dtype: np.dtype
+    in_format: str
+    chunk_rows: int
+    nnz: int | None
+    nnz_exact: bool
+    out_shape: tuple[int, int]
+    out_format: str
+    out_dtype: np.dtype
+    blocks: Any  # RowBlocks or None when the block budget is too small
+    threads: int
+    target_exists: bool
+
+    @property
+    def density(self) -> float | None:
+        px = self.n_images * self.frame_shape[0] * self.frame_shape[1]
+        return None if self.nnz is None or not px else self.nnz / px
+
+
+def _path_exists(path: str, storage_options: dict) -> bool:
+    from .workflow import is_url
+
+    if not is_url(path) or path.startswith("file://"):
+        return os.path.exists(path[len("file://") :] if path.startswith("file://") else path)
+    import fsspec
+
+    fs, _, paths = fsspec.get_fs_token_paths(path, storage_options=storage_options or {})
+    return bool(paths) and fs.exists(paths[0])
+
+
+def _local_threads(cluster) -> int:
+    if cluster.address is not None:
+        return 1  # unknown until connected; see describe_cluster
+    n_workers = cluster.n_workers or _default_n_workers(cluster.threads_per_worker)
+    return n_workers * cluster.threads_per_worker
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _default_n_workers(threads_per_worker: int) -> int:
+    return max(1, _cpu_count() // max(1, threads_per_worker))
+
+
+def plan_blocks(n_images, chunk_rows, frame_shape, out_shape, in_dtype, out_dtype, in_format, out_format, nnz,
+                kernel, block_memory, threads):
+    """The row blocks the pipeline will cut the stack into on ``threads`` scheduler threads."""
+    from .row_blocks import image_bytes, plan_row_blocks
+
+    try:
+        from .pipeline import BLOCKS_PER_THREAD
+    except ImportError:  # pragma: no cover - pipeline always has it
+        BLOCKS_PER_THREAD = 4
+    per_image = image_bytes(
+        frame_shape,
+        out_shape,
+        np.dtype(in_dtype).itemsize,
+        np.dtype(out_dtype).itemsize,
+        in_format=in_format,
+        out_format=out_format,
+        nnz_per_image=(nnz / n_images) if (nnz is not None and n_images) else None,
+        kernel_size=int(np.count_nonzero(kernel)) or 1,
+    )
+    extra = {}
+    if "strict_chunks" in inspect.signature(plan_row_blocks).parameters:
+        extra["strict_chunks"] = in_format == "dense"
+    return plan_row_blocks(n_images, chunk_rows, per_image, block_memory, min_blocks=BLOCKS_PER_THREAD * threads, **extra)
+
+
+def inspect_workflow(wf, *, overwrite: bool | None = None) -> Plan:
+    """Check a loaded workflow against the data it names.
+
+    Checks that the input exists and opens as a 3-D dense stack or a CSR
+    group (or will be generated from ``input.sample``), that the kernel fits
+    the frame in ``valid`` mode, that the block budget holds one image, and
+    that the output does not exist unless overwriting. Every problem is
+    collected and raised together as a :class:`WorkflowError`.
+    """
+    from .convolver import compute_dtype
+    from .geometry import geometry
+    from .workflow import WorkflowError
+
+    problems: list[tuple[str, str]] = []
+    overwrite = wf.output.overwrite if overwrite is None else overwrite
+    inp = wf.input
+    src = None
+    sample_pending = False
+    n_images = 0
+    frame_shape = (1, 1)
+    in_dtype, in_format, chunk_rows, nnz, exact = np.dtype(np.float32), "dense", 1, None, False
+    try:
+        exists = _path_exists(inp.path, inp.storage_options)
+    except Exception as exc:  # bad storage options, unknown protocol, ...
+        problems.append(("input.path", f"cannot check {inp.path!r}: {exc}"))
+        exists = None
+    if exists is False and inp.sample is not None:
+        from .sample_data import SAMPLE_CHUNK_ROWS, sample_rois
+
+        s = inp.sample
+        sample_pending = True
+        n_images, frame_shape, in_format = s.n_images, tuple(s.frame_shape), s.format
+        chunk_rows = min(SAMPLE_CHUNK_ROWS, max(1, n_images))
+        csr = sample_rois(s.n_images, s.frame_shape, max_rois=s.max_rois, radius=s.radius, seed=s.seed)
+        nnz, exact = int(csr.nnz), True
+    elif exists is False:
+        problems.append(("input.path", f"{inp.path} does not exist"))
+    elif exists:
+        from .storage import open_input
+
+        try:
+            src = open_input(inp.path, array=inp.array, storage_options=inp.storage_options or None)
+        except Exception as exc:  # the storage layer words its errors for users
+            key = "input.array" if inp.array is not None and "array" in str(exc) else "input.path"
+            problems.append((key, f"cannot open {inp.path}: {exc}"))
+        else:
+            n_images, frame_shape = int(src.n_images), tuple(int(v) for v in src.frame_shape)
+            in_dtype, in_format, chunk_rows = np.dtype(src.dtype), src.format, int(src.chunk_rows)
+            try:
+                from .storage import describe_stack
+
+                desc = describe_stack(inp.path, array=inp.array, storage_options=inp.storage_options or None)
+                nnz, exact = int(desc["nnz"]), bool(desc["nnz_exact"])
+            except Exception as exc:
+                problems.append(("input.path", f"cannot read {inp.path}: {exc}"))
+    out_format = wf.output.format or in_format
+    out_dtype = compute_dtype(in_dtype, wf.dtype)
+    out_shape = frame_shape
+    blocks = None
+    have_input = src is not None or sample_pending
+    if have_input:
+        try:
+            out_shape = geometry(frame_shape, wf.kernel.array.shape, wf.mode).out_shape
+        except ValueError:
+            problems.append(
+                ("kernel", f"kernel of shape {_shape(wf.kernel.array.shape)} is larger than the {_shape(frame_shape)} "
+                           "frames; mode: valid needs a kernel no larger than the frame (use mode: same or full)")
+            )
+    threads = _local_threads(wf.cluster)
+    if have_input and not any(k == "kernel" for k, _ in problems):
+        try:
+            blocks = plan_blocks(n_images, chunk_rows, frame_shape, out_shape, in_dtype, out_dtype, in_format,
+                                 out_format, nnz, wf.kernel.array, wf.block.memory, threads)
+        except ValueError as exc:
+            problems.append(("block.memory", str(exc).replace("block_memory=", "").replace("block_memory", "block.memory")))
+    try:
+        target_exists = _path_exists(wf.output.path, wf.output.storage_options)
+    except Exception as exc:
+        problems.append(("output.path", f"cannot check {wf.output.path!r}: {exc}"))
+        target_exists = False
+    if target_exists and not overwrite:
+        problems.append(
+            ("output.path", f"{wf.output.path} already exists; set output.overwrite: true "
+                            "(or pass --restart to run) to replace it")
+        )
+    if problems:
+        raise WorkflowError(problems, wf.source)
+    return Plan(wf, src, sample_pending, n_images, frame_shape, in_dtype, in_format, chunk_rows, nnz, exact,
+                out_shape, out_format, out_dtype, blocks, threads, target_exists)
+
+
+def _inspect(wf, **kw) -> Plan:
+    from .workflow import WorkflowError
+
+    try:
+        return inspect_workflow(wf, **kw)
+    except WorkflowError as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
+
+
+def _ensure_input(plan: Plan, verbose: bool) -> Plan:
+    """Generate the sample stack the workflow asks for, then reopen the input."""
+    if not plan.sample_pending:
+        return plan
+    from .sample_data import ensure_sample
+
+    wf = plan.wf
+    s = wf.input.sample
+    _out(f"input {wf.input.path} does not exist: generating the sample stack "
+         f"({_int(s.n_images)} images of {_shape(s.frame_shape)}, {s.format})")
+    try:
+        ensure_sample(wf.input.path, s)
+    except Exception as exc:
+        raise CLIError(f"could not write the sample stack to {wf.input.path}: {exc}") from exc
+    return _inspect(wf, overwrite=True if plan.target_exists else None)
+
+
+def _describe_cluster(cluster) -> str:
+    if cluster.address is not None:
+        tls = " (TLS)" if cluster.security is not None else ""
+        return f"existing scheduler at {cluster.address}{tls}, connect timeout {cluster.timeout:g} s"
+    n = cluster.n_workers or _default_n_workers(cluster.threads_per_worker)
+    sized = "" if cluster.n_workers else " (sized to this machine)"
+    mem = cluster.memory_limit
+    mem_txt = "auto" if mem == "auto" else "no limit" if mem is None else _bytes(mem)
+    return (f"local cluster: {n} worker process{'es' if n != 1 else ''} x {cluster.threads_per_worker} "
+            f"thread{'s' if cluster.threads_per_worker != 1 else ''}{sized}, memory limit {mem_txt} per worker")
+
+
+def _print_plan(plan: Plan, header: str) -> None:
+    wf = plan.wf
+    dens = plan.density
+    if dens is None:
+        dens_txt = "unknown"
+    else:
+        dens_txt = f"{dens * 100:.3g}% ({_int(plan.nnz)} nonzeros, {'exact' if plan.nnz_exact else 'estimated from a sample of chunks'})"
+    src_note = " (to be generated from input.sample)" if plan.sample_pending else ""
+    _out(header)
+    _out(f"  input:        {wf.input.path}{src_note}")
+    _out(f"                {plan.in_format}, {_int(plan.n_images)} images of {_shape(plan.frame_shape)}, {plan.in_dtype}")
+    _out(f"  density:      {dens_txt}")
+    k = wf.kernel.array
+    _out(f"  kernel:       {wf.kernel.description}, {_shape(k.shape)}")
+    _out(f"  convolution:  mode {wf.mode}, method {wf.method}, backend {wf.backend}")
+    if plan.blocks is not None:
+        b = plan.blocks
+        threads = f"{plan.threads} scheduler thread{'s' if plan.threads != 1 else ''}"
+        if wf.cluster.address is not None:
+            threads = "1 scheduler thread; a larger cluster may split finer"
+        _out(f"  row blocks:   {_int(b.n_blocks)} of up to {_int(b.block_rows)} images ({threads})")
+        _out(f"  memory/block: about {_bytes(b.estimated_block_bytes)} (budget {_bytes(wf.block.memory)})")
+    _out(f"  output:       {wf.output.path}" + (" (exists; will be replaced)" if plan.target_exists else ""))
+    _out(f"                {plan.out_format}, {_int(plan.n_images)} images of {_shape(plan.out_shape)}, {plan.out_dtype}")
+    _out(f"  cluster:      {_describe_cluster(wf.cluster)}")
+
+
+# ---------------------------------------------------------------------------
+# running on a cluster
+# ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def open_client(cluster, source: str | None = None) -> Iterator[Any]:
+    """A ``distributed.Client`` for the workflow's ``cluster`` section.
+
+    ``address`` connects to a running scheduler (failing after
+    ``cluster.timeout`` seconds with a clear message); otherwise a
+    ``LocalCluster`` of worker processes is started and closed afterwards.
+    """
+    from distributed import Client, LocalCluster
+
+    where = f" (cluster.address in {source})" if source else ""
+    if cluster.address is not None:
+        kwargs: dict[str, Any] = {"timeout": cluster.timeout, "set_as_default": True}
+        if cluster.security is not None:
+            from distributed.security import Security
+
+            kwargs["security"] = Security(
+                tls_ca_file=cluster.security.ca_file,
+                tls_client_cert=cluster.security.cert_file,
+                tls_client_key=cluster.security.key_file,
+                require_encryption=True,
+            )
+        try:
+            client = Client(cluster.address, **kwargs)
+        except (OSError, TimeoutError) as exc:
+            raise CLIError(
+                f"cannot reach the dask scheduler at {cluster.address} within {cluster.timeout:g} s{where}: {exc}. "
+                "Start one with `dask scheduler` and `dask worker <address>`, or remove cluster.address to use a "
+                "local cluster."
+            ) from None
+        except ValueError as exc:
+            raise CLIError(f"cannot connect to {cluster.address}{where}: {exc}") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    n_workers = cluster.n_workers or _default_n_workers(cluster.threads_per_worker)
+    kwargs = {
+        "n_workers": n_workers,
+        "threads_per_worker": cluster.threads_per_worker,
+        "memory_limit": cluster.memory_limit if cluster.memory_limit is not None else 0,
+        "processes": True,
+        "dashboard_address": cluster.dashboard_address,
+    }
+    try:
+        lc = LocalCluster(**kwargs)
+    except Exception as exc:
+        raise CLIError(f"could not start a local dask cluster ({n_workers} workers): {exc}") from exc
+    try:
+        with Client(lc, set_as_default=True) as client:
+            yield client
+    finally:
+        lc.close()
+
+
+def _dashboard(client) -> str:
+    from .validation import module_available
+
+    if not module_available("bokeh"):
+        return "not available (install bokeh>=3.1 to get one)"
+    link = getattr(client, "dashboard_link", None)
+    return link or "not available"
+
+
+class ProgressReporter:
+    """Block progress: a redrawn bar on a terminal, plain periodic lines otherwise."""
+
+    def __init__(self, total: int, stream=None, tty: bool | None = None, interval: float = 2.0, width: int = 30):
+        self.total = max(0, int(total))
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.interval = interval
+        self.width = width
+        self.t0 = time.perf_counter()
+        self._last_line = -math.inf
+        self._last_pct = -1
+        self.done = 0
+
+    def _text(self) -> str:
+        elapsed = time.perf_counter() - self.t0
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        eta = ""
+        if 0 < self.done < self.total:
+            eta = f", about {_seconds(elapsed / self.done * (self.total - self.done))} left"
+        return f"{self.done}/{self.total} blocks ({pct:.0f}%), {_seconds(elapsed)} elapsed{eta}"
+
+    def update(self, done: int) -> None:
+        self.done = int(done)
+        now = time.perf_counter()
+        if self.tty:
+            filled = int(round(self.width * self.done / self.total)) if self.total else self.width
+            bar = "#" * filled + "-" * (self.width - filled)
+            self.stream.write(f"\r[{bar}] {self._text()}\033[K")
+            self.stream.flush()
+            return
+        pct10 = int(10 * self.done / self.total) if self.total else 10
+        if self.done == self.total or now - self._last_line >= self.interval or pct10 > self._last_pct:
+            self.stream.write(f"progress: {self._text()}\n")
+            self.stream.flush()
+            self._last_line, self._last_pct = now, pct10
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _run_graph(client, graph, n_blocks: int) -> Any:
+    """Compute the pipeline's graph on ``client``, reporting block progress.
+
+    The block tasks (keys ``sparseconv-block-*``) are computed alongside the
+    final summary task so that each one's completion can be followed.
+    """
+    from dask.delayed import Delayed
+    from distributed import as_completed
+
+    hlg = graph.__dask_graph__()
+    block_keys = [k for k in hlg if isinstance(k, str) and k.startswith("sparseconv-block-")]
+    block_objs = [Delayed(k, hlg) for k in block_keys]
+    futures = client.compute([graph] + block_objs, optimize_graph=False)
+    final, blocks = futures[0], futures[1:]
+    progress = ProgressReporter(len(blocks) or n_blocks)
+    progress.update(0)
+    done = 0
+    try:
+        for fut in as_completed(blocks):
+            if fut.status == "error":
+                fut.result()  # raises the task's exception
+            done += 1
+            progress.update(done)
+        summary = final.result()
+    finally:
+        progress.close()
+        for f in futures:
+            f.release()
+    return summary
+
+
+def _print_summary(summary, plan: Plan, elapsed: float) -> None:
+    n = summary.n_images
+    rate = n / elapsed if elapsed > 0 else float("inf")
+    nnz_rate = summary.nnz_in / elapsed if elapsed > 0 else float("inf")
+    _out("done:")
+    _out(f"  images:     {_int(n)} ({_shape(summary.frame_shape)} -> {_shape(summary.out_shape)}, mode {plan.wf.mode})")
+    _out(f"  nnz:        {_int(summary.nnz_in)} in -> {_int(summary.nnz_out)} out")
+    _out(f"  blocks:     {_int(summary.blocks)} of up to {_int(summary.block_rows)} images")
+    _out(f"  time:       {_seconds(elapsed)}")
+    _out(f"  throughput: {rate:,.1f} images/s, {nnz_rate:,.0f} input nonzeros/s")
+    _out(f"  output:     {summary.target} ({summary.format}, {summary.dtype})")
+
+
+# ---------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------
+def cmd_validate(args) -> int:
+    wf = _load(args.workflow)
+    plan = _inspect(wf)
+    _out(f"OK: {args.workflow}")
+    src = f"{wf.input.path}" + (" (will be generated from input.sample)" if plan.sample_pending else "")
+    _out(f"  input:   {src}: {plan.in_format}, {_int(plan.n_images)} images of {_shape(plan.frame_shape)}, {plan.in_dtype}")
+    _out(f"  kernel:  {wf.kernel.description}, {_shape(wf.kernel.array.shape)}; mode {wf.mode}")
+    _out(f"  output:  {wf.output.path}: {plan.out_format}, {_shape(plan.out_shape)}, {plan.out_dtype}"
+         + (" (exists; will be replaced)" if plan.target_exists else ""))
+    _out(f"  cluster: {_describe_cluster(wf.cluster)}")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    wf = _load(args.workflow)
+    overwrite = True if args.restart else None
+    plan = _inspect(wf, overwrite=overwrite)
+    if args.dry_run:
+        _print_plan(plan, f"dry run of {args.workflow} (nothing is computed or written):")
+        return EXIT_OK
+    plan = _ensure_input(plan, args.verbose)
+    from .pipeline import convolve_zarr
+
+    _print_plan(plan, f"running {args.workflow}:")
+    with open_client(wf.cluster, wf.source) as client:
+        _out(f"dashboard: {_dashboard(client)}")
+        nthreads = sum(client.nthreads().values())
+        if nthreads == 0:
+            raise CLIError(f"the scheduler at {wf.cluster.address} has no workers; start some with "
+                           f"`dask worker {wf.cluster.address}`")
+        t0 = time.perf_counter()
+        try:
+            graph = convolve_zarr(
+                wf.input.path,
+                wf.kernel.array,
+                wf.output.path,
+                wf.mode,
+                output_format=wf.output.format,
+                method=wf.method,
+                backend=wf.backend,
+                dtype=wf.dtype,
+                block_memory=wf.block.memory,
+                overwrite=bool(wf.output.overwrite or args.restart),
+                compute=False,
+                array=wf.input.array,
+                storage_options=wf.input.storage_options or None,
+                target_storage_options=wf.output.storage_options or None,
+                compressor=None if wf.output.compressor == "none" else "default",
+            )
+        except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+            raise CLIError(f"{wf.source}: {exc}", EXIT_USAGE) from exc
+        summary = _run_graph(client, graph, plan.blocks.n_blocks if plan.blocks else 0)
+        elapsed = time.perf_counter() - t0
+    _print_summary(summary, plan, elapsed)
+    return EXIT_OK
+
+
+def _parse_storage_options(items: list[str] | None) -> dict:
+    import yaml
+
+    opts: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise CLIError(f"--storage-option must look like key=value; got {item!r}", EXIT_USAGE)
+        key, value = item.split("=", 1)
+        if not key:
+            raise CLIError(f"--storage-option must look like key=value; got {item!r}", EXIT_USAGE)
+        try:
+            opts[key] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            opts[key] = value
+    return opts
+
+
+def cmd_info(args) -> int:
+    from .storage import describe_stack
+
+    opts = _parse_storage_options(args.storage_option)
+    store = args.store
+    try:
+        exists = _path_exists(store, opts)
+    except Exception as exc:
+        raise CLIError(f"cannot check {store!r}: {exc}", EXIT_USAGE) from None
+    if not exists:
+        raise CLIError(f"{store} does not exist", EXIT_USAGE)
+    try:
+        d = describe_stack(store, array=args.array, storage_options=opts or None)
+    except Exception as exc:
+        raise CLIError(f"cannot open {store}: {exc}", EXIT_USAGE) from None
+    for line in describe_lines(d, store, args.array, _done_blocks(store, args.array, opts, d)):
+        _out(line)
+    return EXIT_OK
+
+
+def _done_blocks(store: str, array: str | None, opts: dict, d: dict) -> int | None:
+    """Blocks already written to an incomplete output of this package."""
+    if d.get("complete") is not False:
+        return None
+    try:
+        from .storage import progress, resolve_location
+
+        node = resolve_location(store, array, opts or None).open(mode="r")
+        return len(progress.done_blocks(node))
+    except Exception:
+        return None
+
+
+def _chunks_text(chunks: Any) -> str:
+    if isinstance(chunks, dict):
+        return ", ".join(f"{k} {tuple(v)}" for k, v in chunks.items())
+    return str(tuple(chunks)) if chunks is not None else "?"
+
+
+def describe_lines(d: dict, store: str, array: str | None, done: int | None = None) -> list[str]:
+    """Lines ``info`` prints for a :func:`~dask_sparseconv.storage.describe_stack` summary."""
+    n, (H, W) = int(d["n_images"]), tuple(int(v) for v in d["frame_shape"])
+    codec = d.get("codec")
+    if isinstance(codec, dict):
+        codecs = set(codec.values())
+        codec = codecs.pop() if len(codecs) == 1 else ", ".join(f"{k}: {v}" for k, v in codec.items())
+    how = "exact" if d.get("nnz_exact") else f"estimated from {_int(d.get('sampled_images', 0))} of {_int(n)} images"
+    lines = [
+        f"store:      {d.get('location', store)}" + (f" (array {array})" if array else ""),
+        f"format:     {d['format']}" + (" (anndata csr_matrix group)" if d["format"] == "csr" else ""),
+        f"images:     {_int(n)} of {_shape((H, W))}",
+        f"shape:      {tuple(d['shape'])}",
+        f"dtype:      {d['dtype']}",
+        f"chunks:     {_chunks_text(d.get('chunks'))}",
+        f"codec:      {codec or 'none'}",
+        f"zarr:       format {d.get('zarr_format', '?')}",
+        f"nnz:        {_int(d['nnz'])} ({how})",
+        f"density:    {float(d['density']) * 100:.4g}%",
+    ]
+    if d.get("index_dtypes"):
+        lines.append("indices:    " + ", ".join(f"{k} {v}" for k, v in d["index_dtypes"].items()))
+    prov = d.get("provenance")
+    if prov:
+        lines.append(f"provenance: written by dask-sparseconv {prov.get('version', '')}".rstrip())
+        for k in ("source", "mode", "method", "backend", "kernel_shape", "kernel_sha", "dtype", "block_rows",
+                  "n_blocks", "created", "completed"):
+            if k in prov:
+                lines.append(f"  {k + ':':<14}{prov[k]}")
+        if prov.get("complete"):
+            lines.append("state:      complete")
+        else:
+            total = prov.get("n_blocks")
+            part = f"; {done} of {total} blocks written" if done is not None and total else ""
+            lines.append(f"state:      INCOMPLETE (the run that wrote it did not finish{part}; "
+                         "rerun the workflow with --restart)")
+    else:
+        lines.append("provenance: none (not written by dask-sparseconv)")
+    return lines
+
+
+def cmd_preview(args) -> int:
+    from .preview import render_preview
+
+    wf = _load(args.workflow)
+    try:
+        images = [int(p) for p in args.images.split(",") if p.strip() != ""]
+    except ValueError:
+        raise CLIError(f"--images must be comma-separated image indices such as 0,1,2; got {args.images!r}", EXIT_USAGE) from None
+    if not images:
+        raise CLIError("--images needs at least one image index", EXIT_USAGE)
+    plan = _inspect(wf, overwrite=True)  # preview never writes the output
+    plan = _ensure_input(plan, args.verbose) if plan.sample_pending else plan
+    bad = [i for i in images if not -plan.n_images <= i < plan.n_images]
+    if bad:
+        raise CLIError(f"--images: {', '.join(map(str, bad))} out of range for a stack of {plan.n_images} images "
+                       f"(valid: 0..{plan.n_images - 1})", EXIT_USAGE)
+    images = [i % plan.n_images for i in images]
+    img = render_preview(plan.src, wf, images, scale=args.scale, labels=not args.no_labels)
+    out = args.output
+    try:
+        img.save(out, format="PNG")
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"cannot write {out}: {exc}") from None
+    _out(f"wrote {out}: {img.width} x {img.height} px, {len(images)} image{'s' if len(images) != 1 else ''} "
+         f"({', '.join(map(str, images))}), input left, {wf.mode} convolution right")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# parser and entry point
+# ---------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors: exit 2, no traceback
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Out-of-core sparse 2D convolution of zarr image stacks on dask "
+        "(scipy.signal.convolve2d semantics).",
+        epilog="Exit codes: 0 success, 1 runtime failure, 2 usage or validation error. "
+        "See docs/cli.md and docs/workflow_reference.md.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def verbose(sp):
+        sp.add_argument("-v", "--verbose", action="store_true", help="log progress details and show full tracebacks on errors")
+
+    r = sub.add_parser("run", help="run a workflow", description="Run the convolution a workflow file describes.")
+    r.add_argument("workflow", metavar="WORKFLOW.yaml", help="workflow file")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the plan (input, density, row blocks, memory, output, cluster) without computing or writing")
+    r.add_argument("--restart", action="store_true",
+                   help="start over: replace an existing (complete or partial) output, as output.overwrite: true does "
+                        "(resuming a partial output is reserved for a later version)")
+    verbose(r)
+    r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("validate", help="check a workflow and the data it names",
+                       description="Check a workflow file and its input and output: every problem is reported at once.")
+    v.add_argument("workflow", metavar="WORKFLOW.yaml", help="workflow file")
+    verbose(v)
+    v.set_defaults(func=cmd_validate)
+
+    i = sub.add_parser("info", help="describe a zarr stack", description="Describe a dense or CSR zarr stack.")
+    i.add_argument("store", metavar="STORE", help="path or URL of the zarr store")
+    i.add_argument("--array", default=None, help="array or group inside the store")
+    i.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for URLs (repeatable); the value is read as YAML (true, 3, text)")
+    verbose(i)
+    i.set_defaults(func=cmd_info)
+
+    pv = sub.add_parser("preview", help="render input frames beside their convolution into a PNG",
+                        description="Convolve a few images in this process and save them side by side as a PNG.")
+    pv.add_argument("workflow", metavar="WORKFLOW.yaml", help="workflow file")
+    pv.add_argument("--images", default="0", help="comma-separated image indices (default: 0); negative counts from the end")
+    pv.add_argument("-o", "--output", default="preview.png", help="PNG file to write (default: preview.png)")
+    pv.add_argument("--scale", type=int, default=1, choices=range(1, 9), metavar="N", help="enlarge each pixel N times (1-8)")
+    pv.add_argument("--no-labels", action="store_true", help="leave out the text labels")
+    verbose(pv)
+    pv.set_defaults(func=cmd_preview)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    verbose = getattr(args, "verbose", False)
+    try:
+        with _quiet(verbose):
+            return int(args.func(args) or 0)
+    except CLIError as exc:
+        if verbose and exc.__cause__ is not None and not _is_numba_error(exc.__cause__):
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
+        _err(f"error: {exc.message}")
+        return exc.code
+    except KeyboardInterrupt:
+        _err("interrupted; the output is incomplete (run again with --restart to start over)")
+        return 130
+    except Exception as exc:  # a runtime failure: one message, traceback only when asked
+        if _is_numba_error(exc):
+            _err(
+                "error: the numba engine failed on this input "
+                f"({type(exc).__name__}); this is a bug in dask-sparseconv - please report it. "
+                "As a workaround set backend: numpy (and method: gather_scatter or precomputed) in the workflow."
+            )
+            return EXIT_RUNTIME
+        if verbose:
+            traceback.print_exc(file=sys.stderr)
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _err(f"error: {type(exc).__name__}: {msg}")
+        if not verbose:
+            _err("(run with --verbose for details)")
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())
