@@ -280,13 +280,14 @@ def _refuse_incomplete(loc: Location, node: Any, allow_incomplete: bool) -> None
 
 
 def open_stack(source: Any, array: str | None = None, storage_options: dict | None = None,
-               allow_incomplete: bool = False):
+               allow_incomplete: bool = False, rows_per_chunk: int | None = None):
     """A lazy dask array over a stack.
 
     Dense stores give an ``(n, H, W)`` array chunked like the zarr array.
     CSR stores give an ``(n, H*W)`` array whose chunks are
     ``scipy.sparse.csr_matrix`` row blocks (``.compute()`` concatenates them
-    into one ``csr_matrix``; ``.blocks[i]`` selects one block).
+    into one ``csr_matrix``; ``.blocks[i]`` selects one block). Their row
+    count is ``rows_per_chunk`` (default: the input's ``chunk_rows``).
 
     Outputs of this package that are not complete are refused unless
     ``allow_incomplete=True``; stores written by others open as they are.
@@ -299,7 +300,7 @@ def open_stack(source: Any, array: str | None = None, storage_options: dict | No
     src = _input_from_node(loc, node)
     if isinstance(src, DenseInput):
         return da.from_zarr(src.array)
-    rows = src.chunk_rows
+    rows = check_positive_int(rows_per_chunk, "rows_per_chunk", allow_none=True) or src.chunk_rows
     bounds = [(a, min(a + rows, src.n_images)) for a in range(0, src.n_images, rows)] or [(0, 0)]
     name = "csr-stack-" + tokenize(str(loc), src.n_images, src.nnz, rows, str(src.dtype))
     dsk = {(name, i, 0): (src.read_block, a, b) for i, (a, b) in enumerate(bounds)}
