@@ -24,6 +24,8 @@ not run, deletes staging and sets ``complete: true`` last.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
@@ -478,12 +480,15 @@ class CSROutput:
 
         return {int(k.rsplit("/", 1)[-1]) for k in sync(_list()) if k.rsplit("/", 1)[-1].isdigit()}
 
-    def finalize(self, block_nnz: Sequence[int] | None = None) -> None:
+    def finalize(self, block_nnz: Sequence[int] | None = None, max_workers: int | None = None) -> None:
         """Consolidate (running any consolidation task that has not run),
         delete staging, then set ``complete: true`` as the last write.
 
         ``block_nnz``: the counts ``write_block`` returned, in block order;
         ``None`` reads them from the staging arrays' metadata.
+        ``max_workers``: threads for the remaining consolidation tasks
+        (default: CPUs, at most 8; 1 runs them serially). Tasks write
+        disjoint chunks, so threads never race.
         """
         g = self.node
         prov = progress.provenance(g) or {}
@@ -492,8 +497,13 @@ class CSROutput:
         if not prov.get("consolidated"):
             tasks = self.consolidation_tasks(block_nnz)
             done = self.consolidated_tasks()
-            for t in tasks:
-                if t.index not in done:
+            todo = [t for t in tasks if t.index not in done]
+            workers = max_workers or min(8, os.cpu_count() or 1)
+            if workers > 1 and len(todo) > 1:
+                with ThreadPoolExecutor(min(workers, len(todo))) as ex:
+                    list(ex.map(lambda t: t(), todo))
+            else:
+                for t in todo:
                     t()
             nnz = self._plan_nnz
             prov["consolidated"] = True
