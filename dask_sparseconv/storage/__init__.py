@@ -325,10 +325,26 @@ def describe_stack(source: Any, array: str | None = None, storage_options: dict 
 
     Keys: location, format, shape, dtype, frame_shape, n_images, chunks,
     codec, nnz, density, nnz_exact, zarr_format, provenance, complete.
+    An incomplete output of this package gives its layout, provenance,
+    ``n_blocks`` and ``done_blocks`` (the count written so far) instead.
     For dense stores nnz/density are estimated from up to ``sample_chunks``
     evenly spaced row chunks (``nnz_exact`` False unless all were read).
     """
     loc, node = _open_node(source, array, storage_options)
+    prov = progress.provenance(node)
+    if prov is not None and not prov.get("complete"):
+        # an interrupted run: report its layout and progress (a CSR output
+        # has no data/indices/indptr before consolidation)
+        n_blocks = int(prov.get("n_blocks", 0))
+        done = len({i for i in progress.done_blocks(node) if i < n_blocks})
+        shape = [prov.get("n_images"), *(prov.get("frame_shape") or [])]
+        return {
+            "location": str(loc), "format": prov.get("format"), "n_images": prov.get("n_images"),
+            "frame_shape": prov.get("frame_shape"), "dtype": prov.get("dtype"),
+            "shape": shape if prov.get("format") == "dense" else [prov.get("n_images"), int(np.prod(prov.get("frame_shape") or [0]))],
+            "provenance": prov, "complete": False, "n_blocks": n_blocks, "done_blocks": done,
+            "nnz": None, "density": None, "nnz_exact": False,
+        }
     src = _input_from_node(loc, node)
     info: dict[str, Any] = {
         "location": str(loc),

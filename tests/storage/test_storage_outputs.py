@@ -224,6 +224,9 @@ def test_csr_parallel_consolidation_tasks_and_resume(tmp_path):
     with ThreadPoolExecutor(4) as ex:
         list(ex.map(lambda tk: tk(), shipped[::2]))
     assert out.consolidated_tasks() == {tk.index for tk in tasks[::2]}
+    info = describe_stack(t)
+    assert info["complete"] is False and info["n_blocks"] == 5 and info["done_blocks"] == 5
+    assert info["format"] == "csr" and info["shape"] == [17, 25]
     # a new process resumes: reopen, finalize runs only what is missing
     again = create_output(t, "csr", n, (5, 5), "float32", bounds, resume=True)
     again.finalize(None)  # nnz read back from staging
