@@ -609,7 +609,8 @@ def cmd_info(args) -> int:
         d = describe_stack(store, array=args.array, storage_options=opts or None)
     except Exception as exc:
         raise CLIError(f"cannot open {store}: {exc}", EXIT_USAGE) from None
-    for line in describe_lines(d, store, args.array, _done_blocks(store, args.array, opts, d)):
+    done = d["done_blocks"] if "done_blocks" in d else _done_blocks(store, args.array, opts, d)
+    for line in describe_lines(d, store, args.array, done):
         _out(line)
     return EXIT_OK
 
@@ -640,19 +641,25 @@ def describe_lines(d: dict, store: str, array: str | None, done: int | None = No
     if isinstance(codec, dict):
         codecs = set(codec.values())
         codec = codecs.pop() if len(codecs) == 1 else ", ".join(f"{k}: {v}" for k, v in codec.items())
-    how = "exact" if d.get("nnz_exact") else f"estimated from {_int(d.get('sampled_images', 0))} of {_int(n)} images"
+    if d.get("nnz") is None:
+        nnz_line, dens_line = "not counted (incomplete output)", "not counted"
+    else:
+        how = "exact" if d.get("nnz_exact") else f"estimated from {_int(d.get('sampled_images', 0))} of {_int(n)} images"
+        nnz_line, dens_line = f"{_int(d['nnz'])} ({how})", f"{float(d['density']) * 100:.4g}%"
     lines = [
         f"store:      {d.get('location', store)}" + (f" (array {array})" if array else ""),
         f"format:     {d['format']}" + (" (anndata csr_matrix group)" if d["format"] == "csr" else ""),
         f"images:     {_int(n)} of {_shape((H, W))}",
         f"shape:      {tuple(d['shape'])}",
         f"dtype:      {d['dtype']}",
-        f"chunks:     {_chunks_text(d.get('chunks'))}",
-        f"codec:      {codec or 'none'}",
-        f"zarr:       format {d.get('zarr_format', '?')}",
-        f"nnz:        {_int(d['nnz'])} ({how})",
-        f"density:    {float(d['density']) * 100:.4g}%",
     ]
+    if "chunks" in d:
+        lines.append(f"chunks:     {_chunks_text(d.get('chunks'))}")
+    if "codec" in d:
+        lines.append(f"codec:      {codec or 'none'}")
+    if "zarr_format" in d:
+        lines.append(f"zarr:       format {d['zarr_format']}")
+    lines += [f"nnz:        {nnz_line}", f"density:    {dens_line}"]
     if d.get("index_dtypes"):
         lines.append("indices:    " + ", ".join(f"{k} {v}" for k, v in d["index_dtypes"].items()))
     prov = d.get("provenance")
@@ -665,7 +672,7 @@ def describe_lines(d: dict, store: str, array: str | None, done: int | None = No
         if prov.get("complete"):
             lines.append("state:      complete")
         else:
-            total = prov.get("n_blocks")
+            total = d.get("n_blocks") or prov.get("n_blocks")
             part = f"; {done} of {total} blocks written" if done is not None and total else ""
             lines.append(f"state:      INCOMPLETE (the run that wrote it did not finish{part}; "
                          "rerun the workflow with --restart)")
@@ -776,6 +783,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exception(exc.__cause__, file=sys.stderr)
         _err(f"error: {exc.message}")
         return exc.code
+    except BrokenPipeError:  # e.g. `dask-sparseconv info X | head`: stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_RUNTIME
     except KeyboardInterrupt:
         _err("interrupted; the output is incomplete (run again with --restart to start over)")
         return 130
