@@ -127,7 +127,11 @@ class Location:
         if self.kind == "url":
             import fsspec.core
 
-            fs, p = fsspec.core.url_to_fs(self.root, **(self.storage_options or {}))
+            try:
+                fs, p = fsspec.core.url_to_fs(self.root, **(self.storage_options or {}))
+            except (ImportError, ValueError):  # protocol's package (s3fs, gcsfs) not installed: compare the text
+                proto, _, rest = self.root.partition("://")
+                return (proto, None, _join(rest, self.path))
             proto = _proto(fs)
             if proto in ("file", "local"):
                 return ("file", None, _join(os.path.realpath(p), self.path))

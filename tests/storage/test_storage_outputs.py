@@ -280,6 +280,8 @@ def test_same_or_inside(tmp_path):
     assert same_or_inside(resolve_location(src, array="sub/out"), src)
     assert same_or_inside("memory://b/in.zarr/x", "memory://b/in.zarr")
     assert not same_or_inside("memory://b/in.zarr/x", str(src))
+    assert same_or_inside("s3://bucket/in.zarr/out.zarr", "s3://bucket/in.zarr")  # works without s3fs installed
+    assert not same_or_inside("s3://bucket/in.zarr2", "s3://bucket/in.zarr")
     store = zarr.storage.MemoryStore()
     g = zarr.open_group(store, mode="w")
     assert same_or_inside(resolve_location(g, array="a/b"), g)
