@@ -50,6 +50,12 @@ def as_canonical_csr(x: Any, n_cols: int, dtype: np.dtype, name: str = "x") -> s
     if scipy.sparse.issparse(x):
         if x.ndim != 2:
             raise ValueError(f"{name} must be 2-D; got a sparse array of shape {x.shape}")
+        if np.issubdtype(x.dtype, np.complexfloating):
+            raise TypeError(f"{name} must be real; got complex dtype {x.dtype}")
+        if x.dtype != dtype and not (x.format == "csr" and x.has_canonical_format):
+            # Sum duplicates in the compute dtype, not the input's (float32 or
+            # small-int sums would round or wrap). astype copies: x is untouched.
+            x = x.astype(dtype)
         if x.format == "csr":
             csr = scipy.sparse.csr_matrix(x, copy=False) if not isinstance(x, scipy.sparse.csr_matrix) else x
         else:
@@ -235,6 +241,8 @@ class Convolver:
                 raise TypeError(f"x must be a scipy.sparse matrix/array or a numpy array; got {type(x).__name__}")
         shape = tuple(x.shape)
         layout = self._layout(shape, batched)
+        if out == "csr" and layout == "stack":  # refuse before computing, not after
+            raise ValueError("out='csr' needs a 2-D batch (n_images, H*W) or one image; got a 3-D stack (use out='dense')")
         in_dtype = x.dtype
         if not (np.issubdtype(in_dtype, np.number) or in_dtype == np.bool_) or np.issubdtype(in_dtype, np.complexfloating):
             raise TypeError(f"x must hold real numbers; got dtype {in_dtype}")
