@@ -181,6 +181,13 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     return best
 
 
+def _split_rows(chunk_rows: int, limit: int) -> int:
+    """Rows per block when blocks must be smaller than a chunk: a divisor of
+    the chunk size near ``limit`` (so blocks still tile chunks), else ``limit``."""
+    div = _largest_divisor_at_most(chunk_rows, limit)
+    return div if div >= _MIN_DIVISOR_FILL * limit else limit
+
+
 def plan_row_blocks(
     n_images: int,
     chunk_rows: int,
@@ -236,18 +243,19 @@ def plan_row_blocks(
     fit = min(budget // bytes_per_image, n_images)  # >= 1
     if fit >= chunk_rows:
         rows = (fit // chunk_rows) * chunk_rows
-        if min_blocks > 1:
-            want = -(-n_images // int(min_blocks))  # rows per block for min_blocks blocks
-            if want >= chunk_rows or strict_chunks:
-                rows = min(rows, max(chunk_rows, -(-want // chunk_rows) * chunk_rows))
-            else:
-                div = _largest_divisor_at_most(chunk_rows, want)
-                rows = div if div >= _MIN_DIVISOR_FILL * want else want
     else:
         # One chunk is over budget: split it into equal parts when a divisor
         # of the chunk size is close enough to the budget, else straddle.
-        div = _largest_divisor_at_most(chunk_rows, fit)
-        rows = div if div >= _MIN_DIVISOR_FILL * fit else fit
+        rows = _split_rows(chunk_rows, fit)
+    if min_blocks > 1:
+        want = -(-n_images // int(min_blocks))  # rows per block for min_blocks blocks
+        if want < rows:
+            if want >= chunk_rows:
+                rows = max(chunk_rows, -(-want // chunk_rows) * chunk_rows)
+            elif not strict_chunks:
+                rows = _split_rows(chunk_rows, want)
+            elif rows > chunk_rows:
+                rows = chunk_rows
     rows = max(1, min(rows, n_images))
     return RowBlocks(n_images, rows, chunk_rows, budget, bytes_per_image)
 

@@ -91,6 +91,9 @@ def test_min_blocks_for_parallelism():
     # ... a CSR store's may be
     loose = plan_row_blocks(2000, 2000, 1000, "64MiB", min_blocks=8, strict_chunks=False)
     assert loose.n_blocks == 8 and 2000 % loose.block_rows == 0
+    # also when a chunk was already over budget (CSR chunk of 199 rows, 178 fit)
+    split = plan_row_blocks(200, 199, 375_000, "64MiB", min_blocks=8, strict_chunks=False)
+    assert split.block_rows == 25 and split.n_blocks == 8
 
 
 def test_stack_smaller_than_one_block():
