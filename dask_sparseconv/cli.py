@@ -544,12 +544,22 @@ def cmd_run(args) -> int:
     from .pipeline import convolve_zarr
 
     _print_plan(plan, f"running {args.workflow}:")
+    if not args.verbose:
+        # Local worker processes inherit these: their task-failure logs and
+        # warnings would otherwise print tracebacks on our stderr.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
     with open_client(wf.cluster, wf.source) as client:
         _out(f"dashboard: {_dashboard(client)}")
-        nthreads = sum(client.nthreads().values())
-        if nthreads == 0:
-            raise CLIError(f"the scheduler at {wf.cluster.address} has no workers; start some with "
-                           f"`dask worker {wf.cluster.address}`")
+        if not client.nthreads():
+            _out(f"waiting up to {wf.cluster.timeout:g} s for a worker to join the scheduler")
+            try:
+                client.wait_for_workers(1, timeout=wf.cluster.timeout)
+            except (TimeoutError, OSError):
+                raise CLIError(f"the scheduler at {wf.cluster.address} has no workers; start some with "
+                               f"`dask worker {wf.cluster.address}`") from None
+        info = client.nthreads()
+        _out(f"cluster: {len(info)} worker{'s' if len(info) != 1 else ''}, {sum(info.values())} threads")
         t0 = time.perf_counter()
         try:
             graph = convolve_zarr(

@@ -1,0 +1,257 @@
+"""`dask-sparseconv run` end to end on real dask clusters: every workflow in
+workflows/ (the scheduler one against a `dask scheduler` + `dask worker`
+started here), --restart, a runtime failure, and outputs checked against
+scipy.signal.convolve2d."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.signal
+import scipy.sparse
+import yaml
+
+from dask_sparseconv.workflow import load_workflow
+
+pytestmark = pytest.mark.xdist_group("cluster")
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 90
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "dask_sparseconv.cli", *map(str, args)],
+        capture_output=True, text=True, cwd=REPO, env=env(), timeout=timeout,
+    )  # fmt: skip
+
+
+def ok(res):
+    assert res.returncode == 0, f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert "Traceback" not in res.stderr
+    return res
+
+
+def copy_workflow(name: str, tmp_path: Path, **replace) -> Path:
+    """Copy workflows/<name> into tmp_path/workflows/ so that its relative
+    paths (../data, ../out) land inside tmp_path; top-level sections in
+    ``replace`` are updated key by key."""
+    dest = tmp_path / "workflows" / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if replace:
+        data = yaml.safe_load((REPO / "workflows" / name).read_text())
+        for section, values in replace.items():
+            data[section].update(values)
+        dest.write_text(yaml.safe_dump(data))
+    else:
+        shutil.copy(REPO / "workflows" / name, dest)
+    return dest
+
+
+def reference(frames: np.ndarray, kernel: np.ndarray, mode: str) -> np.ndarray:
+    return np.stack([scipy.signal.convolve2d(f.astype(np.float64), kernel, mode=mode) for f in frames])
+
+
+def check_against_scipy(wf_path: Path, picks) -> None:
+    from dask_sparseconv.geometry import geometry
+    from dask_sparseconv.storage import open_input
+
+    wf = load_workflow(wf_path)
+    src = open_input(wf.input.path)
+    out = open_input(wf.output.path)
+    assert out.n_images == src.n_images
+    geo = geometry(src.frame_shape, wf.kernel.array.shape, wf.mode)
+    assert tuple(out.frame_shape) == geo.out_shape
+    for i in picks:
+        x = src.read_dense_block(i, i + 1)
+        y = out.read_dense_block(i, i + 1)
+        ref = reference(x, wf.kernel.array, wf.mode)
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(ref).max()))
+
+
+def nonzero_picks(wf_path: Path, n: int = 8) -> list[int]:
+    from dask_sparseconv.storage import open_input
+
+    src = open_input(load_workflow(wf_path).input.path)
+    counts = np.diff(src.read_block(0, src.n_images).indptr)
+    nz = np.flatnonzero(counts)
+    return sorted(set(nz[:n].tolist()) | {0, src.n_images - 1})
+
+
+def test_quickstart_runs_on_a_fresh_folder(tmp_path):
+    wf = copy_workflow("quickstart.yaml", tmp_path)
+    res = ok(cli("run", wf))
+    out = res.stdout
+    assert "generating the sample stack (200 images of 512 x 512, dense)" in out
+    assert "dashboard:" in out
+    assert "images:     200 (512 x 512 -> 512 x 512, mode same)" in out
+    for word in ("nnz:", "time:", "throughput:", "images/s", f"output:     {tmp_path / 'out' / 'quickstart_blurred.zarr'}"):
+        assert word in out
+    # not a TTY here: plain progress lines ending at 100 %
+    assert "progress:" in res.stderr and "blocks (100%)" in res.stderr
+    check_against_scipy(wf, nonzero_picks(wf))
+    # a second run regenerates nothing and replaces the output (overwrite: true)
+    res = ok(cli("run", wf))
+    assert "generating" not in res.stdout
+
+
+def test_csr_to_csr_workflow(tmp_path):
+    wf = copy_workflow("csr_to_csr.yaml", tmp_path, input={"sample": {"n_images": 60, "frame_shape": [128, 96], "format": "csr", "seed": 1}})
+    ok(cli("run", wf))
+    from dask_sparseconv.storage import describe_stack, open_input
+
+    w = load_workflow(wf)
+    assert open_input(w.input.path).format == "csr"
+    d = describe_stack(w.output.path)
+    assert d["format"] == "csr" and d["complete"] is True and d["shape"] == [60, 132 * 100]
+    check_against_scipy(wf, range(60))
+    info = ok(cli("info", w.output.path)).stdout
+    assert "format:     csr" in info and "state:      complete" in info and "mode:         full" in info
+
+
+def test_restart_and_existing_output(tmp_path):
+    from dask_sparseconv.sample_data import write_sample_stack
+
+    write_sample_stack(tmp_path / "in.zarr", 30, (40, 40), radius=5, seed=4)
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(textwrap.dedent(
+        """
+        input: {path: in.zarr}
+        kernel: {values: [[0, 1, 0], [1, -4, 1], [0, 1, 0]]}
+        mode: valid
+        dtype: float64
+        output: {path: out.zarr, format: csr}
+        cluster: {n_workers: 1, threads_per_worker: 2, memory_limit: 1GiB, dashboard_address: null}
+        block: {memory: 256KiB}
+        """
+    ))  # fmt: skip
+    ok(cli("run", wf))
+    check_against_scipy(wf, range(30))
+    res = cli("run", wf)
+    assert res.returncode == 2 and "already exists" in res.stderr and "--restart" in res.stderr
+    assert "Traceback" not in res.stderr
+    first = os.path.getmtime(tmp_path / "out.zarr" / "zarr.json")
+    time.sleep(0.05)
+    res = ok(cli("run", wf, "--restart"))
+    assert "exists; will be replaced" in res.stdout
+    assert os.path.getmtime(tmp_path / "out.zarr" / "zarr.json") > first
+    check_against_scipy(wf, range(30))
+
+
+def test_runtime_failure_is_one_clear_message(tmp_path):
+    """A corrupt input that only shows when a worker reads it: exit 1, no traceback."""
+    import zarr
+
+    from dask_sparseconv.sample_data import write_sample_stack
+
+    write_sample_stack(tmp_path / "in.zarr", 20, (16, 16), radius=3, seed=5, format="csr")
+    g = zarr.open_group(str(tmp_path / "in.zarr"), mode="r+")
+    idx = g["indices"][:]
+    idx[-1] = 10_000  # column beyond H*W = 256
+    g["indices"][:] = idx
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(
+        "input: {path: in.zarr}\nkernel: {box: {size: 3}}\noutput: {path: out.zarr}\n"
+        "cluster: {n_workers: 1, dashboard_address: null}\n"
+    )
+    res = cli("run", wf)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "column index 10000 out of range" in lines[0], res.stderr
+
+
+# -- the scheduler workflow, against `dask scheduler` + `dask worker` ------------
+def _stop(proc, timeout=10):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
+@pytest.fixture
+def scheduler_address(tmp_path):
+    sched_file = tmp_path / "scheduler.json"
+    procs, logs = [], []
+
+    def start(args, name):
+        log = open(tmp_path / f"{name}.log", "wb")
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=log, stderr=subprocess.STDOUT,
+                                      cwd=tmp_path, env=env()))  # fmt: skip
+        return procs[-1]
+
+    try:
+        sched = start(["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                       "--scheduler-file", str(sched_file)], "scheduler")  # fmt: skip
+        deadline, address = time.monotonic() + START_TIMEOUT, None
+        while time.monotonic() < deadline and address is None:
+            assert sched.poll() is None, (tmp_path / "scheduler.log").read_text()
+            try:
+                address = json.loads(sched_file.read_text())["address"]
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.1)
+        assert address is not None, "dask scheduler did not start"
+        start(["worker", address, "--nthreads", "1", "--nworkers", "1", "--memory-limit", "1GB", "--no-dashboard",
+               "--host", "127.0.0.1", "--local-directory", str(tmp_path / "w0")], "worker")  # fmt: skip
+        yield address
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+        for log in logs:
+            log.close()
+
+
+def test_scheduler_workflow(tmp_path, scheduler_address):
+    wf = copy_workflow(
+        "scheduler.yaml", tmp_path,
+        cluster={"address": scheduler_address, "timeout": f"{START_TIMEOUT}s"},
+        input={"sample": {"n_images": 50, "frame_shape": [256, 256], "format": "dense", "seed": 0}},
+    )  # fmt: skip
+    res = ok(cli("run", wf))
+    assert f"existing scheduler at {scheduler_address}" in res.stdout
+    assert "cluster: 1 worker, 1 threads" in res.stdout
+    assert "images:     50" in res.stdout
+    check_against_scipy(wf, nonzero_picks(wf))
+
+
+# -- progress display --------------------------------------------------------------
+def test_progress_reporter_tty_and_plain():
+    from dask_sparseconv.cli import ProgressReporter
+
+    buf = io.StringIO()
+    p = ProgressReporter(4, stream=buf, tty=True, width=8)
+    for i in range(5):
+        p.update(i)
+    p.close()
+    text = buf.getvalue()
+    assert text.count("\r[") == 5 and "[########] 4/4 blocks (100%)" in text and text.endswith("\n")
+
+    buf = io.StringIO()
+    p = ProgressReporter(100, stream=buf, tty=False, interval=3600)
+    for i in range(101):
+        p.update(i)
+    lines = buf.getvalue().splitlines()
+    # one line per 10 % step (plus the start), never a carriage return
+    assert len(lines) == 11 and "\r" not in buf.getvalue()
+    assert lines[0].startswith("progress: 0/100 blocks (0%)") and lines[-1].startswith("progress: 100/100 blocks (100%)")
