@@ -222,7 +222,7 @@ def main(argv=None):
     p = lambda name: os.path.join(workdir, name)  # noqa: E731
 
     print(f"bench_pipeline: {n} frames per workload, {repeats} repeats, workdir {workdir}", flush=True)
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
     client = Client(cluster)
     rows: list[Row] = []
     try:

@@ -27,7 +27,7 @@ def local_cluster():
         processes=True,
         threads_per_worker=1,
         memory_limit="400MB",
-        dashboard_address=None,
+        dashboard_address=":0",
         host="127.0.0.1",
     )
     try:
