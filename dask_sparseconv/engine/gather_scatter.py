@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from .base import Engine, dense_out, empty_csr
+from .base import Engine, dense_out, empty_csr, index_dtype
 from .lazy import counts_to_indptr, image_of_entry, kernel_taps, make_csr
 from .threads import run_ranges, split_ranges
 
@@ -37,6 +37,8 @@ except ImportError:  # pragma: no cover - exercised only without numba
 
 #: Entries handled at once by the numpy dense path (bounds index temporaries).
 _DENSE_CHUNK_ENTRIES = 1 << 21
+#: Largest initial output allocation (entries) of one numba range.
+_MAX_INITIAL_ENTRIES = 1 << 27
 #: Scratch bytes per accumulator element in the numba kernels: value + mark (uint8) + touched (int64).
 _SCRATCH_OVERHEAD = 1 + 8
 
@@ -64,11 +66,13 @@ if numba is not None:
 
     @numba.njit(nogil=True, cache=True)
     def nb_reserve(out_idx, out_val, nnz, need):
-        """Grow the output arrays (by doubling) so that ``need`` entries fit."""
+        """Grow the output arrays (by doubling) so that ``need`` entries fit.
+
+        Callers size them from an upper bound, so this is a fallback only."""
         if need <= out_idx.shape[0]:
             return out_idx, out_val
         cap = max(need, 2 * out_idx.shape[0])
-        idx2 = np.empty(cap, np.int64)
+        idx2 = np.empty(cap, out_idx.dtype)
         val2 = np.empty(cap, out_val.dtype)
         idx2[:nnz] = out_idx[:nnz]
         val2[:nnz] = out_val[:nnz]
@@ -103,14 +107,25 @@ if numba is not None:
         return out_idx, out_val, nnz
 
     @numba.njit(nogil=True, cache=True)
-    def _gs_csr_range(indptr, indices, data, a, b, W, Ho, Wo, top, left, kh, ti, tj, tv, band_rows, cap0):
+    def nb_max_row_nnz(indptr, a, b):
+        m = 0
+        for img in range(a, b):
+            m = max(m, indptr[img + 1] - indptr[img])
+        return m
+
+    @numba.njit(nogil=True, cache=True)
+    def _gs_csr_range(indptr, indices, data, a, b, W, Ho, Wo, top, left, kh, ti, tj, tv, band_rows, out_idx, out_val):
+        """Images ``[a, b)``; returns (entries per image, indices, values, nnz).
+
+        ``out_idx``/``out_val`` come sized from an upper bound (grown if not)."""
         band_len = band_rows * Wo
         acc = np.zeros(band_len, data.dtype)
         mark = np.zeros(band_len, np.uint8)
         touched = np.empty(band_len, np.int64)
+        m = nb_max_row_nnz(indptr, a, b)
+        rr = np.empty(m, np.int64)
+        cc = np.empty(m, np.int64)
         counts = np.zeros(b - a, np.int64)
-        out_idx = np.empty(cap0, np.int64)
-        out_val = np.empty(cap0, data.dtype)
         nnz = 0
         n_taps = tv.shape[0]
         for img in range(a, b):
@@ -119,10 +134,13 @@ if numba is not None:
             if s == e:
                 continue
             before = nnz
-            r_first = indices[s] // W
-            r_last = indices[e - 1] // W
-            o_lo = max(0, r_first - top)
-            o_hi = min(Ho, r_last + kh - top)
+            for p in range(s, e):
+                pix = np.int64(indices[p])
+                r = pix // W
+                rr[p - s] = r
+                cc[p - s] = pix - r * W
+            o_lo = max(0, rr[0] - top)
+            o_hi = min(Ho, rr[e - s - 1] + kh - top)
             b0 = o_lo
             while b0 < o_hi:
                 b1 = min(b0 + band_rows, o_hi)
@@ -131,26 +149,24 @@ if numba is not None:
                     di = ti[t] - top
                     dj = tj[t] - left
                     kv = tv[t]
-                    # input rows r with r + di in [b0, b1)
-                    ps = nb_bsearch(indices, s, e, max(0, b0 - di) * W)
-                    pe = nb_bsearch(indices, ps, e, max(0, b1 - di) * W)
+                    # entries on input rows r with r + di in [b0, b1)
+                    ps = nb_bsearch(rr, 0, e - s, b0 - di)
+                    pe = nb_bsearch(rr, ps, e - s, b1 - di)
                     for p in range(ps, pe):
-                        pix = indices[p]
-                        r = pix // W
-                        oc = pix - r * W + dj
+                        oc = cc[p] + dj
                         if oc < 0 or oc >= Wo:
                             continue
-                        pos = (r + di - b0) * Wo + oc
+                        pos = (rr[p] + di - b0) * Wo + oc
                         if mark[pos] == 0:
                             mark[pos] = 1
                             touched[n_t] = pos
                             n_t += 1
-                        acc[pos] += data[p] * kv
+                        acc[pos] += data[s + p] * kv
                 if n_t:
                     out_idx, out_val, nnz = nb_flush(acc, mark, touched, n_t, (b1 - b0) * Wo, b0 * Wo, out_idx, out_val, nnz)
                 b0 = b1
             counts[img - a] = nnz - before
-        return counts, out_idx[:nnz].copy(), out_val[:nnz].copy()
+        return counts, out_idx, out_val, nnz
 
     @numba.njit(nogil=True, cache=True)
     def _gs_dense_range(indptr, indices, data, a, b, W, Ho, Wo, top, left, ti, tj, tv, out2d):
@@ -174,20 +190,28 @@ if numba is not None:
                     out2d[img, orow * Wo + oc] += data[p] * kv
 
 
-def assemble_ranges(results, ranges, n: int, n_cols: int, dtype) -> scipy.sparse.csr_matrix:
-    """Join per-range ``(counts, indices, values)`` (canonical rows) into one CSR."""
+def output_arrays(x, a: int, b: int, n_taps: int, n_cols: int, dtype):
+    """Output arrays for images ``[a, b)`` sized by the upper bound
+    ``sum(min(nnz_i * taps, n_cols))`` (capped; kernels grow them if needed).
+
+    Untouched slack of ``np.empty`` costs address space, not memory. Indices
+    are int32 whenever the output has fewer than 2**31 columns."""
+    per = np.diff(x.indptr[a : b + 1]).astype(np.int64) * n_taps
+    bound = int(np.minimum(per, n_cols).sum())
+    cap = max(16, min(bound, _MAX_INITIAL_ENTRIES))
+    return np.empty(cap, dtype=index_dtype(n_cols)), np.empty(cap, dtype=dtype)
+
+
+def assemble_ranges(results, n: int, n_cols: int, dtype) -> scipy.sparse.csr_matrix:
+    """Join per-range ``(counts, indices, values, nnz)`` (canonical rows) into one CSR."""
     if len(results) == 1:
-        counts, idx, val = results[0]
+        counts, idx, val, nnz = results[0]
+        idx, val = idx[:nnz], val[:nnz]
     else:
         counts = np.concatenate([r[0] for r in results])
-        idx = np.concatenate([r[1] for r in results])
-        val = np.concatenate([r[2] for r in results])
+        idx = np.concatenate([r[1][: r[3]] for r in results])
+        val = np.concatenate([r[2][: r[3]] for r in results])
     return make_csr(counts_to_indptr(counts), idx, val, n, n_cols, dtype)
-
-
-def initial_capacity(x, a: int, b: int, n_taps: int, n_cols: int) -> int:
-    nnz = int(x.indptr[b]) - int(x.indptr[a])
-    return int(max(16, min(nnz * n_taps, (b - a) * n_cols, 1 << 22)))
 
 
 # ---------------------------------------------------------------------------
@@ -347,12 +371,13 @@ class GatherScatterNumba(Engine):
         n_taps = len(self._tv)
 
         def work(a, b):
+            out_idx, out_val = output_arrays(x, a, b, n_taps, n_out, self.dtype)
             return _gs_csr_range(
                 x.indptr, x.indices, x.data, a, b, W, Ho, Wo, geo.top, geo.left, kh,
-                self._ti, self._tj, self._tv, band_rows, initial_capacity(x, a, b, n_taps, n_out),
+                self._ti, self._tj, self._tv, band_rows, out_idx, out_val,
             )
 
-        return assemble_ranges(run_ranges(work, ranges), ranges, n, n_out, self.dtype)
+        return assemble_ranges(run_ranges(work, ranges), n, n_out, self.dtype)
 
     def to_dense(self, x: scipy.sparse.csr_matrix, mode: str, out: np.ndarray | None = None) -> np.ndarray:
         geo = self.geometry(mode)

@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse
 
 from .base import Engine, dense_out, empty_csr, index_dtype
-from .gather_scatter import _SCRATCH_OVERHEAD, assemble_ranges, band_rows_for, initial_capacity, numba
+from .gather_scatter import _SCRATCH_OVERHEAD, assemble_ranges, band_rows_for, numba, output_arrays
 from .lazy import finish_csr, image_of_entry, kernel_taps, make_csr
 from .threads import run_ranges, split_ranges
 
@@ -196,39 +196,42 @@ class PrecomputedNumpy(_ToeplitzEngine):
 
 
 if numba is not None:
-    from .gather_scatter import nb_bsearch, nb_flush
+    from .gather_scatter import nb_bsearch, nb_flush, nb_max_row_nnz
 
     @numba.njit(nogil=True, cache=True)
-    def _pc_csr_range(indptr, indices, data, a, b, W, Ho, Wo, top, kh, Tptr, Tind, Tval, band_rows, cap0):
+    def _pc_csr_range(indptr, indices, data, a, b, W, Ho, Wo, top, kh, Tptr, Tind, Tval, band_rows, out_idx, out_val):
+        """Images ``[a, b)`` times T; returns (entries per image, indices, values, nnz)."""
         band_len = band_rows * Wo
         acc = np.zeros(band_len, data.dtype)
         mark = np.zeros(band_len, np.uint8)
         touched = np.empty(band_len, np.int64)
         counts = np.zeros(b - a, np.int64)
-        out_idx = np.empty(cap0, np.int64)
-        out_val = np.empty(cap0, data.dtype)
         nnz = 0
+        whole = band_rows >= Ho
         for img in range(a, b):
             s = indptr[img]
             e = indptr[img + 1]
             if s == e:
                 continue
             before = nnz
-            o_lo = max(0, indices[s] // W - top)
-            o_hi = min(Ho, indices[e - 1] // W + kh - top)
+            o_lo = max(0, np.int64(indices[s]) // W - top)
+            o_hi = min(Ho, np.int64(indices[e - 1]) // W + kh - top)
             b0 = o_lo
             while b0 < o_hi:
                 b1 = min(b0 + band_rows, o_hi)
                 q0 = b0 * Wo
                 q1 = b1 * Wo
-                ps = nb_bsearch(indices, s, e, max(0, b0 + top - kh + 1) * W)
-                pe = nb_bsearch(indices, ps, e, (b1 + top) * W)
+                if whole:
+                    ps, pe = s, e
+                else:
+                    ps = nb_bsearch(indices, s, e, max(0, b0 + top - kh + 1) * W)
+                    pe = nb_bsearch(indices, ps, e, (b1 + top) * W)
                 n_t = 0
                 for p in range(ps, pe):
                     pix = indices[p]
                     v = data[p]
                     for k in range(Tptr[pix], Tptr[pix + 1]):
-                        q = Tind[k]
+                        q = np.int64(Tind[k])
                         if q < q0 or q >= q1:
                             continue
                         pos = q - q0
@@ -241,7 +244,7 @@ if numba is not None:
                     out_idx, out_val, nnz = nb_flush(acc, mark, touched, n_t, q1 - q0, q0, out_idx, out_val, nnz)
                 b0 = b1
             counts[img - a] = nnz - before
-        return counts, out_idx[:nnz].copy(), out_val[:nnz].copy()
+        return counts, out_idx, out_val, nnz
 
     @numba.njit(nogil=True, cache=True)
     def _pc_dense_range(indptr, indices, data, a, b, Tptr, Tind, Tval, out2d):
@@ -282,12 +285,13 @@ class PrecomputedNumba(_ToeplitzEngine):
         n_taps = len(self._tv)
 
         def work(a, b):
+            out_idx, out_val = output_arrays(x, a, b, n_taps, n_out, self.dtype)
             return _pc_csr_range(
                 x.indptr, x.indices, x.data, a, b, W, Ho, Wo, geo.top, kh,
-                T.indptr, T.indices, T.data, band_rows, initial_capacity(x, a, b, n_taps, n_out),
+                T.indptr, T.indices, T.data, band_rows, out_idx, out_val,
             )
 
-        return assemble_ranges(run_ranges(work, ranges), ranges, n, n_out, self.dtype)
+        return assemble_ranges(run_ranges(work, ranges), n, n_out, self.dtype)
 
     def to_dense(self, x: scipy.sparse.csr_matrix, mode: str, out: np.ndarray | None = None) -> np.ndarray:
         geo = self.geometry(mode)
