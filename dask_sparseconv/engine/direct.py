@@ -44,6 +44,7 @@ from __future__ import annotations
 import threading
 
 import numba
+from numba.cpython.unsafe.numbers import trailing_zeros
 import numpy as np
 import scipy.sparse
 
@@ -59,6 +60,11 @@ SERIAL_WORK = 200_000
 #: BBOX_SLACK`` slots takes the coordinate-list path instead of a scan.
 BBOX_RATIO = 8
 BBOX_SLACK = 4096
+
+#: An image with ``nnz * K * DENSE_OPS >= (output rows it touches) * W_out``
+#: is extracted by a plain scan of its bounding box; sparser ones through a
+#: bit map of touched slots (cost proportional to what was touched).
+DENSE_OPS = 1
 
 _JIT = dict(nogil=True, cache=True)
 
@@ -108,7 +114,9 @@ def _scatter(indices, data, a, e, W_in, ti, tj, tv, d, top, left, imin, imax, jm
     The window is output rows [wr0, wr0 + wh) and columns [wc0, wc0 + ww),
     stored row-major with width ``ww``; it must contain every in-frame
     output pixel the image touches. ``d`` holds the taps' flat offsets for
-    width ``ww``. Returns the min and max input column seen.
+    width ``ww``. Pixels are walked row by row (indices are sorted), so the
+    division by ``W_in`` happens once per input row. Returns the min and max
+    input column seen.
     """
     K = tv.size
     # input pixels whose every tap lands inside the window
@@ -118,27 +126,95 @@ def _scatter(indices, data, a, e, W_in, ti, tj, tv, d, top, left, imin, imax, jm
     chi = ww - 1 + left + wc0 - jmax
     cmin = W_in
     cmax = np.int64(-1)
-    for jj in range(a, e):
+    jj = a
+    while jj < e:
         p = np.int64(indices[jj])
-        v = data[jj]
         r = p // W_in
-        c = p - r * W_in
-        if c < cmin:
-            cmin = c
-        if c > cmax:
-            cmax = c
-        if rlo <= r and r <= rhi and clo <= c and c <= chi:
-            base = (r - top - wr0) * ww + (c - left - wc0)
-            for k in range(K):
-                q = np.uint64(base + d[k])
-                buf[q] += v * tv[k]
-        else:
-            for k in range(K):
-                R = r + ti[k] - top - wr0
-                C = c + tj[k] - left - wc0
-                if 0 <= R and R < wh and 0 <= C and C < ww:
-                    buf[np.uint64(R * ww + C)] += v * tv[k]
+        rs = r * W_in
+        re = rs + W_in
+        row_in = rlo <= r and r <= rhi
+        rb = (r - top - wr0) * ww - left - wc0  # window offset of (r, column 0) for tap (0, 0)
+        cmin = min(cmin, p - rs)
+        while True:
+            c = p - rs
+            v = data[jj]
+            if row_in and clo <= c and c <= chi:
+                base = rb + c
+                for k in range(K):
+                    buf[np.uint64(base + d[k])] += v * tv[k]
+            else:
+                for k in range(K):
+                    R = r + ti[k] - top - wr0
+                    C = c + tj[k] - left - wc0
+                    if 0 <= R and R < wh and 0 <= C and C < ww:
+                        buf[np.uint64(R * ww + C)] += v * tv[k]
+            jj += 1
+            if jj >= e:
+                break
+            p = np.int64(indices[jj])
+            if p >= re:
+                break
+        cmax = max(cmax, c)
     return cmin, cmax
+
+
+@numba.njit(**_JIT)
+def _scatter_bits(indices, data, a, e, W_in, ti, tj, tv, d, sg_off, sg_mask, sg_w, top, left, imin, imax, jmin, jmax,
+                  H_out, W_out, buf, bits):
+    """:func:`_scatter` into the whole output frame, also setting bit ``q``
+    of ``bits`` for every output index ``q`` touched.
+
+    Interior pixels set their bits one kernel-row segment (<= 64 taps) at a
+    time: ``sg_mask`` shifted to ``base + sg_off`` (one or two words), not
+    tap by tap, which would chain read-modify-writes on the same word.
+    """
+    K = tv.size
+    S = sg_off.size
+    one = np.uint64(1)
+    m63 = np.uint64(63)
+    s6 = np.uint64(6)
+    u64 = np.uint64(64)
+    rlo = top - imin
+    rhi = H_out - 1 + top - imax
+    clo = left - jmin
+    chi = W_out - 1 + left - jmax
+    jj = a
+    while jj < e:
+        p = np.int64(indices[jj])
+        r = p // W_in
+        rs = r * W_in
+        re = rs + W_in
+        row_in = rlo <= r and r <= rhi
+        rb = (r - top) * W_out - left
+        while True:
+            c = p - rs
+            v = data[jj]
+            if row_in and clo <= c and c <= chi:
+                base = rb + c
+                for k in range(K):
+                    buf[np.uint64(base + d[k])] += v * tv[k]
+                for g in range(S):
+                    q = np.uint64(base + sg_off[g])
+                    w = q >> s6
+                    sh = q & m63
+                    mask = sg_mask[g]
+                    bits[w] |= mask << sh
+                    if sh + sg_w[g] > u64:
+                        bits[w + one] |= mask >> (u64 - sh)
+            else:
+                for k in range(K):
+                    R = r + ti[k] - top
+                    C = c + tj[k] - left
+                    if 0 <= R and R < H_out and 0 <= C and C < W_out:
+                        q = np.uint64(R * W_out + C)
+                        buf[q] += v * tv[k]
+                        bits[q >> s6] |= one << (q & m63)
+            jj += 1
+            if jj >= e:
+                break
+            p = np.int64(indices[jj])
+            if p >= re:
+                break
 
 
 @numba.njit(**_JIT)
@@ -159,6 +235,27 @@ def _extract(buf, wr0, wc0, ww, R0, R1, C0, C1, W_out, out_idx, out_val, pos):
             out_idx[pos] = ob + C
             out_val[pos] = v
             pos += v != 0
+    return pos
+
+
+@numba.njit(**_JIT)
+def _extract_bits(buf, bits, qlo, qhi, out_idx, out_val, pos):
+    """Write the nonzeros among the set bits of ``bits`` in [qlo, qhi]
+    (frame buffer indices = output indices, increasing), clearing bits and
+    buffer; returns the new pos. Cost: (qhi - qlo) / 64 + touched slots."""
+    for w in range(qlo >> 6, (qhi >> 6) + 1):
+        word = bits[w]
+        if word != 0:
+            bits[w] = 0
+            base = w << 6
+            while word != 0:
+                q = base + np.int64(trailing_zeros(word))
+                v = buf[q]
+                buf[q] = 0
+                out_idx[pos] = q
+                out_val[pos] = v
+                pos += v != 0
+                word &= word - np.uint64(1)
     return pos
 
 
@@ -202,69 +299,107 @@ def _coo_image(indices, data, a, e, W_in, ti, tj, tv, top, left, H_out, W_out, o
 
 
 @numba.njit(**_JIT)
-def _csr_range(
-    start, stop, indptr, indices, data, W_in, ti, tj, tv, top, left, imin, imax, jmin, jmax,
-    H_out, W_out, full, cap, out_idx, out_val, pos, counts,
+def _csr_image(
+    b, indptr, indices, data, W_in, ti, tj, tv, dfull, top, left, imin, imax, jmin, jmax,
+    H_out, W_out, sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
+    buf, bits, out_idx, out_val, pos,
 ):
-    """Convolve images [start, stop) into out_*[pos:]; counts[b] = nnz of image b.
+    """Convolve image ``b`` into out_*[pos:]; returns (new pos, scratch buffer).
 
-    ``full``: use one frame-sized scratch buffer; otherwise a bounding-box
-    buffer of at most ``cap`` slots. Returns the number of values written.
+    ``full``: ``buf``/``bits`` cover the whole output frame; otherwise ``buf``
+    is a bounding-box buffer, regrown here up to ``cap`` slots.
     """
     K = tv.size
-    pos0 = pos
-    if full:
-        buf = np.zeros(H_out * W_out, dtype=tv.dtype)
-    else:
-        buf = np.zeros(0, dtype=tv.dtype)
+    a = np.int64(indptr[b])
+    e = np.int64(indptr[b + 1])
+    if e == a or K == 0:
+        return pos, buf
+    R0, R1 = _out_rows(indices, a, e, W_in, H_out, top, imin, imax)
+    if R1 < R0:
+        return pos, buf  # every tap lands outside the output window
+    ops = (e - a) * K
+    area = (R1 - R0 + 1) * W_out  # the output rows the image can touch
+    if full and ops * dense_ops >= area:
+        # dense output: scatter, then scan the bounding box
+        cmin, cmax = _scatter(indices, data, a, e, W_in, ti, tj, tv, dfull, top, left,
+                              imin, imax, jmin, jmax, 0, 0, H_out, W_out, buf)
+        C0 = max(cmin + jmin - left, 0)
+        C1 = min(cmax + jmax - left, W_out - 1)
+        return _extract(buf, 0, 0, W_out, R0, R1, C0, C1, W_out, out_idx, out_val, pos), buf
+    if full and (area >> 6) <= bbox_ratio * ops + bbox_slack:
+        # sparse output: visit only the touched slots, found by bit
+        _scatter_bits(indices, data, a, e, W_in, ti, tj, tv, dfull, sg_off, sg_mask, sg_w, top, left,
+                      imin, imax, jmin, jmax, H_out, W_out, buf, bits)
+        return _extract_bits(buf, bits, R0 * W_out, (R1 + 1) * W_out - 1, out_idx, out_val, pos), buf
+    # huge frame, or a few pixels far apart: bounding box first
+    cmin = W_in
+    cmax = np.int64(-1)
+    for jj in range(a, e):
+        p = np.int64(indices[jj])
+        c = p - (p // W_in) * W_in
+        cmin = min(cmin, c)
+        cmax = max(cmax, c)
+    C0 = max(cmin + jmin - left, 0)
+    C1 = min(cmax + jmax - left, W_out - 1)
+    if C1 < C0:
+        return pos, buf
+    h = R1 - R0 + 1
+    w = C1 - C0 + 1
+    if not full and h * w <= cap and h * w <= bbox_ratio * ops + bbox_slack:
+        if buf.size < h * w:
+            buf = np.zeros(min(max(h * w, 2 * buf.size), cap), dtype=tv.dtype)
+        _scatter(indices, data, a, e, W_in, ti, tj, tv, ti * w + tj, top, left,
+                 imin, imax, jmin, jmax, R0, C0, h, w, buf)
+        return _extract(buf, R0, C0, w, R0, R1, C0, C1, W_out, out_idx, out_val, pos), buf
+    return _coo_image(indices, data, a, e, W_in, ti, tj, tv, top, left, H_out, W_out, out_idx, out_val, pos), buf
+
+
+@numba.njit(**_JIT)
+def _csr_range(
+    start, stop, indptr, indices, data, W_in, ti, tj, tv, top, left, imin, imax, jmin, jmax,
+    H_out, W_out, sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
+    out_idx, out_val, pos, counts, stage_size,
+):
+    """Convolve images [start, stop); counts[b] = nnz of image b. Returns the
+    number of values written.
+
+    ``stage_size == 0``: forward, written at out_*[pos:]. Otherwise backward:
+    the images are done last to first through a staging area of
+    ``stage_size`` slots and placed so that the range's values *end* at
+    ``pos`` (exclusive), flush against the next range's.
+    """
+    n_frame = H_out * W_out if full else 0
+    buf = np.zeros(n_frame, dtype=tv.dtype)
+    bits = np.zeros((n_frame >> 6) + 1, dtype=np.uint64)
     dfull = ti * W_out + tj
-    for b in range(start, stop):
-        a = np.int64(indptr[b])
-        e = np.int64(indptr[b + 1])
-        begin = pos
-        if e > a and K > 0:
-            R0, R1 = _out_rows(indices, a, e, W_in, H_out, top, imin, imax)
-            ops = (e - a) * K
-            limit = BBOX_RATIO * ops + BBOX_SLACK
-            if R1 < R0:
-                pass  # every tap lands outside the output window
-            elif full and (R1 - R0 + 1) * W_out <= limit:
-                cmin, cmax = _scatter(indices, data, a, e, W_in, ti, tj, tv, dfull, top, left,
-                                      imin, imax, jmin, jmax, 0, 0, H_out, W_out, buf)
-                C0 = max(cmin + jmin - left, 0)
-                C1 = min(cmax + jmax - left, W_out - 1)
-                pos = _extract(buf, 0, 0, W_out, R0, R1, C0, C1, W_out, out_idx, out_val, pos)
-            else:
-                # bounding box first: a pass over the columns
-                cmin = W_in
-                cmax = np.int64(-1)
-                for jj in range(a, e):
-                    p = np.int64(indices[jj])
-                    c = p - (p // W_in) * W_in
-                    cmin = min(cmin, c)
-                    cmax = max(cmax, c)
-                C0 = max(cmin + jmin - left, 0)
-                C1 = min(cmax + jmax - left, W_out - 1)
-                if C1 >= C0:
-                    h = R1 - R0 + 1
-                    w = C1 - C0 + 1
-                    area = h * w
-                    if area <= limit and (full or area <= cap):
-                        if full:
-                            _scatter(indices, data, a, e, W_in, ti, tj, tv, dfull, top, left,
-                                     imin, imax, jmin, jmax, 0, 0, H_out, W_out, buf)
-                            pos = _extract(buf, 0, 0, W_out, R0, R1, C0, C1, W_out, out_idx, out_val, pos)
-                        else:
-                            if buf.size < area:
-                                buf = np.zeros(max(area, 2 * buf.size), dtype=tv.dtype)
-                            _scatter(indices, data, a, e, W_in, ti, tj, tv, ti * w + tj, top, left,
-                                     imin, imax, jmin, jmax, R0, C0, h, w, buf)
-                            pos = _extract(buf, R0, C0, w, R0, R1, C0, C1, W_out, out_idx, out_val, pos)
-                    else:
-                        pos = _coo_image(indices, data, a, e, W_in, ti, tj, tv, top, left,
-                                         H_out, W_out, out_idx, out_val, pos)
-        counts[b] = pos - begin
-    return pos - pos0
+    if stage_size == 0:
+        pos0 = pos
+        for b in range(start, stop):
+            begin = pos
+            pos, buf = _csr_image(b, indptr, indices, data, W_in, ti, tj, tv, dfull, top, left, imin, imax, jmin, jmax,
+                                  H_out, W_out, sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
+                                  buf, bits, out_idx, out_val, pos)
+            counts[b] = pos - begin
+        return pos - pos0
+    st_idx = np.empty(stage_size, dtype=out_idx.dtype)
+    st_val = np.empty(stage_size, dtype=out_val.dtype)
+    end = pos
+    for b in range(stop - 1, start - 1, -1):
+        m, buf = _csr_image(b, indptr, indices, data, W_in, ti, tj, tv, dfull, top, left, imin, imax, jmin, jmax,
+                            H_out, W_out, sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
+                            buf, bits, st_idx, st_val, 0)
+        end -= m
+        out_idx[end : end + m] = st_idx[:m]
+        out_val[end : end + m] = st_val[:m]
+        counts[b] = m
+    return pos - end
+
+
+@numba.njit(**_JIT)
+def _move(arr, src, dst, n):
+    """arr[dst:dst+n] = arr[src:src+n] for dst <= src (overlap-safe forward copy)."""
+    for i in range(n):
+        arr[dst + i] = arr[src + i]
 
 
 @numba.njit(**_JIT)
@@ -290,7 +425,7 @@ def _dense_range(start, stop, indptr, indices, data, W_in, ti, tj, tv, top, left
 class _Plan:
     """Everything that depends on (kernel, mode) only; built once per mode."""
 
-    __slots__ = ("geo", "ti", "tj", "tv", "K", "imin", "imax", "jmin", "jmax", "args")
+    __slots__ = ("geo", "ti", "tj", "tv", "K", "imin", "imax", "jmin", "jmax", "args", "sg_off", "sg_mask", "sg_w")
 
     def __init__(self, kernel: np.ndarray, geo):
         self.geo = geo
@@ -304,6 +439,22 @@ class _Plan:
         self.jmin = int(tj.min()) if self.K else 0
         self.jmax = int(tj.max()) if self.K else 0
         H_out, W_out = geo.out_shape
+        # kernel-row segments of at most 64 columns: flat offset of their
+        # first column, bit mask of their nonzero taps, width to the last one
+        off, masks, widths = [], [], []
+        nz = kernel != 0
+        for i in range(kernel.shape[0]):
+            cols = np.flatnonzero(nz[i])
+            while cols.size:
+                j0 = int(cols[0])
+                piece = cols[cols < j0 + 64]
+                off.append(i * W_out + j0)
+                masks.append(sum(1 << int(j - j0) for j in piece))
+                widths.append(int(piece[-1]) - j0 + 1)
+                cols = cols[piece.size :]
+        self.sg_off = np.array(off, dtype=np.int64)
+        self.sg_mask = np.array(masks, dtype=np.uint64)
+        self.sg_w = np.array(widths, dtype=np.uint64)
         # the arguments every kernel takes after (indptr, indices, data)
         self.args = (
             np.int64(geo.frame_shape[1]), self.ti, self.tj, self.tv, np.int64(geo.top), np.int64(geo.left),
@@ -322,6 +473,11 @@ class DirectNumba(Engine):
     backend = "numba"
     #: per-instance override of :data:`SERIAL_WORK` (tests force threading with 0)
     serial_work: int | None = None
+    #: per-image path thresholds (see the module constants); attributes so
+    #: that tests and benchmarks can force a path
+    dense_ops: float = DENSE_OPS
+    bbox_ratio: int = BBOX_RATIO
+    bbox_slack: int = BBOX_SLACK
 
     def __init__(self, frame_shape, kernel, dtype, **kwargs):
         super().__init__(frame_shape, kernel, dtype, **kwargs)
@@ -361,29 +517,48 @@ class DirectNumba(Engine):
         cap = np.int64(max(1, self.max_buffer_bytes // (itemsize * len(ranges))))
         # index values fit the dtype of (n, out_pixels); indptr also needs nnz
         idx_dt = index_dtype(n, out_pixels)
-        # one spare slot per image keeps ranges apart (branch-free extraction)
+        # Range r's values may fill [ub_cum[a_r] + a_r, ub_cum[b_r] + b_r]: one
+        # spare slot per image keeps ranges apart (branch-free extraction).
+        # Ranges pair up: the even one runs backward and ends flush against
+        # the odd one, which runs forward, so with two ranges the result is
+        # contiguous without moving anything.
         total = int(ub_cum[-1]) + n + 1
         out_idx = np.empty(total, dtype=idx_dt)
         out_val = np.empty(total, dtype=self.dtype)
         counts = np.empty(n, dtype=np.int64)
+        dense_ops = np.float64(self.dense_ops)
+        bbox_ratio, bbox_slack = np.int64(self.bbox_ratio), np.int64(self.bbox_slack)
+        n_ranges = len(ranges)
+        backward = [r % 2 == 0 and r + 1 < n_ranges for r in range(n_ranges)]
 
         def run(a: int, b: int) -> int:
-            base = int(ub_cum[a]) + a
+            r = next(i for i, rg in enumerate(ranges) if rg[0] == a)
+            if backward[r]:
+                pos = int(ub_cum[b]) + b  # = the next range's start
+                stage = int(np.max(ub_cum[a + 1 : b + 1] - ub_cum[a:b])) + 1
+            else:
+                pos, stage = int(ub_cum[a]) + a, 0
             return _csr_range(
                 np.int64(a), np.int64(b), indptr, indices, data, W_in, ti, tj, tv, top, left, imin, imax, jmin, jmax,
-                H_out, W_out, full, cap, out_idx, out_val, np.int64(base), counts,
+                H_out, W_out, plan.sg_off, plan.sg_mask, plan.sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
+                out_idx, out_val, np.int64(pos), counts, np.int64(stage),
             )
 
-        written = run_ranges(run, ranges)
-        nnz = int(sum(written))
-        if len(ranges) == 1:
-            indices_out, data_out = out_idx[:nnz], out_val[:nnz]
-            if nnz < total // 2 and total * (idx_dt.itemsize + itemsize) > (1 << 20):
-                indices_out, data_out = indices_out.copy(), data_out.copy()  # release the slack
-        else:
-            starts = [int(ub_cum[a]) + a for a, _ in ranges]
-            indices_out = np.concatenate([out_idx[s : s + w] for s, w in zip(starts, written)])
-            data_out = np.concatenate([out_val[s : s + w] for s, w in zip(starts, written)])
+        written = [int(w) for w in run_ranges(run, ranges)]
+        nnz = sum(written)
+        # where each range's values begin, then join the blocks
+        begins = [
+            (int(ub_cum[b]) + b - w) if backward[r] else (int(ub_cum[a]) + a)
+            for r, ((a, b), w) in enumerate(zip(ranges, written))
+        ]
+        first = begins[0]
+        dst = first + written[0]
+        for src, w in zip(begins[1:], written[1:]):
+            if w and src != dst:
+                _move(out_idx, np.int64(src), np.int64(dst), np.int64(w))
+                _move(out_val, np.int64(src), np.int64(dst), np.int64(w))
+            dst += w
+        indices_out, data_out = out_idx[first : first + nnz], out_val[first : first + nnz]
         final_dt = index_dtype(n, out_pixels, nnz)
         if final_dt != idx_dt:  # more than 2**31 values in a batch of small frames
             indices_out = indices_out.astype(final_dt)

@@ -1,0 +1,189 @@
+"""Benchmark: our direct engine against sparse_convolution 0.4.2's direct/numba.
+
+Both sides are built once per configuration (our ``Convolver(method='direct')``
+and the peer's ``Toeplitz_convolution2d(method='direct', backend='numba')``),
+warmed up (JIT), checked to give the same CSR result (same sparsity pattern,
+allclose values), then timed alternately, call by call, so that load from
+other processes hits both equally. The reported time is the median call.
+
+Sweeps are the peer's published ones (CSR in, CSR out, mode 'same').
+
+    python benchmarks/bench_engine.py                 # everything (< 5 min)
+    python benchmarks/bench_engine.py --quick         # fewer repeats
+    python benchmarks/bench_engine.py --sweep density --sweep kernel
+    python benchmarks/bench_engine.py --markdown results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from dask_sparseconv import Convolver  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Config:
+    sweep: str
+    H: int
+    W: int
+    k: int
+    density: float
+    batch: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.batch}x{self.H}x{self.W} k={self.k} d={self.density:g}"
+
+
+def _sweeps() -> dict[str, list[Config]]:
+    batches = (1, 10, 100, 1000, 10000)
+    return {
+        "batch": [Config("batch", 100, 100, 5, 0.01, b) for b in batches],
+        "density": [Config("density", 100, 100, 5, d, 100) for d in (0.0001, 0.001, 0.01, 0.1, 0.5)],
+        "size": [Config("size", s, s, 5, 0.01, 50) for s in (32, 64, 128, 256, 512, 1024)],
+        "kernel": [Config("kernel", 100, 100, k, 0.01, 50) for k in (1, 3, 5, 9, 15, 31)],
+        "batch_d0.1": [Config("batch_d0.1", 100, 100, 5, 0.1, b) for b in batches],
+        "very_sparse": [Config("very_sparse", 200, 200, 5, 0.001, b) for b in batches],
+    }
+
+
+SWEEPS = _sweeps()
+
+
+def make_input(cfg: Config, dtype, seed: int = 0) -> scipy.sparse.csr_matrix:
+    """(batch, H*W) CSR with i.i.d. Bernoulli(density) support and uniform values."""
+    rng = np.random.default_rng(seed)
+    n_pix = cfg.H * cfg.W
+    parts = []
+    step = max(1, 20_000_000 // n_pix)  # bounded temporary memory
+    for a in range(0, cfg.batch, step):
+        m = min(step, cfg.batch - a)
+        mask = rng.random((m, n_pix)) < cfg.density
+        rows, cols = np.nonzero(mask)
+        vals = rng.uniform(0.1, 1.0, rows.size).astype(dtype)
+        parts.append(scipy.sparse.csr_matrix((vals, (rows, cols)), shape=(m, n_pix)))
+    x = scipy.sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+    x.sum_duplicates()
+    return x
+
+
+def same_result(a: scipy.sparse.csr_matrix, b: scipy.sparse.csr_matrix, dtype) -> str:
+    """'' when a and b have the same shape, sparsity pattern and close values."""
+    a, b = scipy.sparse.csr_matrix(a), scipy.sparse.csr_matrix(b)
+    if a.shape != b.shape:
+        return f"shape {a.shape} != {b.shape}"
+    a.sort_indices()
+    b.sort_indices()
+    if a.nnz != b.nnz or not (np.array_equal(a.indptr, b.indptr) and np.array_equal(a.indices, b.indices)):
+        return f"sparsity differs (nnz {a.nnz} vs {b.nnz})"
+    rtol = 1e-5 if np.dtype(dtype) == np.float32 else 1e-10
+    if not np.allclose(a.data, b.data, rtol=rtol, atol=rtol * max(1.0, float(np.abs(b.data).max(initial=0)))):
+        return "values differ"
+    return ""
+
+
+def time_pair(f_ours, f_peer, min_total: float, min_reps: int, max_reps: int) -> tuple[float, float]:
+    """Median seconds per call of each, calls alternating ours/peer."""
+    t_ours: list[float] = []
+    t_peer: list[float] = []
+    order = 0
+    while True:
+        for f, acc in ((f_ours, t_ours), (f_peer, t_peer))[:: 1 if order % 2 == 0 else -1]:
+            t0 = time.perf_counter()
+            f()
+            acc.append(time.perf_counter() - t0)
+        order += 1
+        n = len(t_ours)
+        if n >= max_reps or (n >= min_reps and min(sum(t_ours), sum(t_peer)) >= min_total):
+            break
+    return statistics.median(t_ours), statistics.median(t_peer)
+
+
+def run_config(cfg: Config, dtype, quick: bool) -> dict:
+    from sparse_convolution import Toeplitz_convolution2d
+
+    rng = np.random.default_rng(1)
+    kernel = rng.uniform(-1.0, 1.0, (cfg.k, cfg.k)).astype(dtype)
+    x = make_input(cfg, dtype)
+    ours = Convolver((cfg.H, cfg.W), kernel, mode="same", method="direct", dtype=dtype)
+    peer = Toeplitz_convolution2d(x_shape=(cfg.H, cfg.W), k=kernel, mode="same", method="direct", backend="numba", dtype=dtype)
+
+    def f_ours():
+        return ours(x)
+
+    def f_peer():
+        return peer(x, batching=True)
+
+    problem = same_result(f_ours(), f_peer(), dtype)  # also the JIT warm-up
+    gc.collect()
+    if quick:
+        t_o, t_p = time_pair(f_ours, f_peer, min_total=0.1, min_reps=3, max_reps=15)
+    else:
+        t_o, t_p = time_pair(f_ours, f_peer, min_total=0.3, min_reps=5, max_reps=200)
+    return dict(cfg=cfg, ours=t_o * 1e3, peer=t_p * 1e3, speedup=t_p / t_o, nnz=x.nnz, problem=problem)
+
+
+def format_table(rows: list[dict], markdown: bool) -> str:
+    head = ("sweep", "config", "ours (ms)", "peer (ms)", "speedup", "check")
+    body = [
+        (r["cfg"].sweep, r["cfg"].label, f"{r['ours']:.3f}", f"{r['peer']:.3f}", f"{r['speedup']:.2f}x", r["problem"] or "ok")
+        for r in rows
+    ]
+    geo = math.exp(sum(math.log(r["speedup"]) for r in rows) / len(rows)) if rows else float("nan")
+    worst = min((r["speedup"] for r in rows), default=float("nan"))
+    foot = f"geometric mean speedup (peer/ours): {geo:.2f}x over {len(rows)} configs; lowest {worst:.2f}x"
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        return "\n".join(lines) + f"\n\n{foot}\n"
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*b) for b in body]
+    return "\n".join(lines) + "\n" + foot
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (noisier, ~4x faster)")
+    ap.add_argument("--sweep", action="append", choices=sorted(SWEEPS), help="run only this sweep (repeatable)")
+    ap.add_argument("--dtype", default="float64", choices=("float32", "float64"))
+    ap.add_argument("--markdown", metavar="PATH", help="also write the table as markdown to PATH")
+    args = ap.parse_args(argv)
+
+    dtype = np.dtype(args.dtype)
+    names = args.sweep or list(SWEEPS)
+    rows = []
+    t_start = time.perf_counter()
+    for name in names:
+        for cfg in SWEEPS[name]:
+            r = run_config(cfg, dtype, args.quick)
+            rows.append(r)
+            print(
+                f"  {cfg.sweep:12s} {cfg.label:32s} ours {r['ours']:9.3f} ms  peer {r['peer']:9.3f} ms  "
+                f"{r['speedup']:5.2f}x  {r['problem'] or 'ok'}",
+                file=sys.stderr,
+                flush=True,
+            )
+    print(f"# dtype={dtype}, mode='same', CSR in/out, {os.cpu_count()} CPUs, {time.perf_counter() - t_start:.0f} s")
+    print(format_table(rows, markdown=False))
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(f"dtype={dtype}, mode='same', CSR in -> CSR out, {os.cpu_count()} CPUs\n\n")
+            fh.write(format_table(rows, markdown=True))
+    return 1 if any(r["problem"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
