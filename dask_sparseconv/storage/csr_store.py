@@ -355,11 +355,13 @@ class CSROutput:
         if (int(start), int(stop)) != self.block_bounds[int(i)]:
             raise ValueError(f"block {i} covers rows {self.block_bounds[int(i)]}; got start={start}, stop={stop}")
 
-    def write_block(self, i: int, start: int, stop: int, result: Any) -> int:
+    def write_block(self, i: int, start: int, stop: int, result: Any, *, record: dict | None = None) -> int:
         """Write block ``i`` (rows ``[start, stop)``) to its own staging
         arrays, then mark it done. ``result``: CSR ``(rows, H_out*W_out)`` or
         dense ``(rows, H_out, W_out)``. Returns the block's nnz (collect them
-        for :meth:`finalize`)."""
+        for :meth:`finalize`). The staging group's attribute ``record`` holds
+        ``rows``, ``nnz``, ``crc32`` of data+indices+indptr and the caller's
+        ``record`` keys (see :meth:`verify_block`)."""
         self._check_block(i, start, stop)
         rows = stop - start
         csr = _canonical_csr(result, rows, self.n_cols, self.dtype, i)
@@ -378,8 +380,32 @@ class CSROutput:
                                compressors=comp, overwrite=True)
             if values.size:
                 z[:] = values
+        g[base].attrs["record"] = progress._jsonable(
+            {**(record or {}), "rows": [int(start), int(stop)], "nnz": nnz,
+             "crc32": progress.checksum(*(values for _, values, _ in arrays))})
         progress.mark_block_done(g, i)
         return nnz
+
+    def verify_block(self, i: int) -> dict | None:
+        """Block ``i``'s record if its marker is set and its staging arrays,
+        read back now, match the record's nnz and CRC-32; else ``None``."""
+        if not 0 <= int(i) < len(self.block_bounds):
+            return None
+        g = self.node
+        try:
+            if not g[progress.PROGRESS][int(i)]:
+                return None
+            st = g[f"{STAGING}/block_{int(i)}"]
+            rec = st.attrs.get("record")
+            start, stop = self.block_bounds[int(i)]
+            if not isinstance(rec, dict) or rec.get("rows") != [start, stop]:
+                return None
+            parts = [np.asarray(st[name][:]) for name in ("data", "indices", "indptr")]
+        except Exception:  # missing staging, a chunk that no longer decodes
+            return None
+        if parts[0].shape[0] != rec.get("nnz") or progress.checksum(*parts) != rec.get("crc32"):
+            return None
+        return dict(rec)
 
     def done_blocks(self) -> set[int]:
         """Blocks whose staging data and marker are written."""

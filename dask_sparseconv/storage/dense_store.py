@@ -303,11 +303,14 @@ class DenseOutput:
         if (int(start), int(stop)) != self.block_bounds[int(i)]:
             raise ValueError(f"block {i} covers rows {self.block_bounds[int(i)]}; got start={start}, stop={stop}")
 
-    def write_block(self, i: int, start: int, stop: int, result: Any) -> int | None:
+    def write_block(self, i: int, start: int, stop: int, result: Any, *, record: dict | None = None) -> int | None:
         """Write rows ``[start, stop)`` (block ``i``) and then mark it done.
 
         ``result``: dense ``(rows, H_out, W_out)`` or CSR ``(rows, H_out*W_out)``.
         Returns the block's nnz for CSR results, ``None`` for dense ones.
+        The marker holds the block's record: ``rows``, ``nnz`` (nonzero
+        pixels), ``crc32`` of the written values, plus ``record`` (caller's
+        extra keys) -- see :meth:`verify_block`.
         """
         self._check_block(i, start, stop)
         rows = stop - start
@@ -322,9 +325,29 @@ class DenseOutput:
             dense = np.asarray(result)
             if dense.shape != (rows, Ho, Wo):
                 raise ValueError(f"block {i}: result must have shape {(rows, Ho, Wo)}; got {dense.shape}")
-        self.node[start:stop] = dense.astype(self.dtype, copy=False)
-        progress.mark_block_done(self.node, i)
+        values = dense.astype(self.dtype, copy=False)
+        self.node[start:stop] = values
+        rec = {**(record or {}), "rows": [int(start), int(stop)], "nnz": int(np.count_nonzero(values)),
+               "crc32": progress.checksum(values)}
+        progress.mark_block_done(self.node, i, rec)
         return nnz
+
+    def verify_block(self, i: int) -> dict | None:
+        """Block ``i``'s record if its marker is set and its rows, read back
+        now, match the record's nnz and CRC-32; else ``None`` (redo it)."""
+        if not 0 <= int(i) < len(self.block_bounds):
+            return None
+        rec = progress.read_block_record(self.node, int(i))
+        start, stop = self.block_bounds[int(i)]
+        if rec is None or rec.get("rows") != [start, stop]:
+            return None
+        try:
+            values = np.asarray(self.node[start:stop])
+        except Exception:  # a chunk that no longer decodes
+            return None
+        if int(np.count_nonzero(values)) != rec.get("nnz") or progress.checksum(values) != rec.get("crc32"):
+            return None
+        return rec
 
     def done_blocks(self) -> set[int]:
         """Blocks whose data and marker are written."""

@@ -14,11 +14,20 @@ Resume and atomicity rest on three rules:
    with ``"complete": false``; :func:`mark_complete` flips it to ``true`` as
    the very last write of a run. Readers (``open_stack``) refuse an output
    whose flag is false.
+
+Block records (resume verification): with each block the writer stores a
+small JSON record -- rows, nnz and a CRC-32 of the values it wrote (for a
+dense output it is the marker's own content; a CSR output keeps it in the
+attributes of the block's staging group). :func:`checksum` is the one
+definition used on write and on re-read, so a resumed run can re-read a
+block and compare before skipping it.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import zlib
 from typing import Any
 
 import numpy as np
@@ -40,6 +49,8 @@ __all__ = [
     "mark_block_done",
     "done_blocks",
     "clear_markers",
+    "checksum",
+    "read_block_record",
 ]
 
 
@@ -113,14 +124,47 @@ def _prefix(node: zarr.Array | zarr.Group) -> str:
     return (node.path + "/" if node.path else "") + PROGRESS + "/"
 
 
-def mark_block_done(node: zarr.Array | zarr.Group, i: int) -> None:
+def checksum(*arrays: np.ndarray) -> int:
+    """CRC-32 over the bytes of ``arrays`` (in order), as written to the store.
+
+    Floating-point zeros are normalised first (``-0.0`` -> ``0.0``): zarr does
+    not store all-zero chunks, so a chunk of negative zeros reads back as
+    positive zeros.
+    """
+    crc = 0
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        if a.dtype.kind in "fc":
+            a = a + a.dtype.type(0)  # -0.0 + 0.0 == +0.0; NaN stays NaN
+        crc = zlib.crc32(memoryview(a).cast("B"), crc)
+    return crc
+
+
+def mark_block_done(node: zarr.Array | zarr.Group, i: int, record: dict | None = None) -> None:
     """Write block ``i``'s marker: a raw key under a dense array, one chunk
-    of ``_progress`` under a CSR group. Touches no key another block uses."""
+    of ``_progress`` under a CSR group. Touches no key another block uses.
+
+    ``record`` (dense arrays): stored as the marker's content (JSON), so the
+    marker and the block's checksum are written in one atomic key."""
     if isinstance(node, zarr.Group):
         node[PROGRESS][int(i)] = 1
     else:
-        buf = default_buffer_prototype().buffer.from_bytes(b"\x01")
+        payload = b"\x01" if record is None else json.dumps(_jsonable(record)).encode()
+        buf = default_buffer_prototype().buffer.from_bytes(payload)
         sync((node.store_path / PROGRESS / str(int(i))).set(buf))
+
+
+def read_block_record(node: zarr.Array, i: int) -> dict | None:
+    """The record stored in a dense array's marker for block ``i`` (None when
+    there is no marker, or a marker without a record)."""
+    buf = sync((node.store_path / PROGRESS / str(int(i))).get(default_buffer_prototype()))
+    if buf is None:
+        return None
+    try:
+        value = json.loads(buf.to_bytes().decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def done_blocks(node: zarr.Array | zarr.Group) -> set[int]:
