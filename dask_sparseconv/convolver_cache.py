@@ -166,6 +166,8 @@ def get_convolver(
     dtype: Any = None,
     device: str | None = None,
     n_threads: int | None = None,
+    *,
+    gpu_device: str | None = None,
 ) -> Convolver:
     """Return the cached convolver for these arguments, building it on a miss.
 
@@ -173,6 +175,13 @@ def get_convolver(
     defaults to :func:`engine_threads` (see the module's thread policy).
     Concurrent calls with the same key build once; the others wait and reuse
     the result.
+
+    ``backend='auto'`` (or None) without a ``device`` is resolved *here, in
+    this process* by :func:`dask_sparseconv.devices.resolve_auto`: torch on
+    this process's GPU when it has one and the engine fits, else the CPU
+    default. The cache key holds the resolved method, backend and device.
+    ``gpu_device`` is passed to the resolver (``'none'`` keeps this call on
+    the CPU; ``'cpu'`` simulates an accelerator, see :mod:`~dask_sparseconv.devices`).
     """
     from .validation import check_dtype, check_mode, resolve_method_backend
 
@@ -180,8 +189,13 @@ def get_convolver(
     if kernel.dtype == object or kernel.ndim != 2:
         kernel = check_kernel(kernel)
     mode = check_mode(mode)
-    method, backend = resolve_method_backend(method, backend)
     dtype = check_dtype(dtype)
+    if (backend is None or backend == "auto") and device is None:
+        from .devices import resolve_auto
+
+        method, backend, device, _reason = resolve_auto(frame_shape, kernel, dtype, mode, method=method,
+                                                        gpu_device=gpu_device)
+    method, backend = resolve_method_backend(method, backend)
     n_threads = engine_threads() if n_threads is None else check_positive_int(n_threads, "n_threads")
     key = cache_key(frame_shape, kernel, mode, method, backend, dtype, device, n_threads)
 
