@@ -142,6 +142,10 @@ class _TorchEngine(Engine):
         self.torch_device = _resolve_device(device)
         self.device = str(self.torch_device)
         self.torch_dtype = _torch_dtype(self.dtype)
+        #: Device memory is host memory (CPU): dense results are accumulated
+        #: straight into the caller's array and sorting is left to scipy.
+        #: Tests switch it off to run the accelerator code paths on CPU.
+        self._shares_host_memory = self.torch_device.type == "cpu"
         ki, kj, kv = _kernel_taps(self.kernel)
         self.n_taps = len(kv)
         self._tap_i = ki
@@ -190,7 +194,7 @@ class _TorchEngine(Engine):
         nnz = int(vals.numel())
         if nnz == 0:
             return empty_csr(n, n_cols, self.dtype)
-        if not sorted_ and vals.device.type != "cpu":
+        if not sorted_ and not self._shares_host_memory:
             # Sort on the accelerator; on CPU scipy's per-row sort below is cheaper.
             rows = torch.repeat_interleave(torch.arange(n, device=vals.device), row_counts, output_size=nnz)
             order = torch.argsort(rows * n_cols + cols)
@@ -228,6 +232,12 @@ class _TorchEngine(Engine):
             ranges.append((a, b))
             a = b
         return ranges
+
+    @staticmethod
+    def _scatter_into(res: np.ndarray, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> np.ndarray:
+        """Write sparse results (no duplicate positions) into the zeroed dense ``res``."""
+        res.reshape(res.shape[0], -1)[rows, cols] = vals
+        return res
 
     def _trivial(self, x) -> bool:
         return x.shape[0] == 0 or x.nnz == 0 or self.n_taps == 0
@@ -343,22 +353,17 @@ class PrecomputedTorch(_TorchEngine):
         return self._csr_from_device(crow[1:] - crow[:-1], Y.col_indices(), Y.values(), Y.shape, sorted_=False)
 
     def to_dense(self, x, mode, out=None):
+        """The sparse product, scattered into the dense result on the host: no
+        dense scratch of the output's size on the device."""
         geo = self.geometry(mode)
         n = x.shape[0]
         res = dense_out(n, geo, self.dtype, out)
         if self._trivial(x):
             return res
-        mat = self.prepare(mode)
-        flat = res.reshape(n, geo.out_pixels)
-        step = self._dense_chunk_rows(geo.out_pixels)
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            s, e = int(x.indptr[a]), int(x.indptr[b])
-            if s == e:
-                continue
-            part = scipy.sparse.csr_matrix((x.data[s:e], x.indices[s:e], x.indptr[a : b + 1] - s), shape=(b - a, x.shape[1]))
-            flat[a:b] = self._get(self._product(part, mat).to_dense())
-        return res
+        Y = self._product(x, self.prepare(mode))
+        crow = Y.crow_indices()
+        rows = torch.repeat_interleave(torch.arange(n, device=crow.device), crow[1:] - crow[:-1], output_size=Y.values().numel())
+        return self._scatter_into(res, self._get(rows), self._get(Y.col_indices()), self._get(Y.values()))
 
     def nbytes(self) -> int:
         total = super().nbytes()
@@ -415,9 +420,14 @@ class LazyTorch(_TorchEngine):
         res = dense_out(n, geo, self.dtype, out)
         if self._trivial(x):
             return res
+        on_cpu = self._shares_host_memory
+        if not on_cpu and geo.out_pixels * self.dtype.itemsize > self.max_buffer_bytes:
+            # One image's dense output exceeds the scratch budget: go through CSR.
+            y = self.to_csr(x, mode)
+            rows = np.repeat(np.arange(n), np.diff(y.indptr))
+            return self._scatter_into(res, rows, y.indices, y.data)
         img, r, c, v = self._input(x)
         flat = res.reshape(n, geo.out_pixels)
-        on_cpu = self.torch_device.type == "cpu"
         cap = None if on_cpu else self._dense_chunk_rows(geo.out_pixels)
         for a, b in self._expanded_chunks(x.indptr, n, cap):
             s, e = int(x.indptr[a]), int(x.indptr[b])
@@ -435,55 +445,90 @@ class LazyTorch(_TorchEngine):
 
 
 class GatherScatterTorch(_TorchEngine):
-    """Per-tap gather/scatter into a dense accumulator.
+    """Per-tap gather/scatter into a dense accumulator bounded by ``max_buffer_bytes``.
 
-    For each nonzero kernel tap, every input nonzero of a group of images is
-    shifted by the tap and added (``index_add_``) into a dense
-    ``(images, H_out*W_out)`` accumulator. Groups are sized so the
-    accumulator fits ``max_buffer_bytes`` (at least one image). For CSR
-    output the accumulator's nonzeros are extracted on the device.
-    Out-of-window contributions are redirected to index 0 with value 0
-    instead of being filtered, so no per-tap dynamic-shape indexing (a device
-    sync on CUDA) is needed.
+    For each nonzero kernel tap, the input nonzeros of a tile are shifted by
+    the tap and added (``index_add_``) into a dense accumulator covering the
+    tile. A tile is a group of whole images when one image's output fits the
+    budget, else a band of output rows of one image: only bands that some
+    input pixel reaches are visited, each shrunk to the rows actually reached,
+    so huge sparse frames cost memory in proportion to where the data is.
+    For CSR output the accumulator's nonzeros are extracted on the device.
+    Out-of-tile contributions are redirected to index 0 with value 0 instead
+    of being filtered, so no per-tap dynamic-shape indexing (a device sync on
+    CUDA) is needed.
     """
 
     method = "gather_scatter"
 
-    def _accumulate(self, acc, img, r, c, v, geo, first: int):
-        Ho, Wo = geo.out_shape
-        base = (img - first) * geo.out_pixels + r * Wo + c
+    def _accumulate(self, acc, img, r, c, v, geo, first: int, lo: int, hi: int):
+        """Add the contributions of the given nonzeros to output rows [lo, hi)
+        of images ``first...`` into ``acc`` (flat, ``(images, hi - lo, W_out)``)."""
+        Wo = geo.out_shape[1]
+        tile_pixels = (hi - lo) * Wo
+        base = (img - first) * tile_pixels + (r - lo) * Wo + c
         zero = torch.zeros((), dtype=self.torch_dtype, device=self.torch_device)
         for i, j, kv in zip(self._tap_i, self._tap_j, self._tap_v):
             di, dj = int(i) - geo.top, int(j) - geo.left
-            ok = (r >= -di) & (r < Ho - di) & (c >= -dj) & (c < Wo - dj)
+            ok = (r >= lo - di) & (r < hi - di) & (c >= -dj) & (c < Wo - dj)
             idx = torch.where(ok, base + (di * Wo + dj), 0)
             acc.index_add_(0, idx, torch.where(ok, v * float(kv), zero))
 
-    def _groups(self, x, n, out_pixels):
-        step = self._dense_chunk_rows(out_pixels)
-        return [(a, min(n, a + step)) for a in range(0, n, step)]
+    def _tiles(self, x, geo):
+        """Work units ``(a, b, lo, hi, s, e)``: images ``[a, b)``, output rows
+        ``[lo, hi)``, input entries ``[s, e)``; in (image, row) order."""
+        Ho, Wo = geo.out_shape
+        n = x.shape[0]
+        indptr = x.indptr
+        row_bytes = Wo * self.dtype.itemsize
+        if Ho * row_bytes <= self.max_buffer_bytes:
+            step = max(1, self.max_buffer_bytes // (Ho * row_bytes))
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                s, e = int(indptr[a]), int(indptr[b])
+                if s < e:
+                    yield a, b, 0, Ho, s, e
+            return
+        band = max(1, self.max_buffer_bytes // row_bytes)
+        di = np.unique(self._tap_i - geo.top)
+        di_min, di_max = int(di[0]), int(di[-1])
+        W = self.frame_shape[1]
+        for img in range(n):
+            s0, e0 = int(indptr[img]), int(indptr[img + 1])
+            if s0 == e0:
+                continue
+            rows = np.asarray(x.indices[s0:e0]) // W  # ascending: canonical CSR
+            reached = (np.unique(rows)[:, None] + di[None, :]).ravel()
+            reached = reached[(reached >= 0) & (reached < Ho)]
+            for bnd in np.unique(reached // band).tolist():
+                o0, o1 = bnd * band, min(Ho, (bnd + 1) * band)
+                s = s0 + int(np.searchsorted(rows, o0 - di_max, side="left"))
+                e = s0 + int(np.searchsorted(rows, o1 - 1 - di_min, side="right"))
+                lo = max(o0, int(rows[s - s0]) + di_min)
+                hi = min(o1, int(rows[e - 1 - s0]) + di_max + 1)
+                yield img, img + 1, lo, hi, s, e
 
     def to_csr(self, x, mode):
         geo = self.geometry(mode)
         n = x.shape[0]
         if self._trivial(x):
             return empty_csr(n, geo.out_pixels, self.dtype)
+        Wo = geo.out_shape[1]
         img, r, c, v = self._input(x)
-        counts, cols, vals = [], [], []
-        for a, b in self._groups(x, n, geo.out_pixels):
-            s, e = int(x.indptr[a]), int(x.indptr[b])
-            if s == e:
-                counts.append(torch.zeros(b - a, dtype=torch.int64, device=self.torch_device))
-                continue
-            acc = torch.zeros((b - a) * geo.out_pixels, dtype=self.torch_dtype, device=self.torch_device)
-            self._accumulate(acc, img[s:e], r[s:e], c[s:e], v[s:e], geo, a)
-            pos = torch.nonzero(acc).squeeze(1)  # ascending: row-major (image, pixel)
-            counts.append(torch.bincount(torch.div(pos, geo.out_pixels, rounding_mode="floor"), minlength=b - a))
-            cols.append(torch.remainder(pos, geo.out_pixels))
+        row_counts = torch.zeros(n, dtype=torch.int64, device=self.torch_device)
+        cols, vals = [], []
+        for a, b, lo, hi, s, e in self._tiles(x, geo):
+            tile_pixels = (hi - lo) * Wo
+            acc = torch.zeros((b - a) * tile_pixels, dtype=self.torch_dtype, device=self.torch_device)
+            self._accumulate(acc, img[s:e], r[s:e], c[s:e], v[s:e], geo, a, lo, hi)
+            pos = torch.nonzero(acc).squeeze(1)  # ascending: (image, row, column) order
+            local = torch.div(pos, tile_pixels, rounding_mode="floor")
+            row_counts[a:b] += torch.bincount(local, minlength=b - a)
+            cols.append(lo * Wo + (pos - local * tile_pixels))
             vals.append(acc[pos])
         if not vals:
             return empty_csr(n, geo.out_pixels, self.dtype)
-        return self._csr_from_device(torch.cat(counts), torch.cat(cols), torch.cat(vals), (n, geo.out_pixels), sorted_=True)
+        return self._csr_from_device(row_counts, torch.cat(cols), torch.cat(vals), (n, geo.out_pixels), sorted_=True)
 
     def to_dense(self, x, mode, out=None):
         geo = self.geometry(mode)
@@ -491,19 +536,17 @@ class GatherScatterTorch(_TorchEngine):
         res = dense_out(n, geo, self.dtype, out)
         if self._trivial(x):
             return res
+        Ho, Wo = geo.out_shape
         img, r, c, v = self._input(x)
         flat = res.reshape(n, geo.out_pixels)
-        if self.torch_device.type == "cpu":
+        if self._shares_host_memory:
             # The caller's array is the accumulator: no scratch, no copy back.
-            self._accumulate(torch.from_numpy(flat.reshape(-1)), img, r, c, v, geo, 0)
+            self._accumulate(torch.from_numpy(flat.reshape(-1)), img, r, c, v, geo, 0, 0, Ho)
             return res
-        for a, b in self._groups(x, n, geo.out_pixels):
-            s, e = int(x.indptr[a]), int(x.indptr[b])
-            if s == e:
-                continue
-            acc = torch.zeros((b - a) * geo.out_pixels, dtype=self.torch_dtype, device=self.torch_device)
-            self._accumulate(acc, img[s:e], r[s:e], c[s:e], v[s:e], geo, a)
-            flat[a:b] = self._get(acc).reshape(b - a, geo.out_pixels)
+        for a, b, lo, hi, s, e in self._tiles(x, geo):
+            acc = torch.zeros((b - a) * (hi - lo) * Wo, dtype=self.torch_dtype, device=self.torch_device)
+            self._accumulate(acc, img[s:e], r[s:e], c[s:e], v[s:e], geo, a, lo, hi)
+            flat[a:b, lo * Wo : hi * Wo] = self._get(acc).reshape(b - a, (hi - lo) * Wo)
         return res
 
 

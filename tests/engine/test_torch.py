@@ -81,10 +81,17 @@ def check_csr(y, n, out_pixels, dtype):
     assert not np.any(y.data == 0), "explicit zeros stored"
 
 
-def run_both(cls, x, frame_shape, kernel, mode, dtype, budget=256 * 1024**2):
-    """Run to_csr and to_dense and check both against scipy."""
+def run_both(cls, x, frame_shape, kernel, mode, dtype, budget=256 * 1024**2, accel_paths=False):
+    """Run to_csr and to_dense and check both against scipy.
+
+    ``accel_paths=True`` runs the code paths meant for accelerators (device
+    memory separate from the host: tiled dense accumulators copied back,
+    sorting on the device) on the CPU device.
+    """
     dtype = np.dtype(dtype)
     eng = cls(frame_shape, kernel.astype(dtype), dtype, device="cpu", max_buffer_bytes=budget)
+    if accel_paths:
+        eng._shares_host_memory = False
     geo = geometry(frame_shape, kernel.shape, mode)
     ref = reference(x, frame_shape, kernel.astype(dtype), mode)
     n = x.shape[0]
@@ -120,7 +127,8 @@ def test_device_is_resolved_string():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("budget", BUDGETS)
-def test_matches_scipy(cls, mode, dtype, budget):
+@pytest.mark.parametrize("accel_paths", (False, True), ids=("host", "accel"))
+def test_matches_scipy(cls, mode, dtype, budget, accel_paths):
     rng = np.random.default_rng(hash((cls.__name__, mode, budget)) % 2**32)
     H, W = 9, 7
     kernel = rng.standard_normal((3, 4))
@@ -128,7 +136,7 @@ def test_matches_scipy(cls, mode, dtype, budget):
     x.data[x.indptr[2] : x.indptr[3]] = 0  # an empty image in the middle
     x.eliminate_zeros()
     assert x.has_canonical_format and x.getrow(2).nnz == 0
-    run_both(cls, x, (H, W), kernel, mode, dtype, budget)
+    run_both(cls, x, (H, W), kernel, mode, dtype, budget, accel_paths)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -152,7 +160,7 @@ def test_hypothesis_matches_scipy(data, H, W, kh, kw, n, density, dtype, cls, bu
     kernel = rng.standard_normal((kh, kw))
     kernel[rng.random((kh, kw)) < 0.3] = 0  # zero taps
     x = random_csr(rng, n, H, W, density, dtype, explicit_zeros=data.draw(st.booleans()), idx64=data.draw(st.booleans()))
-    run_both(cls, x, (H, W), kernel, mode, dtype, budget)
+    run_both(cls, x, (H, W), kernel, mode, dtype, budget, accel_paths=data.draw(st.booleans()))
 
 
 # -- edge cases ----------------------------------------------------------------
@@ -237,6 +245,21 @@ def test_input_not_modified_and_read_only_ok(cls):
     run_both(cls, x, (6, 5), rng.standard_normal((2, 3)), "same", np.float32)
     for a, b in zip(before, (x.data, x.indices, x.indptr)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("accel_paths", (False, True), ids=("host", "accel"))
+def test_gather_scatter_row_bands_on_sparse_tall_frame(accel_paths):
+    """One image's output exceeds the budget: row bands, only where data is."""
+    H, W = 400, 9
+    x = scipy.sparse.csr_matrix((2, H * W))
+    pix = np.array([0, 5, 3 * W + 4, 200 * W, 200 * W + 8, (H - 1) * W + 3, H * W - 1])
+    x = scipy.sparse.csr_matrix((np.arange(1.0, 8.0), pix, np.array([0, 7, 7])), shape=(2, H * W))
+    kernel = np.array([[1.0, -2.0], [0.5, 0.0], [3.0, 1.0]])
+    eng, _, _ = run_both(GatherScatterTorch, x, (H, W), kernel, "same", np.float64, budget=8 * 9 * 5, accel_paths=accel_paths)
+    geo = geometry((H, W), kernel.shape, "same")
+    tiles = list(eng._tiles(x, geo))
+    assert all(b - a == 1 and 0 < (hi - lo) <= 5 for a, b, lo, hi, s, e in tiles)
+    assert len(tiles) <= 5  # three clusters of rows, not 80 bands
 
 
 # -- precomputed specifics -----------------------------------------------------
