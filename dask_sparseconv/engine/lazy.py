@@ -78,7 +78,6 @@ def drop_zeros(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray):
     keep = data != 0  # NaN != 0 is True: NaN is kept
     if keep.all():
         return indptr, indices, data
-    n = len(indptr) - 1
     kept_before = np.zeros(len(data) + 1, dtype=np.int64)
     np.cumsum(keep, out=kept_before[1:])
     return kept_before[np.asarray(indptr, dtype=np.int64)], indices[keep], data[keep]

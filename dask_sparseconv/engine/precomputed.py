@@ -196,7 +196,7 @@ class PrecomputedNumpy(_ToeplitzEngine):
 
 
 if numba is not None:
-    from .gather_scatter import nb_bsearch, nb_flush, nb_max_row_nnz
+    from .gather_scatter import nb_bsearch, nb_flush
 
     @numba.njit(nogil=True, cache=True)
     def _pc_csr_range(indptr, indices, data, a, b, W, Ho, Wo, top, kh, Tptr, Tind, Tval, band_rows, out_idx, out_val):
