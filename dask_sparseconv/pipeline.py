@@ -84,6 +84,7 @@ class _Spec:
     dtype: str  # compute / output dtype
     out_format: str
     device: str | None = None
+    route: str = "any"  # 'cpu': resolve backend='auto' without an accelerator
 
 
 @dataclass
@@ -113,6 +114,13 @@ class ConvolveSummary:
         Seconds spent in each stage, summed over blocks (so they add up to
         more than ``elapsed`` when blocks ran in parallel). Consolidation and
         finalisation are in ``finalize_s``.
+    blocks_computed, blocks_skipped : int
+        Blocks convolved by this run, and blocks a resumed run found already
+        written and verified (re-read, nnz and CRC-32 matching the block's
+        record) and did not recompute. ``blocks_computed + blocks_skipped ==
+        blocks``.
+    resumed : bool
+        Whether this run continued an incomplete output.
     """
 
     target: str
@@ -131,6 +139,9 @@ class ConvolveSummary:
     write_s: float = 0.0
     finalize_s: float = 0.0
     extra: dict = field(default_factory=dict)
+    blocks_computed: int = 0
+    blocks_skipped: int = 0
+    resumed: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -152,11 +163,52 @@ def _check_bool(value: Any, name: str) -> bool:
 def _common_checks(kernel, mode, method, backend, dtype, output_format, block_memory):
     kernel = check_kernel(kernel)
     mode = check_mode(mode)
-    method, backend = resolve_method_backend(method, backend)
+    method, backend = _graph_engine(method, backend)
     dtype = check_dtype(dtype)
     output_format = _check_output_format(output_format)
     parse_block_memory(block_memory)
     return kernel, mode, method, backend, dtype, output_format
+
+
+def _graph_engine(method, backend) -> tuple[str, str]:
+    """Check ``(method, backend)`` here and return what the graph carries:
+    ``backend='auto'`` stays ``'auto'`` (with the method as asked) so that
+    each worker resolves it for its own device (:mod:`dask_sparseconv.devices`)."""
+    resolved = resolve_method_backend(method, backend)
+    if backend is None or backend == "auto":
+        return ("auto" if method in (None, "auto") else resolved[0]), "auto"
+    return resolved
+
+
+def _route_annotations(route: str) -> dict:
+    """dask annotations that send the block tasks to GPU workers (``'gpu'``),
+    to the workers that advertise no GPU (``'cpu'``), or anywhere (``'any'``).
+
+    GPU workers are those started with ``--resources GPU=n``. dask resources
+    cannot say "no GPU", so ``'cpu'`` restricts the blocks to the addresses
+    of the workers without that resource, read from the scheduler now.
+    """
+    check_choice("route", route, ("any", "gpu", "cpu"))
+    if route == "any":
+        return {}
+    client = _active_client()
+    if client is None:
+        if route == "cpu":
+            return {}  # local scheduler: this process, kept off any GPU by spec.route
+        raise ValueError("route='gpu' needs a distributed.Client connected to workers started with "
+                         "`dask worker <scheduler> --resources GPU=1`; no client is active")
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    gpu = sorted(a for a, w in workers.items() if (w.get("resources") or {}).get("GPU", 0) > 0)
+    if route == "gpu":
+        if not gpu:
+            raise ValueError(f"route='gpu': none of the {len(workers)} workers advertises a GPU; start GPU workers "
+                             "with `dask worker <scheduler> --resources GPU=1`")
+        return {"resources": {"GPU": 1}}
+    cpu = sorted(set(workers) - set(gpu))
+    if not cpu:
+        raise ValueError(f"route='cpu': all {len(workers)} workers advertise a GPU resource; start CPU workers "
+                         "without --resources GPU=..., or use route='any'")
+    return {"workers": cpu, "allow_other_workers": False}
 
 
 def _scheduler_threads() -> int:
@@ -192,9 +244,31 @@ def _active_client():
 
 # -- the work of one block (runs on a worker) --------------------------------------
 def _convolver(spec: _Spec, kernel: np.ndarray):
+    # backend='auto' is resolved here, on the worker (GPU -> torch, else CPU)
     return get_convolver(
-        spec.frame_shape, kernel, spec.mode, spec.method, spec.backend, spec.dtype, spec.device
+        spec.frame_shape, kernel, spec.mode, spec.method, spec.backend, spec.dtype, spec.device,
+        gpu_device="none" if spec.route == "cpu" else None,
     )
+
+
+def _engine_info(spec: _Spec, kernel: np.ndarray, conv) -> dict:
+    """Which engine ran a block, where, and the fallback that led there (if any)."""
+    reason = None
+    if spec.backend in (None, "auto") and spec.device is None:
+        from .devices import resolve_auto
+
+        res = resolve_auto(spec.frame_shape, kernel, spec.dtype, spec.mode, method=spec.method,
+                           gpu_device="none" if spec.route == "cpu" else None)
+        reason = res.reason if res.fallback else None
+    worker = None
+    try:
+        from distributed import get_worker
+
+        worker = get_worker().address
+    except (ImportError, ValueError):
+        pass
+    label = "/".join(p for p in (conv.method, conv.backend, conv.device) if p)
+    return {"engine": label, "fallback": reason, "worker": worker}
 
 
 def _apply(conv, csr: scipy.sparse.csr_matrix, spec: _Spec):
@@ -226,17 +300,33 @@ def _convolve_source_block(src, kernel, start: int, stop: int, spec: _Spec):
     return _apply(conv, src.read_block(start, stop), spec)
 
 
-def _run_block(src, kernel, out, index: int, start: int, stop: int, spec: _Spec) -> dict:
-    """convolve_zarr body: read -> convolve -> write one block; returns small stats."""
+def _run_block(src, kernel, out, index: int, start: int, stop: int, spec: _Spec, check: bool = False) -> dict:
+    """convolve_zarr body: read -> convolve -> write one block; returns small stats.
+
+    ``check`` (resume: the block's marker was set when the graph was built):
+    re-read the written block first and skip the work when it matches the
+    record stored with it (see ``verify_block`` in the storage outputs)."""
     t0 = time.time()
+    if check:
+        p0 = time.perf_counter()
+        rec = out.verify_block(index)
+        if rec is not None:
+            return {
+                "index": index, "start": start, "stop": stop, "nnz_in": int(rec.get("nnz_in", 0)),
+                "nnz_out": int(rec["nnz"]), "t_start": t0, "read_s": time.perf_counter() - p0,
+                "convolve_s": 0.0, "write_s": 0.0, "pid": os.getpid(), "skipped": True, "engine": "skipped (verified)",
+            }
     p0 = time.perf_counter()
     csr = src.read_block(start, stop)
     p1 = time.perf_counter()
     conv = _convolver(spec, kernel)
     res = _apply(conv, csr, spec)
     p2 = time.perf_counter()
+    engine = _engine_info(spec, kernel, conv)
     nnz_out = int(res.nnz) if scipy.sparse.issparse(res) else int(np.count_nonzero(res))
-    out.write_block(index, start, stop, res)
+    written = out.write_block(index, start, stop, res, record={"nnz_in": int(csr.nnz)})
+    if spec.out_format == "csr" and written is not None:
+        nnz_out = int(written)  # what staging holds, which consolidation checks against
     p3 = time.perf_counter()
     return {
         "index": index,
@@ -249,6 +339,8 @@ def _run_block(src, kernel, out, index: int, start: int, stop: int, spec: _Spec)
         "convolve_s": p2 - p1,
         "write_s": p3 - p2,
         "pid": os.getpid(),
+        "skipped": False,
+        **engine,
     }
 
 
@@ -292,8 +384,40 @@ def _finalize(out, stats: list[dict], info: dict, consolidation: list | None = N
         convolve_s=float(sum(s["convolve_s"] for s in stats)),
         write_s=float(sum(s["write_s"] for s in stats)),
         finalize_s=p1 - p0 + float(sum(consolidation or ())),
-        extra={"worker_pids": sorted({s["pid"] for s in stats}), "consolidation_parts": len(consolidation or ())},
+        extra={"worker_pids": sorted({s["pid"] for s in stats}), "consolidation_parts": len(consolidation or ()),
+               **_engine_summary(stats)},
+        blocks_computed=sum(1 for s in stats if not s.get("skipped")),
+        blocks_skipped=sum(1 for s in stats if s.get("skipped")),
+        resumed=bool(info.get("resumed")),
     )
+
+
+def _finish_consolidated(out, info: dict, nnz: int) -> ConvolveSummary:
+    """Resume of a CSR output whose consolidation had finished (the run
+    stopped while deleting staging): only the cleanup and the flag remain."""
+    p0 = time.perf_counter()
+    out.finalize()
+    n_blocks = len(out.block_bounds)
+    return ConvolveSummary(
+        target=str(getattr(out, "location", info["target"])), format=info["format"], n_images=info["n_images"],
+        frame_shape=tuple(info["frame_shape"]), out_shape=tuple(info["out_shape"]), dtype=info["dtype"],
+        nnz_in=0, nnz_out=int(nnz), blocks=n_blocks, block_rows=info["block_rows"], elapsed=0.0,
+        finalize_s=time.perf_counter() - p0, blocks_computed=0, blocks_skipped=n_blocks, resumed=True,
+    )
+
+
+def _engine_summary(stats: list[dict]) -> dict:
+    """Blocks per engine, per worker, and the distinct fallbacks (for the summary)."""
+    engines: dict[str, int] = {}
+    workers: dict[str, dict] = {}
+    for s in stats:
+        label = s.get("engine", "?")
+        engines[label] = engines.get(label, 0) + 1
+        w = workers.setdefault(str(s.get("worker") or f"pid {s['pid']}"), {"pid": s["pid"], "blocks": 0, "engines": {}})
+        w["blocks"] += 1
+        w["engines"][label] = w["engines"].get(label, 0) + 1
+    fallbacks = sorted({s["fallback"] for s in stats if s.get("fallback")})
+    return {"engines": engines, "workers": workers, "fallbacks": fallbacks}
 
 
 # -- inputs ------------------------------------------------------------------------------
@@ -593,8 +717,12 @@ def _sparse_array(csr, kernel, blocks: RowBlocks, spec: _Spec):
 
 
 # -- store to store ----------------------------------------------------------------------
-def _check_locations(source, target, array, storage_options, target_storage_options, overwrite):
-    """Refuse a target that overlaps the source, or exists without ``overwrite``."""
+def _check_locations(source, target, array, storage_options, target_storage_options, overwrite, resume=False):
+    """Refuse a target that overlaps the source, or exists without ``overwrite``
+    (with ``resume``: unless it is an incomplete output of this package).
+
+    Returns ``(target location, provenance of the incomplete output to
+    resume or None)``."""
     from .storage.location import resolve_location, stores_overlap
 
     src_loc = resolve_location(source, array, storage_options, name="source")
@@ -604,9 +732,44 @@ def _check_locations(source, target, array, storage_options, target_storage_opti
             f"target {tgt_loc} overlaps the source {src_loc} (one is the other or lies inside it); "
             "writing there would modify the input: choose a separate target"
         )
-    if not overwrite and tgt_loc.exists():
-        raise FileExistsError(f"target {tgt_loc} already exists; pass overwrite=True to replace it")
-    return tgt_loc
+    if overwrite or not tgt_loc.exists():
+        return tgt_loc, None
+    prov = _target_provenance(tgt_loc)
+    if prov is None:
+        raise FileExistsError(f"target {tgt_loc} already exists (not an output of dask_sparseconv); "
+                              "pass overwrite=True to replace it")
+    if prov.get("complete"):
+        raise FileExistsError(f"target {tgt_loc} already exists and is complete (written {prov.get('completed', '?')}); "
+                              "it is left as it is: pass overwrite=True to replace it")
+    if not resume:
+        raise FileExistsError(f"target {tgt_loc} already exists and holds an incomplete run; pass resume=True to "
+                              "continue it or overwrite=True to start over")
+    return tgt_loc, prov
+
+
+def _target_provenance(tgt_loc) -> dict | None:
+    """The dask_sparseconv attribute of an existing target, or None."""
+    from .storage import progress
+
+    try:
+        return progress.provenance(tgt_loc.open(mode="r"))
+    except Exception:  # not a zarr store, unreadable metadata
+        return None
+
+
+def _resume_blocks(blocks: RowBlocks, prov: dict) -> RowBlocks:
+    """The block plan of the run being resumed, when it still fits the memory
+    budget and the input chunks (so a cluster of another size can resume);
+    else ``blocks`` (and the resume check then reports the block size)."""
+    import dataclasses
+
+    rows = prov.get("block_rows")
+    if not isinstance(rows, int) or rows < 1 or prov.get("n_images") != blocks.n_images:
+        return blocks
+    if rows * blocks.bytes_per_image > blocks.block_memory:
+        return blocks
+    candidate = dataclasses.replace(blocks, block_rows=rows)
+    return candidate if candidate.aligned or not blocks.aligned else blocks
 
 
 def convolve_zarr(
@@ -621,11 +784,13 @@ def convolve_zarr(
     dtype: Any = None,
     block_memory: Any = None,
     overwrite: bool = False,
+    resume: bool = True,
     compute: bool = True,
     array: str | None = None,
     storage_options: dict | None = None,
     target_storage_options: dict | None = None,
     compressor: Any = "default",
+    route: str = "any",
 ):
     """Convolve a zarr stack into a new zarr stack, out of core.
 
@@ -648,7 +813,18 @@ def convolve_zarr(
     block_memory : int or str, optional
         Memory budget per block task, e.g. ``'64MiB'`` (the default).
     overwrite : bool, default False
-        Replace an existing target. Without it an existing target is an error.
+        Replace an existing target. Without it an existing target is an
+        error, except an incomplete one when ``resume`` is on.
+    resume : bool, default True
+        When ``target`` holds an incomplete output of this package (an
+        interrupted or failed run) written by the same job -- same source,
+        kernel, mode, method, backend, output format, dtype and shapes, per
+        its provenance attribute -- continue it: every block whose done
+        marker is set is re-read and checked against the record written
+        with it (nnz and CRC-32 of its values) and skipped if it matches;
+        the other blocks are computed. A different job's output is refused
+        (``ValueError`` listing the differences); a complete output is never
+        modified (``FileExistsError``) unless ``overwrite=True``.
     compute : bool, default True
         ``True``: run now on the current scheduler (the active
         ``distributed.Client`` if any, else the threaded scheduler) and
@@ -662,6 +838,14 @@ def convolve_zarr(
         fsspec options for the source and the target.
     compressor : 'default', None or a zarr codec
         Codec of the output arrays.
+    route : {'any', 'gpu', 'cpu'}, default 'any'
+        Which workers run the block tasks: any; only workers that advertise
+        a GPU (``dask worker ... --resources GPU=1``; each block holds one
+        unit of it); or only workers that advertise none (their addresses are
+        read from the scheduler when the graph is built). With
+        ``backend='auto'`` every worker picks its engine itself (torch on its
+        GPU, numba on CPUs); ``'cpu'`` also keeps GPU-capable processes on
+        their CPU engines. See docs/gpu.md.
 
     Returns
     -------
@@ -678,9 +862,12 @@ def convolve_zarr(
     )
     overwrite = _check_bool(overwrite, "overwrite")
     compute = _check_bool(compute, "compute")
+    annotations = _route_annotations(route)
     if target is None:
         raise TypeError("target must be a local path, an fsspec URL or a zarr store; got None")
-    tgt_loc = _check_locations(source, target, array, storage_options, target_storage_options, overwrite)
+    resume = _check_bool(resume, "resume")
+    tgt_loc, resume_prov = _check_locations(source, target, array, storage_options, target_storage_options, overwrite,
+                                            resume)
 
     # 2. open the source (read-only) and check what depends on it
     from .storage import create_output, open_input
@@ -721,8 +908,8 @@ def convolve_zarr(
         chunk_rows=blocks.block_rows,
         compressor=compressor,
     )
-    spec = _Spec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt)
-    graph = _store_graph(src, out, kernel, blocks, spec, str(tgt_loc))
+    spec = _Spec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt, route=route)
+    graph = _store_graph(src, out, kernel, blocks, spec, str(tgt_loc), annotations)
     if not compute:
         return graph
     import dask
@@ -733,7 +920,7 @@ def convolve_zarr(
     return summary
 
 
-def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str):
+def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str, annotations: dict | None = None):
     from dask import delayed
     from dask.base import tokenize
 
@@ -742,10 +929,13 @@ def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str):
     src_node = delayed(src, name=f"sparseconv-source-{token}", traverse=False)
     out_node = delayed(out, name=f"sparseconv-target-{token}", traverse=False)
     run = delayed(_run_block, pure=False)
-    stats = [
-        run(src_node, kernel_node, out_node, i, start, stop, spec, dask_key_name=f"sparseconv-block-{token}-{i}")
-        for i, (start, stop) in enumerate(blocks.bounds)
-    ]
+    import dask
+
+    with dask.annotate(**(annotations or {})):  # route: only the block tasks are restricted
+        stats = [
+            run(src_node, kernel_node, out_node, i, start, stop, spec, dask_key_name=f"sparseconv-block-{token}-{i}")
+            for i, (start, stop) in enumerate(blocks.bounds)
+        ]
     info = {
         "target": target,
         "format": spec.out_format,
