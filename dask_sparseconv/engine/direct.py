@@ -51,10 +51,11 @@ import scipy.sparse
 from .base import INT32_MAX, Engine, dense_out, empty_csr, index_dtype
 from .threads import run_ranges, split_ranges
 
-#: Below this estimated number of elementary operations (scatter updates plus
-#: scanned output slots) a call runs in the calling thread: handing ranges to
-#: the pool costs more than it saves. Measured, see docs/engine.md.
-SERIAL_WORK = 200_000
+#: Below this estimated number of elementary operations (see
+#: ``_upper_bounds``; about 1-2 ns each) a call runs in the calling thread:
+#: handing a range to the pool costs ~30 us, more than it saves on a call
+#: shorter than ~0.1-0.2 ms. See docs/engine.md.
+SERIAL_WORK = 100_000
 
 #: An image whose output bounding box exceeds ``BBOX_RATIO * nnz * K +
 #: BBOX_SLACK`` slots takes the coordinate-list path instead of a scan.
@@ -88,7 +89,8 @@ def _out_rows(indices, a, e, W_in, H_out, top, imin, imax):
 def _upper_bounds(indptr, indices, W_in, K, H_out, W_out, top, imin, imax, ub_cum):
     """ub_cum[b+1] - ub_cum[b] = an upper bound of image b's output nnz.
 
-    Returns the estimated work of the batch (scatter updates + scanned slots).
+    Returns the estimated work of the batch: scatter updates, output slots,
+    bit-map words and a constant per image.
     """
     n = indptr.size - 1
     ub_cum[0] = 0
@@ -101,8 +103,9 @@ def _upper_bounds(indptr, indices, W_in, K, H_out, W_out, top, imin, imax, ub_cu
             R0, R1 = _out_rows(indices, a, e, W_in, H_out, top, imin, imax)
             if R1 >= R0:
                 ops = (e - a) * K
-                ub = min(ops, (R1 - R0 + 1) * W_out)
-                work += ops + ub
+                area = (R1 - R0 + 1) * W_out
+                ub = min(ops, area)
+                work += ops + ub + (area >> 6) + 64
         ub_cum[b + 1] = ub_cum[b] + ub
     return work
 

@@ -106,10 +106,21 @@ def problems(draw):
         dtype=draw(st.sampled_from([np.float32, np.float64])),
         mode=draw(st.sampled_from(modes)),
         budget=draw(st.sampled_from(BUDGETS)),
-        n_threads=draw(st.sampled_from([1, 2, 3])),
+        n_threads=draw(st.sampled_from([1, 2, 3, 4])),
         idx64=draw(st.booleans()),
+        path=draw(st.sampled_from(["auto", "scan", "bits", "coo"])),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
+
+
+def force_path(eng, path):
+    """Make every image take one extraction path: box scan, bit map or coordinate list."""
+    if path == "scan":
+        eng.dense_ops = 1e18
+    elif path == "bits":
+        eng.dense_ops, eng.bbox_ratio, eng.bbox_slack = 0.0, 10**9, 10**9
+    elif path == "coo":
+        eng.dense_ops, eng.bbox_ratio, eng.bbox_slack = 0.0, 0, 0
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -123,6 +134,7 @@ def test_engine_matches_scipy(p):
     x = random_csr(rng, p["n"], H, W, p["density"], dtype, explicit_zeros=True, idx64=p["idx64"])
     eng = DirectNumba((H, W), kernel, dtype, n_threads=p["n_threads"], max_buffer_bytes=p["budget"])
     eng.serial_work = 0  # let every multi-image call use the thread pool
+    force_path(eng, p["path"])
     ref = reference(x, (H, W), kernel, mode)
     y = eng.to_csr(x, mode)
     check_csr(y, p["n"], ref[0].size if p["n"] else geometry((H, W), kernel.shape, mode).out_pixels, dtype)
@@ -139,12 +151,14 @@ def run_engine_all_modes(frame_shape, kernel, x, dtype=np.float64, **kw):
     for mode in MODES:
         if mode == "valid" and (frame_shape[0] < kernel.shape[0] or frame_shape[1] < kernel.shape[1]):
             continue
+        ref = reference(x, frame_shape, kernel, mode)
         for budget in BUDGETS:
-            eng = DirectNumba(frame_shape, kernel.astype(dtype), dtype, max_buffer_bytes=budget, **kw)
-            ref = reference(x, frame_shape, kernel, mode)
-            y = eng.to_csr(x, mode)
-            check_csr(y, x.shape[0], ref[0].size, dtype)
-            check_against_scipy(y, ref, dtype)
+            for path in ("auto", "scan", "bits", "coo"):
+                eng = DirectNumba(frame_shape, kernel.astype(dtype), dtype, max_buffer_bytes=budget, **kw)
+                force_path(eng, path)
+                y = eng.to_csr(x, mode)
+                check_csr(y, x.shape[0], ref[0].size, dtype)
+                check_against_scipy(y, ref, dtype)
             check_against_scipy(eng.to_dense(x, mode), ref, dtype)
 
 
@@ -210,8 +224,9 @@ def test_cancellation_and_stored_zeros_are_dropped():
     # [1, 1] * [1, -1]: full output is [1, 0, -1]; the middle cancels exactly
     kernel = np.array([[1.0, -1.0]])
     x = scipy.sparse.csr_matrix(np.array([[1.0, 1.0, 0.0, 0.0]]))
-    for budget in BUDGETS:
+    for budget, path in [(b, p) for b in BUDGETS for p in ("auto", "scan", "bits", "coo")]:
         eng = DirectNumba((1, 4), kernel, np.float64, max_buffer_bytes=budget)
+        force_path(eng, path)
         y = eng.to_csr(x, "full")
         check_csr(y, 1, 5, np.float64)
         assert y.indices.tolist() == [0, 2] and y.data.tolist() == [1.0, -1.0]
@@ -233,8 +248,9 @@ def test_nan_and_inf_propagate_like_scipy(dtype):
     img[2, 3], img[7, 8], img[5, 5], img[5, 6], img[0, 0] = np.nan, np.inf, np.inf, -np.inf, 1.0
     x = scipy.sparse.csr_matrix(img.reshape(1, -1).astype(dtype))
     for mode in MODES:
-        for budget in BUDGETS:
+        for budget, path in [(b, p) for b in BUDGETS for p in ("auto", "scan", "bits", "coo")]:
             eng = DirectNumba((10, 12), kernel.astype(dtype), dtype, max_buffer_bytes=budget)
+            force_path(eng, path)
             ref = reference(x, (10, 12), kernel, mode)
             assert np.isnan(ref).any() and np.isinf(ref).any()
             y = eng.to_csr(x, mode)
@@ -431,15 +447,16 @@ def test_large_batch_uses_threads_and_matches_serial():
     kernel = rng.standard_normal((5, 5))
     x = random_csr(rng, 400, 40, 40, 0.05, np.float64)
     serial = DirectNumba((40, 40), kernel, np.float64, n_threads=1)
-    threaded = DirectNumba((40, 40), kernel, np.float64, n_threads=3)
-    threaded.serial_work = 0
-    for mode in MODES:
-        a, b = serial.to_csr(x, mode), threaded.to_csr(x, mode)
-        check_csr(b, 400, a.shape[1], np.float64)
-        np.testing.assert_array_equal(a.indptr, b.indptr)
-        np.testing.assert_array_equal(a.indices, b.indices)
-        np.testing.assert_array_equal(a.data, b.data)  # same summation order
-        np.testing.assert_array_equal(serial.to_dense(x, mode), threaded.to_dense(x, mode))
+    for n_threads in (2, 3, 4, 5):  # ranges pair up back to back; odd ones and later pairs move
+        threaded = DirectNumba((40, 40), kernel, np.float64, n_threads=n_threads)
+        threaded.serial_work = 0
+        for mode in MODES:
+            a, b = serial.to_csr(x, mode), threaded.to_csr(x, mode)
+            check_csr(b, 400, a.shape[1], np.float64)
+            np.testing.assert_array_equal(a.indptr, b.indptr)
+            np.testing.assert_array_equal(a.indices, b.indices)
+            np.testing.assert_array_equal(a.data, b.data)  # same summation order
+            np.testing.assert_array_equal(serial.to_dense(x, mode), threaded.to_dense(x, mode))
     check_against_scipy(a, reference(x, (40, 40), kernel, "valid"), np.float64)
 
 
