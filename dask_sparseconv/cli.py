@@ -22,6 +22,7 @@ import inspect
 import logging
 import math
 import os
+import ssl
 import sys
 import time
 import traceback
@@ -306,7 +307,7 @@ def _inspect(wf, **kw) -> Plan:
         raise CLIError(str(exc), EXIT_USAGE) from None
 
 
-def _ensure_input(plan: Plan, verbose: bool) -> Plan:
+def _ensure_input(plan: Plan, overwrite: bool | None) -> Plan:
     """Generate the sample stack the workflow asks for, then reopen the input."""
     if not plan.sample_pending:
         return plan
@@ -320,7 +321,7 @@ def _ensure_input(plan: Plan, verbose: bool) -> Plan:
         ensure_sample(wf.input.path, s)
     except Exception as exc:
         raise CLIError(f"could not write the sample stack to {wf.input.path}: {exc}") from exc
-    return _inspect(wf, overwrite=True if plan.target_exists else None)
+    return _inspect(wf, overwrite=overwrite)
 
 
 def _describe_cluster(cluster) -> str:
@@ -389,6 +390,10 @@ def open_client(cluster, source: str | None = None) -> Iterator[Any]:
             )
         try:
             client = Client(cluster.address, **kwargs)
+        except ssl.SSLError as exc:
+            raise CLIError(
+                f"TLS setup for {cluster.address} failed{where}: {exc}; check the files in cluster.security"
+            ) from None
         except (OSError, TimeoutError) as exc:
             raise CLIError(
                 f"cannot reach the dask scheduler at {cluster.address} within {cluster.timeout:g} s{where}: {exc}. "
@@ -540,7 +545,7 @@ def cmd_run(args) -> int:
     if args.dry_run:
         _print_plan(plan, f"dry run of {args.workflow} (nothing is computed or written):")
         return EXIT_OK
-    plan = _ensure_input(plan, args.verbose)
+    plan = _ensure_input(plan, overwrite)
     from .pipeline import convolve_zarr
 
     _print_plan(plan, f"running {args.workflow}:")
@@ -702,7 +707,7 @@ def cmd_preview(args) -> int:
     if not images:
         raise CLIError("--images needs at least one image index", EXIT_USAGE)
     plan = _inspect(wf, overwrite=True)  # preview never writes the output
-    plan = _ensure_input(plan, args.verbose) if plan.sample_pending else plan
+    plan = _ensure_input(plan, True)
     bad = [i for i in images if not -plan.n_images <= i < plan.n_images]
     if bad:
         raise CLIError(f"--images: {', '.join(map(str, bad))} out of range for a stack of {plan.n_images} images "

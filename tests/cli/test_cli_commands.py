@@ -403,3 +403,23 @@ def test_unexpected_errors_one_line_unless_verbose(monkeypatch, capsys):
     assert "error: RuntimeError: disk on fire" in err and "Traceback" not in err and "--verbose" in err
     assert cli_mod.main(["validate", "x.yaml", "--verbose"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_tls_with_unusable_certificates(tmp_path, dense_store):
+    for name in ("ca.pem", "cert.pem", "key.pem"):
+        (tmp_path / name).write_text("not a certificate\n")
+    wf = write(
+        tmp_path / "wf.yaml",
+        f"""
+        input: {{path: dense.zarr}}
+        kernel: {{box: {{size: 3}}}}
+        output: {{path: o.zarr}}
+        cluster:
+          address: "tls://127.0.0.1:{_closed_port()}"
+          timeout: 2s
+          security: {{ca_file: ca.pem, cert_file: cert.pem, key_file: key.pem}}
+        """,
+    )
+    assert_clean_failure(cli("run", wf, timeout=60), 1, "TLS setup for tls://127.0.0.1:", "cluster.security")
+    wf2 = write(tmp_path / "wf2.yaml", wf.read_text().replace("ca_file: ca.pem", "ca_file: missing.pem"))
+    assert_clean_failure(cli("validate", wf2), 2, "cluster.security.ca_file:", "missing.pem", "does not exist")
