@@ -33,6 +33,7 @@ Schema (see ``docs/workflow_reference.md`` for every key)::
       dashboard_address: ":8787"
       timeout: 10s                        # connecting to a scheduler
       security: null                      # {ca_file, cert_file, key_file} for tls://
+      route: any                          # any | gpu | cpu: which workers run the blocks (docs/gpu.md)
     block:
       memory: 64MiB                       # input+output bytes one row block may hold
 """
@@ -160,6 +161,7 @@ class ClusterSpec:
     dashboard_address: str | None = ":8787"
     timeout: float = DEFAULT_TIMEOUT
     security: SecuritySpec | None = None
+    route: str = "any"
 
 
 @dataclass
@@ -376,7 +378,9 @@ KERNEL_KINDS = ("gaussian", "box", "disk", "file", "values")
 KERNEL_PARAMS = {"gaussian": ("sigma", "size"), "box": ("size",), "disk": ("radius",)}
 KERNEL_REQUIRED = {"gaussian": ("sigma",), "box": ("size",), "disk": ("radius",)}
 OUTPUT_KEYS = ("path", "format", "overwrite", "storage_options", "compressor")
-CLUSTER_KEYS = ("address", "n_workers", "threads_per_worker", "memory_limit", "dashboard_address", "timeout", "security")
+CLUSTER_KEYS = ("address", "n_workers", "threads_per_worker", "memory_limit", "dashboard_address", "timeout", "security",
+                "route")
+ROUTES = ("any", "gpu", "cpu")
 LOCAL_ONLY_KEYS = ("n_workers", "threads_per_worker", "memory_limit", "dashboard_address")
 SECURITY_KEYS = ("ca_file", "cert_file", "key_file")
 BLOCK_KEYS = ("memory",)
@@ -574,6 +578,13 @@ def _parse_cluster(c: _Checker, raw: Any, base_dir: Path) -> ClusterSpec:
             c.add("cluster.security", "only used with cluster.address (a tls:// scheduler)")
     elif isinstance(address, str) and address.startswith("tls://"):
         c.add("cluster.security", "required for a tls:// address: give ca_file, cert_file and key_file")
+    if "route" in d:
+        v = c.choice(d["route"], "cluster.route", ROUTES)
+        if v is not _MISSING:
+            spec.route = v
+            if v == "gpu" and address is None:
+                c.add("cluster.route", "'gpu' needs cluster.address: a scheduler with GPU workers started with "
+                                       "`dask worker <address> --resources GPU=1` (a local cluster has none)")
     return spec
 
 
