@@ -895,6 +895,8 @@ def convolve_zarr(
     }
     if kernel.size <= 256:
         attrs["kernel"] = kernel.tolist()
+    if resume_prov is not None:
+        blocks = _resume_blocks(blocks, resume_prov)
     out = create_output(
         target,
         fmt,
@@ -907,9 +909,19 @@ def convolve_zarr(
         attrs=attrs,
         chunk_rows=blocks.block_rows,
         compressor=compressor,
+        resume=resume_prov is not None,  # reopens only the same job's output, else ValueError
     )
+    done = out.done_blocks() if resume_prov is not None else set()
+    if resume_prov is not None and fmt == "csr" and resume_prov.get("consolidated"):
+        from dask import delayed
+
+        info = {"target": str(tgt_loc), "format": fmt, "n_images": src.n_images, "frame_shape": fs,
+                "out_shape": geo.out_shape, "dtype": out_dtype.name, "block_rows": blocks.block_rows}
+        graph = delayed(_finish_consolidated, pure=False)(out, info, int(resume_prov.get("nnz", 0)))
+        return graph.compute() if compute else graph
     spec = _Spec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt, route=route)
-    graph = _store_graph(src, out, kernel, blocks, spec, str(tgt_loc), annotations)
+    graph = _store_graph(src, out, kernel, blocks, spec, str(tgt_loc), annotations, done=done,
+                         resumed=resume_prov is not None)
     if not compute:
         return graph
     import dask
@@ -920,7 +932,8 @@ def convolve_zarr(
     return summary
 
 
-def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str, annotations: dict | None = None):
+def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str, annotations: dict | None = None,
+                 *, done: set | None = None, resumed: bool = False):
     from dask import delayed
     from dask.base import tokenize
 
@@ -933,7 +946,8 @@ def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str, 
 
     with dask.annotate(**(annotations or {})):  # route: only the block tasks are restricted
         stats = [
-            run(src_node, kernel_node, out_node, i, start, stop, spec, dask_key_name=f"sparseconv-block-{token}-{i}")
+            run(src_node, kernel_node, out_node, i, start, stop, spec, i in (done or ()),
+                dask_key_name=f"sparseconv-block-{token}-{i}")
             for i, (start, stop) in enumerate(blocks.bounds)
         ]
     info = {
@@ -944,6 +958,7 @@ def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str, 
         "out_shape": spec.out_shape,
         "dtype": np.dtype(spec.dtype).name,
         "block_rows": blocks.block_rows,
+        "resumed": resumed,
     }
     parts = None
     if spec.out_format == "csr":
