@@ -464,3 +464,17 @@ def test_every_combo_listed():
     assert list(itertools.chain(*dask_sparseconv.compat.VALID_BACKENDS.values())) == list(
         itertools.chain(*sparse_convolution.sparse_convolution.VALID_BACKENDS.values())
     )
+
+
+def test_nan_in_images_follows_scipy():
+    # documented difference: the peer's direct method returned an all-zero image here
+    k = np.array([[1.0, 0.0, 1.0]])
+    x = np.zeros((1, 5))
+    x[0, 2] = np.nan
+    x[0, 0] = 1.0
+    ref = scipy.signal.convolve2d(x, k, mode="same")  # NaN wherever a tap reaches the NaN pixel...
+    ref[0, 2] = 0.0  # ...except through the zero tap, which sparse methods (ours and the peer's) skip
+    for method, backend in COMBOS:
+        ours = Toeplitz_convolution2d((1, 5), k, method=method, backend=backend)
+        np.testing.assert_array_equal(ours(x), ref)
+        np.testing.assert_array_equal(ours(scipy.sparse.csr_matrix(x)).toarray(), ref)
