@@ -146,6 +146,7 @@ class Plan:
     blocks: Any  # RowBlocks or None when the block budget is too small
     threads: int
     target_exists: bool
+    resume: dict | None = None  # an incomplete output to continue: {"done": blocks written, "n_blocks": ...}
 
     @property
     def density(self) -> float | None:
@@ -287,15 +288,61 @@ def inspect_workflow(wf, *, overwrite: bool | None = None) -> Plan:
     except Exception as exc:
         problems.append(("output.path", f"cannot check {wf.output.path!r}: {exc}"))
         target_exists = False
+    resume = None
     if target_exists and not overwrite:
-        problems.append(
-            ("output.path", f"{wf.output.path} already exists; set output.overwrite: true "
-                            "(or pass --restart to run) to replace it")
-        )
+        resume = _resumable(wf.output.path, wf.output.storage_options)
+        if resume is None:
+            problems.append(
+                ("output.path", f"{wf.output.path} already exists{_existing_kind(wf.output.path, wf.output.storage_options)}; "
+                                "it is left as it is: set output.overwrite: true (or pass --restart to run) to replace it")
+            )
     if problems:
         raise WorkflowError(problems, wf.source)
     return Plan(wf, src, sample_pending, n_images, frame_shape, in_dtype, in_format, chunk_rows, nnz, exact,
-                out_shape, out_format, out_dtype, blocks, threads, target_exists)
+                out_shape, out_format, out_dtype, blocks, threads, target_exists, resume=resume)
+
+
+def _target_prov(path: str, storage_options: dict) -> dict | None:
+    """The dask_sparseconv provenance of an existing output, or None."""
+    try:
+        from .storage import progress, resolve_location
+
+        return progress.provenance(resolve_location(path, None, storage_options or None).open(mode="r"))
+    except Exception:  # not a zarr store, unreadable
+        return None
+
+
+def _existing_kind(path: str, storage_options: dict) -> str:
+    prov = _target_prov(path, storage_options)
+    if prov is None:
+        return " (not an output of dask-sparseconv)"
+    return " and is complete" if prov.get("complete") else ""
+
+
+def _resumable(path: str, storage_options: dict) -> dict | None:
+    """``{"done", "n_blocks"}`` when ``path`` holds an incomplete output of this
+    package (an interrupted run to resume; whether it is the same job is
+    checked when the run starts), else None."""
+    prov = _target_prov(path, storage_options)
+    if prov is None or prov.get("complete"):
+        return None
+    done = None
+    try:
+        from .storage import progress, resolve_location
+
+        node = resolve_location(path, None, storage_options or None).open(mode="r")
+        done = len({i for i in progress.done_blocks(node) if i < int(prov.get("n_blocks", 0))})
+    except Exception:
+        pass
+    return {"done": done, "n_blocks": prov.get("n_blocks")}
+
+
+def _target_note(plan: Plan) -> str:
+    if plan.resume is not None:
+        r = plan.resume
+        written = f"{r['done']} of {r['n_blocks']} blocks written" if r.get("done") is not None else "partly written"
+        return f" (incomplete, {written}; will resume: written blocks are verified and kept)"
+    return " (exists; will be replaced)" if plan.target_exists else ""
 
 
 def _inspect(wf, **kw) -> Plan:
@@ -358,7 +405,7 @@ def _print_plan(plan: Plan, header: str) -> None:
             threads = "1 scheduler thread; a larger cluster may split finer"
         _out(f"  row blocks:   {_int(b.n_blocks)} of up to {_int(b.block_rows)} images ({threads})")
         _out(f"  memory/block: about {_bytes(b.estimated_block_bytes)} (budget {_bytes(wf.block.memory)})")
-    _out(f"  output:       {wf.output.path}" + (" (exists; will be replaced)" if plan.target_exists else ""))
+    _out(f"  output:       {wf.output.path}" + _target_note(plan))
     _out(f"                {plan.out_format}, {_int(plan.n_images)} images of {_shape(plan.out_shape)}, {plan.out_dtype}")
     _out(f"  cluster:      {_describe_cluster(wf.cluster)}")
 
@@ -517,6 +564,9 @@ def _print_summary(summary, plan: Plan, elapsed: float) -> None:
     _out(f"  images:     {_int(n)} ({_shape(summary.frame_shape)} -> {_shape(summary.out_shape)}, mode {plan.wf.mode})")
     _out(f"  nnz:        {_int(summary.nnz_in)} in -> {_int(summary.nnz_out)} out")
     _out(f"  blocks:     {_int(summary.blocks)} of up to {_int(summary.block_rows)} images")
+    if getattr(summary, "resumed", False):
+        _out(f"  resumed:    {_int(summary.blocks_computed)} blocks computed, {_int(summary.blocks_skipped)} skipped "
+             "(already written and verified)")
     _out(f"  time:       {_seconds(elapsed)}")
     _out(f"  throughput: {rate:,.1f} images/s, {nnz_rate:,.0f} input nonzeros/s")
     _out(f"  output:     {summary.target} ({summary.format}, {summary.dtype})")
@@ -533,7 +583,7 @@ def cmd_validate(args) -> int:
     _out(f"  input:   {src}: {plan.in_format}, {_int(plan.n_images)} images of {_shape(plan.frame_shape)}, {plan.in_dtype}")
     _out(f"  kernel:  {wf.kernel.description}, {_shape(wf.kernel.array.shape)}; mode {wf.mode}")
     _out(f"  output:  {wf.output.path}: {plan.out_format}, {_shape(plan.out_shape)}, {plan.out_dtype}"
-         + (" (exists; will be replaced)" if plan.target_exists else ""))
+         + _target_note(plan))
     _out(f"  cluster: {_describe_cluster(wf.cluster)}")
     return EXIT_OK
 
@@ -554,6 +604,7 @@ def cmd_run(args) -> int:
         # warnings would otherwise print tracebacks on our stderr.
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    _RUNNING["output"] = (wf.output.path, wf.output.storage_options)  # for the message if interrupted
     with open_client(wf.cluster, wf.source) as client:
         _out(f"dashboard: {_dashboard(client)}")
         if not client.nthreads():
@@ -690,7 +741,7 @@ def describe_lines(d: dict, store: str, array: str | None, done: int | None = No
             total = d.get("n_blocks") or prov.get("n_blocks")
             part = f"; {done} of {total} blocks written" if done is not None and total else ""
             lines.append(f"state:      INCOMPLETE (the run that wrote it did not finish{part}; "
-                         "rerun the workflow with --restart)")
+                         "run the workflow again to resume it, or with --restart to start over)")
     else:
         lines.append("provenance: none (not written by dask-sparseconv)")
     return lines
@@ -752,8 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true",
                    help="print the plan (input, density, row blocks, memory, output, cluster) without computing or writing")
     r.add_argument("--restart", action="store_true",
-                   help="start over: replace an existing (complete or partial) output, as output.overwrite: true does "
-                        "(resuming a partial output is reserved for a later version)")
+                   help="start over: replace an existing (complete or partial) output, as output.overwrite: true does. "
+                        "Without it an interrupted run's partial output is resumed (written blocks are verified and kept) "
+                        "and a complete output is refused")
     verbose(r)
     r.set_defaults(func=cmd_run)
 
@@ -783,6 +835,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: what ``run`` is writing, for the message after an interruption
+_RUNNING: dict[str, Any] = {}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into the same orderly unwinding as Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While a command runs, SIGTERM unwinds it like Ctrl-C (clients and local
+    clusters are closed by their ``with`` blocks) instead of killing it mid-write."""
+    import signal
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (e.g. called from a test thread)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted_message(exc: KeyboardInterrupt) -> str:
+    what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    out = _RUNNING.get("output")
+    if out is None:
+        return f"{what}; nothing was left half-done"
+    path, opts = out
+    state = ""
+    prov = _target_prov(path, opts)
+    if prov is not None and prov.get("complete"):
+        return f"{what} after the output {path} was completed; it is complete"
+    r = _resumable(path, opts)
+    if r is not None and r.get("done") is not None:
+        state = f" ({r['done']} of {r['n_blocks']} blocks written)"
+    return (f"{what}; the output {path} is incomplete{state} and marked so: run the same workflow again to resume "
+            "(written blocks are verified and kept), or with --restart to start over")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -790,8 +888,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     verbose = getattr(args, "verbose", False)
+    _RUNNING.clear()
     try:
-        with _quiet(verbose):
+        with _sigterm_unwinds(), _quiet(verbose):
             return int(args.func(args) or 0)
     except CLIError as exc:
         if verbose and exc.__cause__ is not None and not _is_numba_error(exc.__cause__):
@@ -802,9 +901,12 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_RUNTIME
-    except KeyboardInterrupt:
-        _err("interrupted; the output is incomplete (run again with --restart to start over)")
-        return 130
+    except KeyboardInterrupt as exc:
+        try:
+            _err(f"error: {_interrupted_message(exc)}")
+        except KeyboardInterrupt:  # a second Ctrl-C while describing the output
+            _err("error: interrupted; the output is incomplete: run the same workflow again to resume")
+        return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:  # a runtime failure: one message, traceback only when asked
         if _is_numba_error(exc):
             _err(
