@@ -152,7 +152,10 @@ class Convolver:
         self._lock = threading.Lock()
         # Build eagerly for the likely dtype so that init-time work (a
         # Toeplitz matrix) happens here, not on the first call.
-        self.engine(self.dtype or compute_dtype(self.kernel.dtype, None))
+        eng = self.engine(self.dtype or compute_dtype(self.kernel.dtype, None))
+        prepare = getattr(eng, "prepare", None)  # per-mode set-up (Toeplitz engines)
+        if prepare is not None:
+            prepare(self.mode)
 
     @staticmethod
     def _resolve_device(device: str | None) -> str:

@@ -130,6 +130,12 @@ class _ToeplitzEngine(Engine):
                 self._toeplitz[mode] = T
         return T
 
+    def prepare(self, mode: str) -> None:
+        """Build the matrix for ``mode`` now (the Convolver calls this at
+        construction). An all-zero kernel needs none: every call returns zeros."""
+        if len(self._tv):
+            self.toeplitz(mode)
+
     def _trivial(self, x) -> bool:
         return x.shape[0] == 0 or x.nnz == 0 or len(self._tv) == 0
 

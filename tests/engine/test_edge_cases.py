@@ -349,13 +349,21 @@ def test_frame_beyond_int32_pixels_gather_scatter_torch_bounded_memory():
 @pytest.mark.parametrize("cell", [c for c in CELLS if c[0] == "precomputed"], ids=lambda c: f"{c[0]}-{c[1]}")
 def test_precomputed_refuses_a_huge_toeplitz_matrix(cell):
     x = huge_input()
-    conv = make(cell, (HUGE, HUGE), HUGE_KERNEL, mode="same")
+    # refused when the convolver is built (it prepares its own mode) ...
     with pytest.raises(ValueError, match="Toeplitz") as err:
-        conv(x)
+        make(cell, (HUGE, HUGE), HUGE_KERNEL, mode="same")
     assert "GiB" in str(err.value) and "gather_scatter" in str(err.value)
-    # the all-zero kernel needs no matrix at all
-    y = make(cell, (HUGE, HUGE), np.zeros((3, 3)))(x)
-    assert y.nnz == 0 and y.shape == (3, HUGE * HUGE)
+    # ... or, for another mode, by the call that would need it
+    conv = make(cell, (40, 30), HUGE_KERNEL, mode="valid")
+    eng = conv.engine(np.dtype(np.float64))
+    eng.max_toeplitz_bytes = 1000  # 'valid' is already built; 'full' would exceed this
+    small = scipy.sparse.csr_matrix(rand_imgs(21, 2, 40, 30).reshape(2, -1))
+    np.testing.assert_allclose(conv(small).toarray(), reference(small.toarray().reshape(2, 40, 30), HUGE_KERNEL, "valid"))
+    with pytest.raises(ValueError, match="Toeplitz"):
+        conv(small, mode="full")
+    if cell[1] != "torch":  # the CPU engines need no matrix at all for an all-zero kernel
+        y = make(cell, (HUGE, HUGE), np.zeros((3, 3)))(x)
+        assert y.nnz == 0 and y.shape == (3, HUGE * HUGE)
 
 
 # -- engine-level details ----------------------------------------------------------
