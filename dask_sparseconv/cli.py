@@ -372,6 +372,12 @@ def _ensure_input(plan: Plan, overwrite: bool | None) -> Plan:
 
 
 def _describe_cluster(cluster) -> str:
+    route = getattr(cluster, "route", "any")
+    text = _describe_cluster_only(cluster)
+    return text if route == "any" else f"{text}; blocks on {route.upper()} workers only"
+
+
+def _describe_cluster_only(cluster) -> str:
     if cluster.address is not None:
         tls = " (TLS)" if cluster.security is not None else ""
         return f"existing scheduler at {cluster.address}{tls}, connect timeout {cluster.timeout:g} s"
@@ -570,6 +576,12 @@ def _print_summary(summary, plan: Plan, elapsed: float) -> None:
     _out(f"  time:       {_seconds(elapsed)}")
     _out(f"  throughput: {rate:,.1f} images/s, {nnz_rate:,.0f} input nonzeros/s")
     _out(f"  output:     {summary.target} ({summary.format}, {summary.dtype})")
+    engines = (summary.extra or {}).get("engines") or {}
+    if engines:
+        _out("  engines:    " + ", ".join(f"{label} ({_int(k)} block{'s' if k != 1 else ''})"
+                                          for label, k in sorted(engines.items())))
+    for reason in (summary.extra or {}).get("fallbacks") or ():
+        _err(f"warning: device fallback on a worker: {reason}")
 
 
 # ---------------------------------------------------------------------------
@@ -634,6 +646,7 @@ def cmd_run(args) -> int:
                 storage_options=wf.input.storage_options or None,
                 target_storage_options=wf.output.storage_options or None,
                 compressor=None if wf.output.compressor == "none" else "default",
+                route=wf.cluster.route,
             )
         except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
             raise CLIError(f"{wf.source}: {exc}", EXIT_USAGE) from exc
