@@ -310,7 +310,8 @@ def _csr_image(
     """Convolve image ``b`` into out_*[pos:]; returns (new pos, scratch buffer).
 
     ``full``: ``buf``/``bits`` cover the whole output frame; otherwise ``buf``
-    is a bounding-box buffer, regrown here up to ``cap`` slots.
+    is a bounding-box buffer, regrown here up to ``cap`` slots (a box larger
+    than that is done in bands of rows).
     """
     K = tv.size
     a = np.int64(indptr[b])
@@ -348,13 +349,26 @@ def _csr_image(
         return pos, buf
     h = R1 - R0 + 1
     w = C1 - C0 + 1
-    if not full and h * w <= cap and h * w <= bbox_ratio * ops + bbox_slack:
-        if buf.size < h * w:
-            buf = np.zeros(min(max(h * w, 2 * buf.size), cap), dtype=tv.dtype)
-        _scatter(indices, data, a, e, W_in, ti, tj, tv, ti * w + tj, top, left,
-                 imin, imax, jmin, jmax, R0, C0, h, w, buf)
-        return _extract(buf, R0, C0, w, R0, R1, C0, C1, W_out, out_idx, out_val, pos), buf
-    return _coo_image(indices, data, a, e, W_in, ti, tj, tv, top, left, H_out, W_out, out_idx, out_val, pos), buf
+    if h * w > bbox_ratio * ops + bbox_slack and ops <= max(cap, bbox_slack):
+        # a few pixels far apart: sorting their (index, value) pairs is cheaper
+        return _coo_image(indices, data, a, e, W_in, ti, tj, tv, top, left, H_out, W_out, out_idx, out_val, pos), buf
+    # bounding-box window, in bands of output rows so it stays within cap
+    hb = max(1, min(h, cap // w))
+    if buf.size < hb * w:
+        buf = np.zeros(max(hb * w, min(2 * buf.size, cap)), dtype=tv.dtype)
+    d = ti * w + tj
+    for B0 in range(R0, R1 + 1, hb):
+        B1 = min(B0 + hb, R1 + 1)  # band of output rows [B0, B1)
+        # the input rows that reach the band, located by binary search
+        lo = max(B0 + top - imax, 0) * W_in
+        hi = (B1 + top - imin) * W_in
+        aa = a + np.searchsorted(indices[a:e], lo)
+        ee = a + np.searchsorted(indices[a:e], hi)
+        if ee > aa:
+            _scatter(indices, data, aa, ee, W_in, ti, tj, tv, d, top, left,
+                     imin, imax, jmin, jmax, B0, C0, B1 - B0, w, buf)
+            pos = _extract(buf, B0, C0, w, B0, B1 - 1, C0, C1, W_out, out_idx, out_val, pos)
+    return pos, buf
 
 
 @numba.njit(**_JIT)
