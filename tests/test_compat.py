@@ -100,6 +100,7 @@ def assert_same_result(ours, peer, sparse_in):
         a, b = ours.toarray(), peer.toarray()
     else:
         assert type(ours) is np.ndarray and type(peer) is np.ndarray
+        assert ours.flags.c_contiguous
         a, b = ours, peer
     assert a.shape == b.shape
     assert a.dtype == b.dtype
@@ -118,10 +119,11 @@ def test_outputs_match_peer(method, backend, dtype, kdtype):
     for mode in MODES:
         kw = dict(mode=mode, dtype=dtype, method=method, backend=backend)
         peer, ours = Peer((H, W), k, **kw), Toeplitz_convolution2d((H, W), k, **kw)
-        for xdtype in (np.float64, np.float32):
-            for name, x, batching in inputs(batch(rng, dtype=xdtype)):
-                assert_same_result(ours(x, batching=batching), peer(x, batching=batching), scipy.sparse.issparse(x))
-                # the per-call mode override
+        x64, x32 = batch(rng), batch(rng, dtype=np.float32)
+        cases = inputs(x64) + [c for c in inputs(x32) if c[0] in ("dense", "csr", "csr1")]
+        for i, (name, x, batching) in enumerate(cases):
+            assert_same_result(ours(x, batching=batching), peer(x, batching=batching), scipy.sparse.issparse(x))
+            if i % 3 == 0:  # the per-call mode override
                 other = "full" if mode != "full" else "same"
                 assert_same_result(
                     ours(x, batching=batching, mode=other), peer(x, batching=batching, mode=other), scipy.sparse.issparse(x)
@@ -478,3 +480,26 @@ def test_nan_in_images_follows_scipy():
         ours = Toeplitz_convolution2d((1, 5), k, method=method, backend=backend)
         np.testing.assert_array_equal(ours(x), ref)
         np.testing.assert_array_equal(ours(scipy.sparse.csr_matrix(x)).toarray(), ref)
+
+
+def test_more_inputs_accepted_and_float16():
+    import torch
+
+    k = np.arange(1.0, 7.0).reshape(2, 3)
+    x = batch(np.random.default_rng(7))
+    want = Peer((H, W), k)(x)
+    np.testing.assert_allclose(Toeplitz_convolution2d((H, W), torch.as_tensor(k))(x), want)  # torch kernel
+    np.testing.assert_allclose(Toeplitz_convolution2d((H, W), k)(x.tolist()), want)  # array-like images
+    y = Toeplitz_convolution2d((H, W), k.astype(np.float16))(x)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, want, rtol=1e-3, atol=1e-3)
+
+
+def test_unavailable_cuda_device_is_an_argument_error():
+    import torch
+
+    if torch.cuda.is_available():  # this check is about CPU-only machines (CI, this repo's dev boxes)
+        assert Toeplitz_convolution2d((H, W), np.ones((2, 2)), method="lazy", backend="torch", device="cuda").device == "cuda"
+        return
+    with pytest.raises(ConvolutionArgumentError, match="CUDA is not available"):
+        Toeplitz_convolution2d((H, W), np.ones((2, 2)), method="lazy", backend="torch", device="cuda")
