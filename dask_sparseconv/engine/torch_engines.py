@@ -162,7 +162,8 @@ class _TorchEngine(Engine):
         if not arr.flags.writeable:  # torch.from_numpy warns on read-only memory
             arr = arr.copy()
         t = torch.from_numpy(np.ascontiguousarray(arr))
-        return t.to(device=self.torch_device, dtype=dtype or t.dtype)
+        # Move first, then widen on the device: int32 indices cross the bus at half size.
+        return t.to(device=self.torch_device).to(dtype=dtype or t.dtype)
 
     @staticmethod
     def _get(t: torch.Tensor) -> np.ndarray:
