@@ -373,6 +373,20 @@ def test_window_buffer_path_on_a_huge_frame():
     np.testing.assert_allclose([got[k] for k in expect], list(expect.values()), rtol=1e-10)
 
 
+def test_dense_image_over_the_scratch_budget_is_done_in_bands():
+    # 300 x 200 frame, budget of 2500 float64 slots: no frame buffer; the
+    # bounding box is cut into bands of 12 output rows
+    rng = np.random.default_rng(17)
+    kernel = rng.standard_normal((5, 4))
+    x = random_csr(rng, 3, 300, 200, 0.3, np.float64)
+    for mode in MODES:
+        eng = DirectNumba((300, 200), kernel, np.float64, max_buffer_bytes=20_000, n_threads=1)
+        ref = reference(x, (300, 200), kernel, mode)
+        y = eng.to_csr(x, mode)
+        check_csr(y, 3, ref[0].size, np.float64)
+        check_against_scipy(y, ref, np.float64)
+
+
 # -- through the public API ----------------------------------------------------
 
 
