@@ -517,6 +517,36 @@ class DirectNumba(Engine):
             return [(0, n)]
         return split_ranges(weights, n, self.n_threads)
 
+    @staticmethod
+    def _run_ranges(ranges, ub_cum, args, counts, out_idx, out_val) -> tuple[int, int]:
+        """Run ``_csr_range`` over several ranges on the pool and join their
+        values; returns (nnz, offset of the first value in out_*)."""
+        n_ranges = len(ranges)
+        backward = [r % 2 == 0 and r + 1 < n_ranges for r in range(n_ranges)]
+        index_of = {a: r for r, (a, _) in enumerate(ranges)}
+
+        def run(a: int, b: int) -> int:
+            if backward[index_of[a]]:
+                pos = int(ub_cum[b]) + b  # = the next range's start
+                stage = int(np.max(ub_cum[a + 1 : b + 1] - ub_cum[a:b])) + 1
+            else:
+                pos, stage = int(ub_cum[a]) + a, 0
+            return _csr_range(np.int64(a), np.int64(b), *args, np.int64(pos), counts, np.int64(stage))
+
+        written = [int(w) for w in run_ranges(run, ranges)]
+        # where each range's values begin; later blocks move down to join
+        begins = [
+            (int(ub_cum[b]) + b - w) if backward[r] else (int(ub_cum[a]) + a)
+            for r, ((a, b), w) in enumerate(zip(ranges, written))
+        ]
+        dst = begins[0] + written[0]
+        for src, w in zip(begins[1:], written[1:]):
+            if w and src != dst:
+                _move(out_idx, np.int64(src), np.int64(dst), np.int64(w))
+                _move(out_val, np.int64(src), np.int64(dst), np.int64(w))
+            dst += w
+        return sum(written), begins[0]
+
     def to_csr(self, x: scipy.sparse.csr_matrix, mode: str) -> scipy.sparse.csr_matrix:
         plan = self._plan(mode)
         geo = plan.geo
@@ -545,36 +575,16 @@ class DirectNumba(Engine):
         counts = np.empty(n, dtype=np.int64)
         dense_ops = np.float64(self.dense_ops)
         bbox_ratio, bbox_slack = np.int64(self.bbox_ratio), np.int64(self.bbox_slack)
-        n_ranges = len(ranges)
-        backward = [r % 2 == 0 and r + 1 < n_ranges for r in range(n_ranges)]
-
-        def run(a: int, b: int) -> int:
-            r = next(i for i, rg in enumerate(ranges) if rg[0] == a)
-            if backward[r]:
-                pos = int(ub_cum[b]) + b  # = the next range's start
-                stage = int(np.max(ub_cum[a + 1 : b + 1] - ub_cum[a:b])) + 1
-            else:
-                pos, stage = int(ub_cum[a]) + a, 0
-            return _csr_range(
-                np.int64(a), np.int64(b), indptr, indices, data, W_in, ti, tj, tv, top, left, imin, imax, jmin, jmax,
-                H_out, W_out, plan.sg_off, plan.sg_mask, plan.sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
-                out_idx, out_val, np.int64(pos), counts, np.int64(stage),
-            )
-
-        written = [int(w) for w in run_ranges(run, ranges)]
-        nnz = sum(written)
-        # where each range's values begin, then join the blocks
-        begins = [
-            (int(ub_cum[b]) + b - w) if backward[r] else (int(ub_cum[a]) + a)
-            for r, ((a, b), w) in enumerate(zip(ranges, written))
-        ]
-        first = begins[0]
-        dst = first + written[0]
-        for src, w in zip(begins[1:], written[1:]):
-            if w and src != dst:
-                _move(out_idx, np.int64(src), np.int64(dst), np.int64(w))
-                _move(out_val, np.int64(src), np.int64(dst), np.int64(w))
-            dst += w
+        args = (
+            indptr, indices, data, W_in, ti, tj, tv, top, left, imin, imax, jmin, jmax,
+            H_out, W_out, plan.sg_off, plan.sg_mask, plan.sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
+            out_idx, out_val,
+        )
+        if len(ranges) == 1:  # small batch or one thread: no pool, no joins
+            nnz = int(_csr_range(np.int64(0), np.int64(n), *args, np.int64(0), counts, np.int64(0)))
+            first = 0
+        else:
+            nnz, first = self._run_ranges(ranges, ub_cum, args, counts, out_idx, out_val)
         indices_out, data_out = out_idx[first : first + nnz], out_val[first : first + nnz]
         final_dt = index_dtype(n, out_pixels, nnz)
         if final_dt != idx_dt:  # more than 2**31 values in a batch of small frames
