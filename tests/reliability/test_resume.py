@@ -1,0 +1,205 @@
+"""Resume after an interruption, through the command line (Ctrl-C and
+SIGTERM sent to a real `dask-sparseconv run` with its local cluster) and
+through the API (a partial output left by computing only some block tasks).
+
+Checked every time: the partial output never looks complete (open_stack,
+`info`, validate), the next run skips exactly the blocks that were written
+and verify, recomputes the rest, and ends bit-identical to a clean run; a
+complete output is never modified without --restart/overwrite; the input is
+never modified."""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+
+import dask
+import numpy as np
+import pytest
+import zarr
+
+from dask_sparseconv import convolve_zarr, open_stack
+from dask_sparseconv.workflow import load_workflow
+from reliability_support import (
+    assert_identical,
+    cli,
+    done_count,
+    kill_group,
+    one_line_error,
+    provenance,
+    stack,
+    start_cli,
+    tree_digest,
+    wait_for_blocks,
+    write_inputs,
+)
+
+N, H, W = 480, 32, 32
+KERNEL = np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=np.float32)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    return write_inputs(tmp_path, stack(N, H, W, density=0.03, seed=11), dense_chunks=2, csr_chunk=64)
+
+
+def _workflow(tmp_path, src: str, fmt: str, memory: str = "16KiB") -> str:
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(textwrap.dedent(f"""
+        input: {{path: {src}}}
+        kernel: {{gaussian: {{sigma: 1.0}}}}
+        mode: same
+        output: {{path: out.zarr, format: {fmt}}}
+        cluster: {{n_workers: 1, threads_per_worker: 2, memory_limit: 1GiB, dashboard_address: null}}
+        block: {{memory: {memory}}}
+    """))
+    return str(wf)
+
+
+def _interrupt(tmp_path, wf: str, sig: int) -> tuple[int, str, int]:
+    """Start `run`, send ``sig`` once a few blocks are written; return (rc, stderr, markers at exit)."""
+    out = tmp_path / "out.zarr"
+    proc, _, err = start_cli("run", wf, cwd=tmp_path, log_dir=tmp_path)
+    try:
+        wait_for_blocks(out, 12, proc, timeout=150)
+        proc.send_signal(sig)
+        rc = proc.wait(60)
+    finally:
+        kill_group(proc)  # the CLI and any worker it left behind
+    return rc, err.read_text(), done_count(out)
+
+
+def _clean(tmp_path, src: str, wf: str, fmt: str) -> str:
+    clean = str(tmp_path / "clean.zarr")
+    convolve_zarr(src, load_workflow(wf).kernel.array, clean, "same", output_format=fmt, block_memory="1MiB")
+    return clean
+
+
+@pytest.mark.xdist_group("cluster")
+@pytest.mark.parametrize("sig, fmt, src", [(signal.SIGINT, "dense", "dense"), (signal.SIGTERM, "csr", "csr")],
+                         ids=["ctrl-c-dense", "sigterm-csr"])
+def test_cli_interrupted_run_resumes(tmp_path, inputs, sig, fmt, src):
+    wf = _workflow(tmp_path, inputs[src], fmt, "16KiB" if fmt == "dense" else "64KiB")
+    out = tmp_path / "out.zarr"
+    before = tree_digest(inputs[src])
+    plan = cli("run", wf, "--dry-run", cwd=tmp_path)
+    n_blocks = int(plan.stdout.split("row blocks:")[1].split()[0].replace(",", ""))
+    assert n_blocks >= 100, plan.stdout
+
+    rc, stderr, written = _interrupt(tmp_path, wf, sig)
+    # a clean exit: 130 (Ctrl-C) / 143 (SIGTERM), one line saying what to do, no traceback
+    assert rc == (130 if sig == signal.SIGINT else 143), stderr
+    line = one_line_error(stderr)
+    assert "incomplete" in line and "again to resume" in line and "--restart" in line and str(out) in line
+    assert 12 <= written < n_blocks
+    # the partial output never looks complete
+    assert provenance(out)["complete"] is False
+    with pytest.raises(ValueError, match="incomplete"):
+        open_stack(str(out))
+    info = cli("info", out)
+    assert info.returncode == 0 and "INCOMPLETE" in info.stdout and f"{written} of {n_blocks} blocks" in info.stdout
+    val = cli("validate", wf, cwd=tmp_path)
+    assert val.returncode == 0 and "will resume" in val.stdout, val.stdout + val.stderr
+
+    # the same command again resumes: exactly the written blocks are skipped
+    res = cli("run", wf, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert f"resumed:    {n_blocks - written:,} blocks computed, {written:,} skipped" in res.stdout, res.stdout
+    assert_identical(out, _clean(tmp_path, inputs[src], wf, fmt))
+    assert tree_digest(inputs[src]) == before  # the input was never touched
+
+    # a finished output is left alone: refused without --restart, recomputed with it
+    done_digest = tree_digest(out)
+    again = cli("run", wf, cwd=tmp_path)
+    assert again.returncode == 2 and "already exists and is complete" in again.stderr, again.stderr
+    assert "--restart" in again.stderr and "Traceback" not in again.stderr
+    assert tree_digest(out) == done_digest
+    if fmt == "csr":
+        restart = cli("run", wf, "--restart", cwd=tmp_path)
+        assert restart.returncode == 0, restart.stderr
+        assert "resumed:" not in restart.stdout and "will be replaced" in restart.stdout
+        assert_identical(out, tmp_path / "clean.zarr")
+
+
+# -- the API: partial outputs made by computing only some of the block tasks ------------
+def _partial(src, target, fmt, keep, **kw):
+    """Build convolve_zarr's graph and run only the block tasks ``keep`` picks
+    (what a run stopped mid-way leaves behind); return the block count."""
+    graph = convolve_zarr(src, KERNEL, target, "full", output_format=fmt, block_memory=20_000, compute=False, **kw)
+    hlg = dict(graph.__dask_graph__())
+    keys = sorted((k for k in hlg if isinstance(k, str) and k.startswith("sparseconv-block-")),
+                  key=lambda k: int(k.rsplit("-", 1)[1]))
+    dask.get(hlg, [k for i, k in enumerate(keys) if keep(i)])
+    return len(keys), hlg
+
+
+@pytest.mark.parametrize("src_fmt, out_fmt", [("dense", "dense"), ("csr", "csr"), ("dense", "csr"), ("csr", "dense")])
+def test_api_resume_skips_verified_blocks(tmp_path, inputs, src_fmt, out_fmt):
+    src, target, clean = inputs[src_fmt], str(tmp_path / "out.zarr"), str(tmp_path / "clean.zarr")
+    convolve_zarr(src, KERNEL, clean, "full", output_format=out_fmt)
+    n_blocks, _ = _partial(src, target, out_fmt, lambda i: i % 3 == 0)
+    written = done_count(target)
+    assert written == len(range(0, n_blocks, 3))
+    with pytest.raises(ValueError, match="incomplete"):
+        open_stack(target)
+    summary = convolve_zarr(src, KERNEL, target, "full", output_format=out_fmt, block_memory=20_000)
+    assert summary.resumed and summary.blocks == n_blocks
+    assert (summary.blocks_skipped, summary.blocks_computed) == (written, n_blocks - written)
+    assert_identical(target, clean)
+
+
+@pytest.mark.parametrize("out_fmt", ["dense", "csr"])
+def test_api_resume_recomputes_a_damaged_block(tmp_path, inputs, out_fmt):
+    """A block whose marker is set but whose data no longer matches its record
+    (here: one stored chunk/staging key overwritten) is recomputed, not trusted."""
+    src, target, clean = inputs["dense"], tmp_path / "out.zarr", str(tmp_path / "clean.zarr")
+    convolve_zarr(src, KERNEL, clean, "full", output_format=out_fmt)
+    n_blocks, _ = _partial(src, str(target), out_fmt, lambda i: i < 6)
+    assert done_count(target) == 6
+    if out_fmt == "dense":
+        victim = target / "c" / "2" / "0" / "0"  # block 2's chunk (one block per chunk)
+    else:
+        victim = target / "_staging" / "block_2"
+    assert victim.is_file()
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    summary = convolve_zarr(src, KERNEL, str(target), "full", output_format=out_fmt, block_memory=20_000)
+    assert (summary.blocks_skipped, summary.blocks_computed) == (5, n_blocks - 5)
+    assert_identical(target, clean)
+
+
+def test_api_resume_refuses_another_job_and_never_touches_a_complete_output(tmp_path, inputs):
+    src, target = inputs["csr"], str(tmp_path / "out.zarr")
+    _partial(src, target, "csr", lambda i: i < 4)
+    partial = tree_digest(target)
+    with pytest.raises(ValueError, match="different settings.*kernel"):
+        convolve_zarr(src, KERNEL * 2, target, "full", output_format="csr", block_memory=20_000)
+    with pytest.raises(ValueError, match="different settings.*mode"):
+        convolve_zarr(src, KERNEL, target, "same", output_format="csr", block_memory=20_000)
+    with pytest.raises(FileExistsError, match="incomplete run; pass resume=True"):
+        convolve_zarr(src, KERNEL, target, "full", output_format="csr", block_memory=20_000, resume=False)
+    assert tree_digest(target) == partial  # refusals wrote nothing
+    convolve_zarr(src, KERNEL, target, "full", output_format="csr", block_memory=20_000)
+    finished = tree_digest(target)
+    for kw in ({}, {"resume": True}):
+        with pytest.raises(FileExistsError, match="complete.*overwrite=True"):
+            convolve_zarr(src, KERNEL, target, "full", output_format="csr", block_memory=20_000, **kw)
+    assert tree_digest(target) == finished
+    summary = convolve_zarr(src, KERNEL, target, "full", output_format="csr", overwrite=True)
+    assert not summary.resumed and summary.blocks_skipped == 0
+
+
+def test_api_resume_after_an_interrupted_csr_consolidation(tmp_path, inputs):
+    """Every block written and part of the consolidation done: the resumed run
+    recomputes no block and finishes the consolidation."""
+    src, target, clean = inputs["dense"], str(tmp_path / "out.zarr"), str(tmp_path / "clean.zarr")
+    convolve_zarr(src, KERNEL, clean, "full", output_format="csr")
+    n_blocks, hlg = _partial(src, target, "csr", lambda i: True)
+    parts = sorted(k for k in hlg if isinstance(k, str) and k.startswith("sparseconv-consolidate-"))
+    dask.get(hlg, parts[:1])  # the plan and one of the parallel consolidation tasks
+    g = zarr.open_group(target, mode="r")
+    assert "data" in g and provenance(target)["complete"] is False
+    summary = convolve_zarr(src, KERNEL, target, "full", output_format="csr", block_memory=20_000)
+    assert (summary.blocks_skipped, summary.blocks_computed) == (n_blocks, 0)
+    assert_identical(target, clean)
