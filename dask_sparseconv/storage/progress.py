@@ -147,7 +147,11 @@ def mark_block_done(node: zarr.Array | zarr.Group, i: int, record: dict | None =
     ``record`` (dense arrays): stored as the marker's content (JSON), so the
     marker and the block's checksum are written in one atomic key."""
     if isinstance(node, zarr.Group):
-        node[PROGRESS][int(i)] = 1
+        # chunk i of ``_progress`` (uint8, chunk size 1, no codec: the encoded
+        # chunk is the byte itself) written as its raw key: one store write
+        # and no read of the array's metadata (~5 ms less per block, local disk)
+        buf = default_buffer_prototype().buffer.from_bytes(b"\x01")
+        sync((node.store_path / PROGRESS / "c" / str(int(i))).set(buf))
     else:
         payload = b"\x01" if record is None else json.dumps(_jsonable(record)).encode()
         buf = default_buffer_prototype().buffer.from_bytes(payload)
