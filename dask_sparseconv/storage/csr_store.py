@@ -387,7 +387,7 @@ class ConsolidationTask:
                 if b < 0:  # the final entry: total nnz
                     parts.append(np.full(z - a, offset, dtype=np.int64))
                     continue
-                parts.append(out._staged(b)[0][a:z] + offset)
+                parts.append(out._staged_indptr(b)[a:z] + offset)
             out._final("indptr")[self.lo:self.hi] = np.concatenate(parts) if len(parts) != 1 else parts[0]
         out._mark_consolidated(self.index)
         return self.hi - self.lo
@@ -562,6 +562,26 @@ class CSROutput:
             while len(cache) > self._STAGING_CACHE_BLOCKS:
                 cache.popitem(last=False)
         return value
+
+    def _staged_indptr(self, b: int) -> np.ndarray:
+        """Block ``b``'s staged ``indptr`` only: from the cache when the whole
+        block is there, else a byte-range read of the header and ``indptr``
+        (an indptr chunk task needs a few KB, not the block's values)."""
+        hit = self.__dict__.get("_staging_cache", {}).get(b)
+        if hit is not None:
+            return hit[0]
+        where = f"block {b} of {self._loc}"
+        key = self._raw_path(STAGING, f"block_{int(b)}")
+        rows = self.block_bounds[int(b)][1] - self.block_bounds[int(b)][0]
+        raw = key.get_sync(_STAGING_HEAD.size + 8 * (rows + 1))
+        if raw is None:
+            raise ValueError(f"staging of {where} is missing; the block is marked done but its data is gone "
+                             "(write the block again)")
+        got_rows = _unpack_head(raw, where)[0]
+        if got_rows != rows or len(raw) != _STAGING_HEAD.size + 8 * (rows + 1):
+            raise ValueError(f"staging of {where} holds {got_rows} rows ({len(raw)} bytes read) but the block has {rows}; "
+                             "the store is corrupt or was written incompletely")
+        return np.frombuffer(raw, dtype="<i8", count=rows + 1, offset=_STAGING_HEAD.size)
 
     def _final(self, name: str) -> zarr.Array:
         """The final ``data``/``indices``/``indptr`` array, opened once per process."""
