@@ -907,7 +907,10 @@ def convolve_zarr(
         storage_options=target_storage_options,
         overwrite=overwrite,
         attrs=attrs,
-        chunk_rows=blocks.block_rows,
+        # dense: one chunk per block; CSR: indptr in storage's default chunks (one
+        # chunk up to 262144 images) rather than one tiny chunk (and one
+        # consolidation task) per block
+        chunk_rows=blocks.block_rows if fmt == "dense" else None,
         compressor=compressor,
         resume=resume_prov is not None,  # reopens only the same job's output, else ValueError
     )
