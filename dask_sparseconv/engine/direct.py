@@ -67,6 +67,12 @@ BBOX_SLACK = 4096
 #: bit map of touched slots (cost proportional to what was touched).
 DENSE_OPS = 1
 
+#: When the cheap per-image output bounds (rows x W_out) add up to more than
+#: this many values, a pass over the pixels tightens them to the bounding
+#: box, so that small blobs in large frames do not reserve (virtual) memory
+#: for whole rows.
+TIGHTEN_BOUNDS = 1 << 26
+
 _JIT = dict(nogil=True, cache=True)
 
 
@@ -108,6 +114,37 @@ def _upper_bounds(indptr, indices, W_in, K, H_out, W_out, top, imin, imax, ub_cu
                 work += ops + ub + (area >> 6) + 64
         ub_cum[b + 1] = ub_cum[b] + ub
     return work
+
+
+@numba.njit(**_JIT)
+def _tighten_bounds(indptr, indices, W_in, K, H_out, W_out, top, left, imin, imax, jmin, jmax, ub_cum):
+    """Like :func:`_upper_bounds` with the bounding box's columns too (one
+    pass over the pixels, one division per input row): for batches whose
+    cheap bounds add up to a lot, e.g. small blobs in large frames."""
+    n = indptr.size - 1
+    ub_cum[0] = 0
+    for b in range(n):
+        a = np.int64(indptr[b])
+        e = np.int64(indptr[b + 1])
+        ub = np.int64(0)
+        if e > a and K > 0:
+            R0, R1 = _out_rows(indices, a, e, W_in, H_out, top, imin, imax)
+            cmin = W_in
+            cmax = np.int64(-1)
+            re = np.int64(-1)
+            rs = np.int64(0)
+            for jj in range(a, e):
+                p = np.int64(indices[jj])
+                if p >= re:
+                    rs = (p // W_in) * W_in
+                    re = rs + W_in
+                    cmin = min(cmin, p - rs)
+                cmax = max(cmax, p - rs)
+            C0 = max(cmin + jmin - left, 0)
+            C1 = min(cmax + jmax - left, W_out - 1)
+            if R1 >= R0 and C1 >= C0:
+                ub = min((e - a) * K, (R1 - R0 + 1) * (C1 - C0 + 1))
+        ub_cum[b + 1] = ub_cum[b] + ub
 
 
 @numba.njit(**_JIT)
@@ -558,6 +595,8 @@ class DirectNumba(Engine):
         W_in, ti, tj, tv, top, left, imin, imax, jmin, jmax, H_out, W_out = plan.args
         ub_cum = np.empty(n + 1, dtype=np.int64)
         work = _upper_bounds(indptr, indices, W_in, np.int64(plan.K), H_out, W_out, top, imin, imax, ub_cum)
+        if ub_cum[-1] > TIGHTEN_BOUNDS:
+            _tighten_bounds(indptr, indices, W_in, np.int64(plan.K), H_out, W_out, top, left, imin, imax, jmin, jmax, ub_cum)
         ranges = self._ranges(ub_cum, n, work)
         itemsize = self.dtype.itemsize
         full = out_pixels * itemsize * len(ranges) <= self.max_buffer_bytes

@@ -474,6 +474,30 @@ def test_large_batch_uses_threads_and_matches_serial():
     check_against_scipy(a, reference(x, (40, 40), kernel, "valid"), np.float64)
 
 
+def test_tight_bounds_for_blobs_in_large_frames(monkeypatch):
+    # small blobs in 300x300 frames: the bounds are tightened to the boxes
+    from dask_sparseconv.engine import direct
+
+    monkeypatch.setattr(direct, "TIGHTEN_BOUNDS", 0)
+    rng = np.random.default_rng(23)
+    kernel = rng.standard_normal((5, 5))
+    rows = []
+    for i in range(30):
+        img = np.zeros((300, 300))
+        r0, c0 = rng.integers(0, 290, 2)
+        img[r0 : r0 + 10, c0 : c0 + 10] = rng.standard_normal((10, 10))
+        rows.append(scipy.sparse.csr_matrix(img.reshape(1, -1)))
+    x = scipy.sparse.vstack(rows + [scipy.sparse.csr_matrix((1, 90000))]).tocsr()
+    for n_threads in (1, 2, 3):
+        eng = DirectNumba((300, 300), kernel, np.float64, n_threads=n_threads)
+        eng.serial_work = 0
+        for mode in MODES:
+            ref = reference(x, (300, 300), kernel, mode)
+            y = eng.to_csr(x, mode)
+            check_csr(y, 31, ref[0].size, np.float64)
+            check_against_scipy(y, ref, np.float64)
+
+
 def test_dense_out_buffer_is_validated():
     eng = DirectNumba((6, 6), np.ones((3, 3)), np.float64)
     x = scipy.sparse.csr_matrix(np.eye(1, 36))
