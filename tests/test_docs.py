@@ -1,0 +1,45 @@
+"""Every ```python block in the README and docs/ runs, in order, per file.
+
+Blocks of one file share a namespace (they read as one session), run in a
+fresh interpreter whose working directory is a temporary folder, so relative
+paths such as ``"in.zarr"`` land there. A doc whose examples start a cluster
+runs in the ``cluster`` xdist group like the other multi-process tests.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
+
+
+def python_blocks(path: Path) -> list[str]:
+    return [textwrap.dedent(m.group(1)) for m in FENCE.finditer(path.read_text())]
+
+
+DOCS_WITH_CODE = [p for p in DOCS if python_blocks(p)]
+
+
+def test_docs_have_examples():
+    names = {p.name for p in DOCS_WITH_CODE}
+    assert {"user_guide.md", "compat.md", "api.md"} <= names, names
+
+
+@pytest.mark.xdist_group("cluster")
+@pytest.mark.parametrize("path", DOCS_WITH_CODE, ids=lambda p: p.name)
+def test_doc_examples_run(path: Path, tmp_path: Path):
+    blocks = python_blocks(path)
+    script = "\n\n".join(f"# --- block {i} of {path.name}\n{b}" for i, b in enumerate(blocks))
+    (tmp_path / "doc_examples.py").write_text(script)
+    proc = subprocess.run(
+        [sys.executable, "doc_examples.py"], cwd=tmp_path, capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, f"{path.name} examples failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
