@@ -36,6 +36,11 @@ _LAZY = {
     "convolve": "pipeline",
     "convolve_zarr": "pipeline",
     "open_stack": "storage",
+    "describe_stack": "storage",
+    "write_dense_stack": "storage",
+    "write_csr_stack": "storage",
+    "ConvolveSummary": "pipeline",
+    "write_sample_stack": "sample_data",
     "kernels": None,
     "cache_stats": "convolver_cache",
 }
@@ -54,4 +59,19 @@ def __dir__():
     return sorted(list(globals()) + list(_LAZY))
 
 
-__all__ = ["Convolver", "Toeplitz_convolution2d", "convolve", "convolve_zarr", "open_stack", "geometry", "cache_stats", "__version__"]
+__all__ = [
+    "Convolver",
+    "Toeplitz_convolution2d",
+    "convolve",
+    "convolve_zarr",
+    "ConvolveSummary",
+    "open_stack",
+    "describe_stack",
+    "write_dense_stack",
+    "write_csr_stack",
+    "write_sample_stack",
+    "kernels",
+    "geometry",
+    "cache_stats",
+    "__version__",
+]
