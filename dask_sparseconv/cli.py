@@ -288,6 +288,14 @@ def inspect_workflow(wf, *, overwrite: bool | None = None) -> Plan:
     except Exception as exc:
         problems.append(("output.path", f"cannot check {wf.output.path!r}: {exc}"))
         target_exists = False
+    if not target_exists and not problems_about(problems, "output.path"):
+        try:  # a local target under a regular file or in a read-only folder: refuse before starting anything
+            from .storage import _check_target_writable, resolve_location
+
+            loc = resolve_location(wf.output.path, None, wf.output.storage_options or None, name="target")
+            _check_target_writable(loc, wf.output.path)
+        except (OSError, ValueError, TypeError) as exc:
+            problems.append(("output.path", str(exc)))
     resume = None
     if target_exists and not overwrite:
         resume = _resumable(wf.output.path, wf.output.storage_options)
@@ -300,6 +308,10 @@ def inspect_workflow(wf, *, overwrite: bool | None = None) -> Plan:
         raise WorkflowError(problems, wf.source)
     return Plan(wf, src, sample_pending, n_images, frame_shape, in_dtype, in_format, chunk_rows, nnz, exact,
                 out_shape, out_format, out_dtype, blocks, threads, target_exists, resume=resume)
+
+
+def problems_about(problems: list[tuple[str, str]], key: str) -> bool:
+    return any(k == key for k, _ in problems)
 
 
 def _target_prov(path: str, storage_options: dict) -> dict | None:
@@ -648,7 +660,7 @@ def cmd_run(args) -> int:
                 compressor=None if wf.output.compressor == "none" else "default",
                 route=wf.cluster.route,
             )
-        except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+        except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as exc:
             raise CLIError(f"{wf.source}: {exc}", EXIT_USAGE) from exc
         summary = _run_graph(client, graph, plan.blocks.n_blocks if plan.blocks else 0)
         elapsed = time.perf_counter() - t0
