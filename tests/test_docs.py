@@ -38,8 +38,7 @@ def test_docs_have_examples():
 def test_doc_examples_run(path: Path, tmp_path: Path):
     blocks = python_blocks(path)
     script = "\n\n".join(f"# --- block {i} of {path.name}\n{b}" for i, b in enumerate(blocks))
-    (tmp_path / "doc_examples.py").write_text(script)
-    proc = subprocess.run(
-        [sys.executable, "doc_examples.py"], cwd=tmp_path, capture_output=True, text=True, timeout=400
-    )
+    # `-c`, as in a notebook: worker processes spawned by a LocalCluster do
+    # not re-run a __main__ file (which a script without a main guard would).
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"{path.name} examples failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
