@@ -64,10 +64,18 @@ def split_ranges(weights: Sequence[int] | None, n_items: int, n_chunks: int) -> 
 
 
 def run_ranges(func: Callable[[int, int], T], ranges: list[tuple[int, int]]) -> list[T]:
-    """Run ``func(start, stop)`` for each range; the first in this thread. Results in order."""
+    """Run ``func(start, stop)`` for each range; the first in this thread. Results in order.
+
+    A range whose pool thread has not started by the time this thread is
+    free is taken back and run here: on a busy machine a woken pool thread
+    can wait milliseconds for a core, and the call should then cost no
+    more than running serially.
+    """
     if len(ranges) == 1:
         return [func(*ranges[0])]
     pool = _get_pool()
     futures = [pool.submit(func, a, b) for a, b in ranges[1:]]
-    first = func(*ranges[0])
-    return [first] + [f.result() for f in futures]
+    results = [func(*ranges[0])]
+    for f, (a, b) in zip(futures, ranges[1:]):
+        results.append(func(a, b) if f.cancel() else f.result())
+    return results
