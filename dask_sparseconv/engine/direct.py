@@ -9,27 +9,34 @@ the kernel (see :mod:`dask_sparseconv.geometry`). Work is
 How one image is done (``to_csr``), in one pass, no counting pass:
 
 1. Its output rows are known in O(1) from its first and last stored pixel
-   (indices are sorted). When the whole output frame fits the scratch budget
-   every range of images owns one frame-sized scratch buffer, allocated once
-   per call and kept zero between images.
-2. The pixels are scattered into the buffer; pixels whose every tap lands in
-   the frame (the interior) use precomputed flat offsets without bounds
-   checks, the others check each tap. The columns touched are tracked on the
-   way, which gives the image's output bounding box.
-3. The bounding box is scanned row by row, writing ``(index, value)`` for
-   every nonzero value (branch-free) and zeroing the buffer as it goes, so
-   it is clean for the next image at no extra cost. Values come out sorted.
-4. When the bounding box is much larger than ``nnz * K`` (a few blobs far
-   apart in a big frame) scanning it would dominate, so the image takes the
-   coordinate-list path instead: ``(out index, value)`` pairs, a stable sort,
-   duplicates summed in input order, exact zeros dropped. When the frame does
-   not fit the budget (huge frames) a bounding-box-sized buffer is used when
-   the box is small enough, and the coordinate-list path otherwise.
+   (indices are sorted). When the output frame fits the scratch budget,
+   every range of images owns one frame-sized buffer (and a bit map of it),
+   allocated once per call and kept zero between images.
+2. Pixels are walked row by row (one division by ``W`` per input row); a
+   pixel whose every tap lands in the frame uses flat tap offsets without
+   bounds checks, the others check each tap.
+3. Extraction, chosen per image:
+
+   * dense output (``nnz*K >= rows*W_out``): scan of the bounding box,
+     branch-free, zeroing the buffer as it goes;
+   * sparse output: each touched slot also sets a bit (one word operation
+     per kernel row); extraction visits the set bits only;
+   * a few pixels far apart (box much larger than ``nnz*K``): a coordinate
+     list, i.e. ``(out index, value)`` pairs, stable sort, duplicates summed
+     in input order.
+
+   Frames over the budget (huge frames) use a bounding-box buffer, cut into
+   bands of output rows when the box itself is over the budget, or the
+   coordinate list. Every path sums a slot's contributions in pixel order,
+   so results do not depend on the path or the thread split. Values come
+   out sorted; exact zeros are dropped.
 
 Each range of images writes straight into one shared output array at an
-offset given by per-image upper bounds ``min(nnz_i * K, output rows_i *
-W_out)`` (computed in O(n)); ranges are then joined. Untouched slack is
-never written, so it costs address space, not memory.
+offset given by per-image upper bounds ``min(nnz_i * K, rows_i * W_out)``
+(O(n); tightened to bounding boxes when they add up to a lot). Untouched
+slack is never written, so it costs address space, not memory. Ranges pair
+up: the even one runs backward and ends flush against the odd one, so the
+usual two-range call needs no compaction copy.
 
 Parallelism: the kernels are serial ``nogil`` functions over an image range;
 :mod:`dask_sparseconv.engine.threads` runs ranges on plain threads. Small
@@ -48,7 +55,7 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 import numpy as np
 import scipy.sparse
 
-from .base import INT32_MAX, Engine, dense_out, empty_csr, index_dtype
+from .base import Engine, dense_out, empty_csr, index_dtype
 from .threads import run_ranges, split_ranges
 
 #: Below this estimated number of elementary operations (see
@@ -57,8 +64,10 @@ from .threads import run_ranges, split_ranges
 #: shorter than ~0.1-0.2 ms. See docs/engine.md.
 SERIAL_WORK = 100_000
 
-#: An image whose output bounding box exceeds ``BBOX_RATIO * nnz * K +
-#: BBOX_SLACK`` slots takes the coordinate-list path instead of a scan.
+#: Sparse images use the bit map while its words over their output rows
+#: number at most ``BBOX_RATIO * nnz * K + BBOX_SLACK``; past that their
+#: bounding box is checked, and a box of more slots than that takes the
+#: coordinate list (when ``nnz * K`` fits the budget).
 BBOX_RATIO = 8
 BBOX_SLACK = 4096
 
@@ -658,4 +667,4 @@ class DirectNumba(Engine):
         return self.kernel.nbytes + sum(p.ti.nbytes + p.tj.nbytes + p.tv.nbytes for p in self._plans.values())
 
 
-__all__ = ["DirectNumba", "INT32_MAX"]
+__all__ = ["DirectNumba"]
