@@ -190,7 +190,7 @@ class CSRInput:
         where = f"CSR source {self._loc}"
         block = f"block rows [{start}, {stop})"
         ncols = self.shape[1]
-        ip = read_rows(self._indptr, start, stop + 1, "indptr", str(self._loc)).astype(np.int64, copy=False)
+        ip = self._read_nz("indptr", start, stop + 1).astype(np.int64, copy=False)
         a, b = int(ip[0]), int(ip[-1])
         if a < 0 or b > self.nnz or (ip.size > 1 and np.diff(ip).min() < 0):
             raise ValueError(f"{where}: indptr is inconsistent in {block} (values {a}..{b}, must be non-decreasing within "
@@ -214,7 +214,7 @@ class CSRInput:
             out.sum_duplicates()  # sorts indices; zarr gave us fresh buffers, so in place is safe
         return out
 
-    # Consecutive row blocks usually fall in the same data/indices chunk (the
+    # Consecutive row blocks usually fall in the same data/indices/indptr chunk (the
     # default chunk holds 1M values, often a whole stack of small frames);
     # zarr decodes the whole chunk for every slice, so each block would
     # decompress it again. The reader keeps the last decoded chunks of each
@@ -230,8 +230,8 @@ class CSRInput:
         return state
 
     def _read_nz(self, name: str, a: int, b: int) -> np.ndarray:
-        """``data[a:b]`` / ``indices[a:b]`` through the per-reader chunk cache."""
-        arr = self._data if name == "data" else self._indices
+        """``data[a:b]`` / ``indices[a:b]`` / ``indptr[a:b]`` through the per-reader chunk cache."""
+        arr = {"data": self._data, "indices": self._indices, "indptr": self._indptr}[name]
         c = int(arr.chunks[0])
         if b <= a or c * arr.dtype.itemsize > self._CHUNK_CACHE_MAX_BYTES:
             return read_rows(arr, a, b, name, str(self._loc))
