@@ -134,10 +134,27 @@ def checksum(*arrays: np.ndarray) -> int:
     crc = 0
     for a in arrays:
         a = np.ascontiguousarray(a)
-        if a.dtype.kind in "fc":
+        if a.dtype.kind in "fc" and _may_hold_negative_zero(a):
             a = a + a.dtype.type(0)  # -0.0 + 0.0 == +0.0; NaN stays NaN
         crc = zlib.crc32(memoryview(a).cast("B"), crc)
     return crc
+
+
+def _may_hold_negative_zero(a: np.ndarray) -> bool:
+    """Whether a contiguous float/complex array may contain ``-0.0``.
+
+    Compares the bit patterns with the sign-bit-only pattern (one pass, a
+    boolean temporary): much cheaper than the normalising copy, which is then
+    made only for the rare arrays that need it (a 16 MiB float32 block: ~1 ms
+    instead of ~15 ms). Unusual layouts (non-native byte order, long double)
+    answer True, i.e. take the copy.
+    """
+    flt = a if a.dtype.kind == "f" else a.view(np.dtype(f"f{a.dtype.itemsize // 2}"))
+    size = flt.dtype.itemsize
+    if size not in (2, 4, 8) or not flt.dtype.isnative:
+        return True
+    bits = flt.reshape(-1).view(np.dtype(f"u{size}"))
+    return bool((bits == np.array(1 << (8 * size - 1), dtype=bits.dtype)).any())
 
 
 def mark_block_done(node: zarr.Array | zarr.Group, i: int, record: dict | None = None) -> None:
