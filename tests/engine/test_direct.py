@@ -123,7 +123,7 @@ def force_path(eng, path):
         eng.dense_ops, eng.bbox_ratio, eng.bbox_slack = 0.0, 0, 0
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=problems())
 def test_engine_matches_scipy(p):
     rng = np.random.default_rng(p["seed"])
