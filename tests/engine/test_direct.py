@@ -410,6 +410,13 @@ def test_convolver_default_is_direct_and_matches_scipy():
             check_against_scipy(one[None], ref[3:4], dtype)
             stack = conv(x.toarray().reshape(9, 33, 29), mode=mode)
             check_against_scipy(stack, ref, dtype)
+    # int64 index arrays are passed through untouched and give the same result
+    x = random_csr(rng, 6, 33, 29, 0.1, np.float64, idx64=True)
+    ref = reference(x, (33, 29), kernel, "same")
+    y = conv(x)
+    assert x.indices.dtype == np.int64  # the caller's matrix is not modified
+    check_csr(y, 6, ref[0].size, np.float64)
+    check_against_scipy(y, ref, np.float64)
     # dense output into an engine-supplied buffer
     eng = conv.engine(np.float64)
     x = random_csr(rng, 3, 33, 29, 0.05, np.float64)
