@@ -3,8 +3,9 @@
 Both sides are built once per configuration (our ``Convolver(method='direct')``
 and the peer's ``Toeplitz_convolution2d(method='direct', backend='numba')``),
 warmed up (JIT), checked to give the same CSR result (same sparsity pattern,
-allclose values), then timed alternately, call by call, so that load from
-other processes hits both equally. The reported time is the median call.
+allclose values), then timed in alternating blocks of calls, so that load
+from other processes hits both equally (see ``time_blocks``). The reported
+time is the median call.
 
 Sweeps are the peer's published ones (CSR in, CSR out, mode 'same').
 
@@ -12,6 +13,7 @@ Sweeps are the peer's published ones (CSR in, CSR out, mode 'same').
     python benchmarks/bench_engine.py --quick         # fewer repeats
     python benchmarks/bench_engine.py --sweep density --sweep kernel
     python benchmarks/bench_engine.py --markdown results.md
+    python benchmarks/bench_engine.py --threads 1       # both single-threaded
 """
 
 from __future__ import annotations
@@ -94,30 +96,55 @@ def same_result(a: scipy.sparse.csr_matrix, b: scipy.sparse.csr_matrix, dtype) -
     return ""
 
 
-def time_pair(f_ours, f_peer, min_total: float, min_reps: int, max_reps: int) -> tuple[float, float]:
-    """Median seconds per call of each, calls alternating ours/peer."""
-    t_ours: list[float] = []
-    t_peer: list[float] = []
-    order = 0
+#: Seconds of uncounted calls at the start of each block.
+SETTLE_S = 0.005
+
+
+def _once(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def time_blocks(f_ours, f_peer, min_total: float, min_rounds: int, max_rounds: int) -> tuple[float, float]:
+    """Median seconds per call of each side.
+
+    The two sides run in alternating blocks of calls (ours first in even
+    rounds, the peer first in odd ones), so both see the same machine load.
+    Not call by call: the peer's OpenMP threads keep spinning for a while
+    after a call and slow down whatever runs right after it, and a
+    pool thread woken right after the other library's call is slower to
+    start. So each block starts with ``SETTLE_S`` of calls that are not
+    counted (for calls shorter than that).
+    """
+    sides = {"ours": (f_ours, []), "peer": (f_peer, [])}
+    per_call = {name: _once(f) for name, (f, _) in sides.items()}
+    calls = {name: max(1, min(50, math.ceil(0.02 / max(t, 1e-6)))) for name, t in per_call.items()}
+    rounds = 0
     while True:
-        for f, acc in ((f_ours, t_ours), (f_peer, t_peer))[:: 1 if order % 2 == 0 else -1]:
-            t0 = time.perf_counter()
-            f()
-            acc.append(time.perf_counter() - t0)
-        order += 1
-        n = len(t_ours)
-        if n >= max_reps or (n >= min_reps and min(sum(t_ours), sum(t_peer)) >= min_total):
+        order = ("ours", "peer") if rounds % 2 == 0 else ("peer", "ours")
+        for name in order:
+            f, acc = sides[name]
+            if per_call[name] < SETTLE_S:  # settling calls after the switch, not counted
+                t_end = time.perf_counter() + SETTLE_S
+                while time.perf_counter() < t_end:
+                    f()
+            for _ in range(calls[name]):
+                acc.append(_once(f))
+        rounds += 1
+        totals = [sum(acc) for _, acc in sides.values()]
+        if rounds >= max_rounds or (rounds >= min_rounds and min(totals) >= min_total):
             break
-    return statistics.median(t_ours), statistics.median(t_peer)
+    return statistics.median(sides["ours"][1]), statistics.median(sides["peer"][1])
 
 
-def run_config(cfg: Config, dtype, quick: bool) -> dict:
+def run_config(cfg: Config, dtype, quick: bool, threads: int | None = None) -> dict:
     from sparse_convolution import Toeplitz_convolution2d
 
     rng = np.random.default_rng(1)
     kernel = rng.uniform(-1.0, 1.0, (cfg.k, cfg.k)).astype(dtype)
     x = make_input(cfg, dtype)
-    ours = Convolver((cfg.H, cfg.W), kernel, mode="same", method="direct", dtype=dtype)
+    ours = Convolver((cfg.H, cfg.W), kernel, mode="same", method="direct", dtype=dtype, n_threads=threads)
     peer = Toeplitz_convolution2d(x_shape=(cfg.H, cfg.W), k=kernel, mode="same", method="direct", backend="numba", dtype=dtype)
 
     def f_ours():
@@ -129,9 +156,9 @@ def run_config(cfg: Config, dtype, quick: bool) -> dict:
     problem = same_result(f_ours(), f_peer(), dtype)  # also the JIT warm-up
     gc.collect()
     if quick:
-        t_o, t_p = time_pair(f_ours, f_peer, min_total=0.1, min_reps=3, max_reps=15)
+        t_o, t_p = time_blocks(f_ours, f_peer, min_total=0.1, min_rounds=2, max_rounds=6)
     else:
-        t_o, t_p = time_pair(f_ours, f_peer, min_total=0.3, min_reps=5, max_reps=200)
+        t_o, t_p = time_blocks(f_ours, f_peer, min_total=0.3, min_rounds=4, max_rounds=40)
     return dict(cfg=cfg, ours=t_o * 1e3, peer=t_p * 1e3, speedup=t_p / t_o, nnz=x.nnz, problem=problem)
 
 
@@ -160,7 +187,15 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="append", choices=sorted(SWEEPS), help="run only this sweep (repeatable)")
     ap.add_argument("--dtype", default="float64", choices=("float32", "float64"))
     ap.add_argument("--markdown", metavar="PATH", help="also write the table as markdown to PATH")
+    ap.add_argument(
+        "--threads", type=int, metavar="N",
+        help="threads for both libraries (ours: n_threads; peer: numba.set_num_threads); default: each one's default, all CPUs",
+    )
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        import numba
+
+        numba.set_num_threads(args.threads)
 
     dtype = np.dtype(args.dtype)
     names = args.sweep or list(SWEEPS)
@@ -168,7 +203,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     for name in names:
         for cfg in SWEEPS[name]:
-            r = run_config(cfg, dtype, args.quick)
+            r = run_config(cfg, dtype, args.quick, args.threads)
             rows.append(r)
             print(
                 f"  {cfg.sweep:12s} {cfg.label:32s} ours {r['ours']:9.3f} ms  peer {r['peer']:9.3f} ms  "
@@ -176,11 +211,12 @@ def main(argv=None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    print(f"# dtype={dtype}, mode='same', CSR in/out, {os.cpu_count()} CPUs, {time.perf_counter() - t_start:.0f} s")
+    threads = args.threads or "default"
+    print(f"# dtype={dtype}, mode='same', CSR in/out, {os.cpu_count()} CPUs, threads={threads}, {time.perf_counter() - t_start:.0f} s")
     print(format_table(rows, markdown=False))
     if args.markdown:
         with open(args.markdown, "w") as fh:
-            fh.write(f"dtype={dtype}, mode='same', CSR in -> CSR out, {os.cpu_count()} CPUs\n\n")
+            fh.write(f"dtype={dtype}, mode='same', CSR in -> CSR out, {os.cpu_count()} CPUs, threads={threads}\n\n")
             fh.write(format_table(rows, markdown=True))
     return 1 if any(r["problem"] for r in rows) else 0
 
