@@ -356,6 +356,36 @@ def test_huge_frame_through_convolver_with_mode_override():
         assert y.nnz == n_out and y.indices.dtype == np.int64
 
 
+def test_huge_frame_needs_no_frame_sized_memory():
+    # in a child process limited to 6 GiB of address space (a float64 frame
+    # buffer would be 20 GB): every mode still works
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+import numpy as np, scipy.sparse
+from dask_sparseconv import Convolver
+H = W = 50_000
+pos = np.array([0, 5, W + 3, H * W - 1], dtype=np.int64)
+x = scipy.sparse.csr_matrix((np.ones(4), pos, np.array([0, 4])), shape=(1, H * W))
+conv = Convolver((H, W), np.ones((5, 5)), method="direct", n_threads=2)
+print([conv(x, mode=m).nnz for m in ("same", "full", "valid")])
+try:
+    np.zeros(H * W)
+except MemoryError:
+    print("frame refused")
+"""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["[38, 80, 11]", "frame refused"], out.stdout
+
+
 def test_window_buffer_path_on_a_huge_frame():
     # one compact blob: the bounding-box buffer (not the coordinate list) is used
     H = W = 50_000
