@@ -71,10 +71,11 @@ from .base import Engine, dense_out, empty_csr, index_dtype
 from .threads import run_ranges, split_ranges
 
 #: Below this estimated number of elementary operations (see
-#: ``_upper_bounds``; about 1-2 ns each) a call runs in the calling thread:
-#: handing a range to the pool costs ~30 us, more than it saves on a call
-#: shorter than ~0.1-0.2 ms. See docs/engine.md.
-SERIAL_WORK = 100_000
+#: ``_upper_bounds``; about 1-2 ns each, so ~0.3 ms) a call runs in the
+#: calling thread. Handing a range to an idle pool costs ~30 us, but a pool
+#: thread that has to share a core costs far more: on a busy machine the
+#: threaded call was 130-250 us slower than serial. See docs/engine.md.
+SERIAL_WORK = 200_000
 
 #: Sparse images use the bit map while its words over their output rows
 #: number at most ``BBOX_RATIO * nnz * K + BBOX_SLACK``; past that their
