@@ -307,7 +307,8 @@ class DenseOutput:
         """Write rows ``[start, stop)`` (block ``i``) and then mark it done.
 
         ``result``: dense ``(rows, H_out, W_out)`` or CSR ``(rows, H_out*W_out)``.
-        Returns the block's nnz for CSR results, ``None`` for dense ones.
+        Returns the block's nnz: the CSR result's ``nnz``, or the number of
+        nonzero pixels written for a dense result.
         The marker holds the block's record: ``rows``, ``nnz`` (nonzero
         pixels), ``crc32`` of the written values, plus ``record`` (caller's
         extra keys) -- see :meth:`verify_block`.
@@ -327,10 +328,13 @@ class DenseOutput:
                 raise ValueError(f"block {i}: result must have shape {(rows, Ho, Wo)}; got {dense.shape}")
         values = dense.astype(self.dtype, copy=False)
         self.node[start:stop] = values
-        rec = {**(record or {}), "rows": [int(start), int(stop)], "nnz": int(np.count_nonzero(values)),
+        nonzero = int(np.count_nonzero(values))
+        rec = {**(record or {}), "rows": [int(start), int(stop)], "nnz": nonzero,
                "crc32": progress.checksum(values)}
         progress.mark_block_done(self.node, i, rec)
-        return nnz
+        # the count is made here anyway (for the record): hand it back so the
+        # caller need not make a second pass over the block (~3 ms / 16 MiB)
+        return nnz if nnz is not None else nonzero
 
     def verify_block(self, i: int) -> dict | None:
         """Block ``i``'s record if its marker is set and its rows, read back
