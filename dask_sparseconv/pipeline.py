@@ -323,10 +323,11 @@ def _run_block(src, kernel, out, index: int, start: int, stop: int, spec: _Spec,
     res = _apply(conv, csr, spec)
     p2 = time.perf_counter()
     engine = _engine_info(spec, kernel, conv)
-    nnz_out = int(res.nnz) if scipy.sparse.issparse(res) else int(np.count_nonzero(res))
     written = out.write_block(index, start, stop, res, record={"nnz_in": int(csr.nnz)})
-    if spec.out_format == "csr" and written is not None:
-        nnz_out = int(written)  # what staging holds, which consolidation checks against
+    if written is not None:  # CSR: what staging holds (consolidation checks it); dense: nonzero pixels written
+        nnz_out = int(written)
+    else:
+        nnz_out = int(res.nnz) if scipy.sparse.issparse(res) else int(np.count_nonzero(res))
     p3 = time.perf_counter()
     return {
         "index": index,
