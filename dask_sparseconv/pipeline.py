@@ -876,6 +876,8 @@ def convolve_zarr(
     src = open_input(source, array=array, storage_options=storage_options)
     fs = tuple(int(v) for v in src.frame_shape)
     geo = geometry(fs, kernel.shape, mode)  # ValueError for 'valid' with a kernel larger than the frame
+    if src.format == "csr":
+        src.check_indices()  # out-of-range indices fail here, before the target exists
     out_dtype = compute_dtype(src.dtype, dtype)
     fmt = output_format or src.format
     blocks = _plan(src.n_images, src.chunk_rows, fs, geo.out_shape, src.dtype, out_dtype, src.format, fmt, src.nnz,

@@ -144,6 +144,32 @@ class CSRInput:
         by_data = self._data.chunks[0] / avg if avg > 0 else float(self.n_images or 1)
         self.chunk_rows = int(max(1, min(self.n_images or 1, by_data, self._indptr.chunks[0])))
 
+    def check_indices(self) -> None:
+        """Check every column index lies in ``[0, H*W)``, before a job writes anything.
+
+        One extra read of ``indices`` (the smallest of the three arrays for
+        float data), done as a dask ``min``/``max`` reduction so it runs in
+        parallel on the active scheduler. Blocks are still checked as they are
+        read; this makes a bad store fail before the target exists.
+        """
+        if self.nnz == 0:
+            return
+        import dask
+        import dask.array as da
+
+        ind = da.from_zarr(self._indices)
+        try:
+            lo, hi = dask.compute(ind.min(), ind.max())
+        except Exception as exc:  # a corrupt chunk: name it like read_block does
+            raise ValueError(f"CSR source {self._loc}: cannot read 'indices' to check it ({type(exc).__name__}: {exc})") from None
+        n_cols = self.frame_shape[0] * self.frame_shape[1]
+        if int(lo) < 0 or int(hi) >= n_cols:
+            bad = int(lo) if int(lo) < 0 else int(hi)
+            raise ValueError(
+                f"CSR source {self._loc}: column index {bad} is out of range; indices must lie in [0, {n_cols}) "
+                f"for frame_shape {list(self.frame_shape)} (H*W = {n_cols})"
+            )
+
     def _validate_indptr(self) -> None:
         where = f"CSR source {self._loc}"
         n1 = self.n_images + 1

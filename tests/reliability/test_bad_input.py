@@ -3,8 +3,9 @@ message naming what is wrong (ValueError/TypeError, or the matching OSError
 subclass for paths: FileNotFoundError, FileExistsError, NotADirectoryError),
 a non-zero exit without a traceback from the CLI, and nothing written at the
 target. A problem that only shows while reading (a corrupt chunk, a CSR
-index out of range) stops the run naming the chunk/row, and the output is
-left marked incomplete: nothing is marked complete."""
+index out of range in a lazy read) stops the run naming the chunk/row, and
+an output is left marked incomplete: nothing is marked complete. CSR indices
+are scanned before convolve_zarr creates its target."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import scipy.sparse
 import yaml
 import zarr
 
-from dask_sparseconv import convolve_zarr, open_stack
+from dask_sparseconv import convolve, convolve_zarr, open_stack
 from dask_sparseconv.storage import write_csr_stack, write_dense_stack
 from reliability_support import cli, env, one_line_error, provenance, tree_digest
 
@@ -211,13 +212,20 @@ def test_corrupt_input_chunk_stops_the_run_nothing_marked_complete(data):
     assert tree_digest(data / "big.zarr") == before and chunk.read_bytes() == b"\x00\x01 not zstd"
 
 
-def test_csr_index_out_of_range_stops_the_run_nothing_marked_complete(data):
-    """Checked as each block is read (a full scan up front would read every
-    index of a large input twice): the run stops naming the rows, and the
-    output stays incomplete."""
+def test_csr_index_out_of_range_refused_before_anything_is_written(data):
+    """convolve_zarr scans a CSR source's indices (one dask min/max reduction)
+    before creating the target, so the run refuses with nothing written."""
     target = data / "out.zarr"
-    with pytest.raises(ValueError, match=r"column index 127 out of range \[0, 120\).*row"):
+    before = tree_digest(data / "c_range.zarr")
+    with pytest.raises(ValueError, match=r"column index 127 is out of range; indices must lie in \[0, 120\)"):
         convolve_zarr(str(data / "c_range.zarr"), K, str(target))
-    assert provenance(target)["complete"] is False
-    with pytest.raises(ValueError, match="incomplete"):
-        open_stack(str(target))
+    assert not target.exists()
+    assert tree_digest(data / "c_range.zarr") == before
+
+
+def test_csr_index_out_of_range_in_a_lazy_read_names_the_rows(data):
+    """The lazy convolve() reads blocks only when computed: the block that
+    holds the bad index stops the computation, naming its rows."""
+    lazy = convolve(str(data / "c_range.zarr"), K)
+    with pytest.raises(ValueError, match=r"column index 127 out of range \[0, 120\).*row"):
+        lazy.compute()
