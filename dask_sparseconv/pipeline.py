@@ -116,7 +116,7 @@ class ConvolveSummary:
         finalisation are in ``finalize_s``.
     blocks_computed, blocks_skipped : int
         Blocks convolved by this run, and blocks a resumed run found already
-        written and verified (re-read, nnz and CRC-32 matching the block's
+        written and verified (re-read, nnz and checksum matching the block's
         record) and did not recompute. ``blocks_computed + blocks_skipped ==
         blocks``.
     resumed : bool
@@ -822,7 +822,7 @@ def convolve_zarr(
         kernel, mode, method, backend, output format, dtype and shapes, per
         its provenance attribute -- continue it: every block whose done
         marker is set is re-read and checked against the record written
-        with it (nnz and CRC-32 of its values) and skipped if it matches;
+        with it (nnz and checksum of its values) and skipped if it matches;
         the other blocks are computed. A different job's output is refused
         (``ValueError`` listing the differences); a complete output is never
         modified (``FileExistsError``) unless ``overwrite=True``.

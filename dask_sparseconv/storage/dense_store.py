@@ -310,7 +310,7 @@ class DenseOutput:
         Returns the block's nnz: the CSR result's ``nnz``, or the number of
         nonzero pixels written for a dense result.
         The marker holds the block's record: ``rows``, ``nnz`` (nonzero
-        pixels), ``crc32`` of the written values, plus ``record`` (caller's
+        pixels), ``digest`` of the written values, plus ``record`` (caller's
         extra keys) -- see :meth:`verify_block`.
         """
         self._check_block(i, start, stop)
@@ -328,9 +328,8 @@ class DenseOutput:
                 raise ValueError(f"block {i}: result must have shape {(rows, Ho, Wo)}; got {dense.shape}")
         values = dense.astype(self.dtype, copy=False)
         self.node[start:stop] = values
-        nonzero = int(np.count_nonzero(values))
-        rec = {**(record or {}), "rows": [int(start), int(stop)], "nnz": nonzero,
-               "crc32": progress.checksum(values)}
+        nonzero, digest = progress.dense_digest(values)
+        rec = {**(record or {}), "rows": [int(start), int(stop)], "nnz": nonzero, "digest": digest}
         progress.mark_block_done(self.node, i, rec)
         # the count is made here anyway (for the record): hand it back so the
         # caller need not make a second pass over the block (~3 ms / 16 MiB)
@@ -338,7 +337,7 @@ class DenseOutput:
 
     def verify_block(self, i: int) -> dict | None:
         """Block ``i``'s record if its marker is set and its rows, read back
-        now, match the record's nnz and CRC-32; else ``None`` (redo it)."""
+        now, match the record's nnz and digest; else ``None`` (redo it)."""
         if not 0 <= int(i) < len(self.block_bounds):
             return None
         rec = progress.read_block_record(self.node, int(i))
@@ -349,7 +348,7 @@ class DenseOutput:
             values = np.asarray(self.node[start:stop])
         except Exception:  # a chunk that no longer decodes
             return None
-        if int(np.count_nonzero(values)) != rec.get("nnz") or progress.checksum(values) != rec.get("crc32"):
+        if progress.dense_digest(values) != (rec.get("nnz"), rec.get("digest")):
             return None
         return rec
 

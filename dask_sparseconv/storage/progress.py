@@ -16,9 +16,10 @@ Resume and atomicity rest on three rules:
    whose flag is false.
 
 Block records (resume verification): with each block the writer stores a
-small JSON record -- rows, nnz and a CRC-32 of the values it wrote (for a
-dense output it is the marker's own content; a CSR output keeps it in the
-attributes of the block's staging group). :func:`checksum` is the one
+small JSON record -- rows, nnz and a digest of the values it wrote
+(:func:`dense_digest` for a dense output, kept as the marker's own content;
+a CRC-32 of the staging bytes for a CSR output). :func:`dense_digest` and
+:func:`checksum` are the one
 definition used on write and on re-read, so a resumed run can re-read a
 block and compare before skipping it.
 """
@@ -30,6 +31,7 @@ import json
 import zlib
 from typing import Any
 
+import numba
 import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
@@ -122,6 +124,48 @@ def mark_complete(node: zarr.Array | zarr.Group, **updates: Any) -> dict:
 
 def _prefix(node: zarr.Array | zarr.Group) -> str:
     return (node.path + "/" if node.path else "") + PROGRESS + "/"
+
+
+@numba.njit(nogil=True, cache=True)
+def _fletcher_nnz(words, mask):
+    """(nonzero count, Fletcher-64 sum) of integer ``words`` in one pass.
+
+    A word whose bits under ``mask`` are all zero counts as zero (``mask``
+    drops the sign bit of floats, so ``-0.0`` reads as ``0.0``, as zarr
+    stores it).
+    """
+    s1 = np.uint64(0)
+    s2 = np.uint64(0)
+    nnz = 0
+    zero = words.dtype.type(0)
+    for i in range(words.size):
+        w = words[i]
+        if (w & mask) == zero:
+            w = zero
+        else:
+            nnz += 1
+        s1 += np.uint64(w)
+        s2 += s1
+    return nnz, s1, s2
+
+
+def dense_digest(values: np.ndarray) -> tuple[int, str]:
+    """``(nonzero count, digest)`` of a float block, in one pass over memory.
+
+    The digest is a Fletcher-64 sum over the values' bit patterns (order
+    sensitive, with ``-0.0`` read as ``0.0``): it detects a block that was
+    truncated, overwritten or read back differently, which is what resume
+    needs, at memory speed (a CRC-32 plus ``count_nonzero`` cost ~3x more on
+    a 16 MiB block). Other dtypes fall back to CRC-32.
+    """
+    a = np.ascontiguousarray(values).reshape(-1)
+    if a.dtype == np.float32:
+        nnz, s1, s2 = _fletcher_nnz(a.view(np.uint32), np.uint32(0x7FFFFFFF))
+    elif a.dtype == np.float64:
+        nnz, s1, s2 = _fletcher_nnz(a.view(np.uint64), np.uint64(0x7FFFFFFFFFFFFFFF))
+    else:
+        return int(np.count_nonzero(a)), f"crc32:{checksum(a)}"
+    return int(nnz), f"fletcher64:{int(s1):016x}{int(s2):016x}"
 
 
 def checksum(*arrays: np.ndarray) -> int:

@@ -158,27 +158,46 @@ def test_restart_and_existing_output(tmp_path):
     check_against_scipy(wf, range(30))
 
 
-def test_runtime_failure_is_one_clear_message(tmp_path):
-    """A corrupt input that only shows when a worker reads it: exit 1, no traceback."""
-    import zarr
-
+def _csr_workflow(tmp_path):
     from dask_sparseconv.sample_data import write_sample_stack
 
     write_sample_stack(tmp_path / "in.zarr", 20, (16, 16), radius=3, seed=5, format="csr")
-    g = zarr.open_group(str(tmp_path / "in.zarr"), mode="r+")
-    idx = g["indices"][:]
-    idx[-1] = 10_000  # column beyond H*W = 256
-    g["indices"][:] = idx
     wf = tmp_path / "wf.yaml"
     wf.write_text(
         "input: {path: in.zarr}\nkernel: {box: {size: 3}}\noutput: {path: out.zarr}\n"
         "cluster: {n_workers: 1, dashboard_address: null}\n"
     )
+    return wf
+
+
+def test_runtime_failure_is_one_clear_message(tmp_path):
+    """A corrupt chunk that only shows when a worker reads it: exit 1, one line, no traceback."""
+    wf = _csr_workflow(tmp_path)
+    chunks = sorted((tmp_path / "in.zarr" / "data").rglob("c/*"))
+    assert chunks, "expected the data array's chunk files"
+    chunks[0].write_bytes(b"\x00\x01 not a zstd frame")
     res = cli("run", wf)
     assert res.returncode == 1, (res.stdout, res.stderr)
     assert "Traceback" not in res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "column index 10000 out of range" in lines[0], res.stderr
+    assert len(lines) == 1 and "data" in lines[0] and "chunk" in lines[0], res.stderr
+
+
+def test_bad_csr_indices_refused_before_writing(tmp_path):
+    """Out-of-range CSR indices are found before the output exists: exit 2, one line."""
+    import zarr
+
+    wf = _csr_workflow(tmp_path)
+    g = zarr.open_group(str(tmp_path / "in.zarr"), mode="r+")
+    idx = g["indices"][:]
+    idx[-1] = 10_000  # column beyond H*W = 256
+    g["indices"][:] = idx
+    res = cli("run", wf)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "column index 10000 is out of range" in lines[0], res.stderr
+    assert not (tmp_path / "out.zarr").exists()
 
 
 # -- the scheduler workflow, against `dask scheduler` + `dask worker` ------------
