@@ -219,6 +219,8 @@ def get_convolver(
                 frame_shape, kernel, mode=mode, method=method, backend=backend, dtype=dtype, device=device,
                 n_threads=n_threads,
             )
+            if conv.backend == "torch" and str(conv.device).startswith("cpu"):
+                _cap_torch_threads(n_threads)
             with _lock:
                 _stats["builds"] += 1
                 _entries[key] = conv
@@ -228,6 +230,17 @@ def get_convolver(
             with _lock:
                 _key_locks.pop(key, None)
     return conv
+
+
+def _cap_torch_threads(n_threads: int) -> None:
+    """Keep torch's CPU intra-op pool within this process's engine-thread
+    share. torch's setting is process-wide, so it is only ever lowered, to the
+    same ``cores // concurrent tasks`` the numba engines use; otherwise every
+    dask thread would run a torch op on all cores at once."""
+    import torch
+
+    if torch.get_num_threads() > n_threads:
+        torch.set_num_threads(n_threads)
 
 
 def _evict_locked() -> None:

@@ -167,3 +167,27 @@ def test_explicit_n_threads_wins():
     assert cc.get_convolver((8, 8), K, n_threads=3).n_threads == 3
     with pytest.raises(ValueError, match="n_threads"):
         cc.get_convolver((8, 8), K, n_threads=0)
+
+
+def test_torch_cpu_convolver_caps_torch_threads_to_the_engine_share():
+    """A torch-on-CPU convolver built by the cache lowers torch's intra-op
+    threads to its engine-thread count (never raises them), and still
+    computes scipy's result."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, scipy.signal, scipy.sparse, torch\n"
+        "from dask_sparseconv.convolver_cache import get_convolver\n"
+        "torch.set_num_threads(2)\n"
+        "k = np.arange(9.0).reshape(3, 3)\n"
+        "conv = get_convolver((8, 8), k, 'same', 'precomputed', 'torch', None, 'cpu', 1)\n"
+        "assert torch.get_num_threads() == 1, torch.get_num_threads()\n"
+        "x = scipy.sparse.random(3, 64, density=0.2, format='csr', random_state=0)\n"
+        "ref = scipy.signal.convolve2d(x[1].toarray().reshape(8, 8), k, mode='same')\n"
+        "assert np.allclose(conv(x)[1].toarray().reshape(8, 8), ref)\n"
+        "get_convolver((8, 8), k, 'full', 'precomputed', 'torch', None, 'cpu', 2)\n"
+        "assert torch.get_num_threads() == 1\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
