@@ -495,7 +495,7 @@ def _dashboard(client) -> str:
     from .validation import module_available
 
     if not module_available("bokeh"):
-        return "not available (install bokeh>=3.1 to get one)"
+        return "not available (pip install 'dask-sparseconv[dashboard]', i.e. bokeh>=3.1, to get one)"
     link = getattr(client, "dashboard_link", None)
     return link or "not available"
 
