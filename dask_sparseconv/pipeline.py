@@ -323,11 +323,9 @@ def _run_block(src, kernel, out, index: int, start: int, stop: int, spec: _Spec,
     res = _apply(conv, csr, spec)
     p2 = time.perf_counter()
     engine = _engine_info(spec, kernel, conv)
-    written = out.write_block(index, start, stop, res, record={"nnz_in": int(csr.nnz)})
-    if written is not None:  # CSR: what staging holds (consolidation checks it); dense: nonzero pixels written
-        nnz_out = int(written)
-    else:
-        nnz_out = int(res.nnz) if scipy.sparse.issparse(res) else int(np.count_nonzero(res))
+    # the writer counts what it wrote (CSR: the staged nnz consolidation checks;
+    # dense: nonzero pixels, from the same pass as the block's digest)
+    nnz_out = int(out.write_block(index, start, stop, res, record={"nnz_in": int(csr.nnz)}))
     p3 = time.perf_counter()
     return {
         "index": index,

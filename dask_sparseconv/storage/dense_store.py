@@ -303,7 +303,7 @@ class DenseOutput:
         if (int(start), int(stop)) != self.block_bounds[int(i)]:
             raise ValueError(f"block {i} covers rows {self.block_bounds[int(i)]}; got start={start}, stop={stop}")
 
-    def write_block(self, i: int, start: int, stop: int, result: Any, *, record: dict | None = None) -> int | None:
+    def write_block(self, i: int, start: int, stop: int, result: Any, *, record: dict | None = None) -> int:
         """Write rows ``[start, stop)`` (block ``i``) and then mark it done.
 
         ``result``: dense ``(rows, H_out, W_out)`` or CSR ``(rows, H_out*W_out)``.
