@@ -6,10 +6,8 @@ scipy.signal.convolve2d."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -22,6 +20,7 @@ import scipy.signal
 import scipy.sparse
 import yaml
 
+from dask_processes import DaskProcesses
 from dask_sparseconv.workflow import load_workflow
 
 pytestmark = pytest.mark.xdist_group("cluster")
@@ -201,47 +200,15 @@ def test_bad_csr_indices_refused_before_writing(tmp_path):
 
 
 # -- the scheduler workflow, against `dask scheduler` + `dask worker` ------------
-def _stop(proc, timeout=10):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
-
-
 @pytest.fixture
 def scheduler_address(tmp_path):
-    sched_file = tmp_path / "scheduler.json"
-    procs, logs = [], []
-
-    def start(args, name):
-        log = open(tmp_path / f"{name}.log", "wb")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=log, stderr=subprocess.STDOUT,
-                                      cwd=tmp_path, env=env()))  # fmt: skip
-        return procs[-1]
-
+    procs = DaskProcesses(tmp_path / "dask", env=env())
     try:
-        sched = start(["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                       "--scheduler-file", str(sched_file)], "scheduler")  # fmt: skip
-        deadline, address = time.monotonic() + START_TIMEOUT, None
-        while time.monotonic() < deadline and address is None:
-            assert sched.poll() is None, (tmp_path / "scheduler.log").read_text()
-            try:
-                address = json.loads(sched_file.read_text())["address"]
-            except (OSError, ValueError, KeyError):
-                time.sleep(0.1)
-        assert address is not None, "dask scheduler did not start"
-        start(["worker", address, "--nthreads", "1", "--nworkers", "1", "--memory-limit", "1GB", "--no-dashboard",
-               "--host", "127.0.0.1", "--local-directory", str(tmp_path / "w0")], "worker")  # fmt: skip
+        address = procs.scheduler()
+        procs.workers(1)
         yield address
     finally:
-        for p in reversed(procs):
-            _stop(p)
-        for log in logs:
-            log.close()
+        procs.stop()
 
 
 def test_scheduler_workflow(tmp_path, scheduler_address):

@@ -9,12 +9,9 @@ processes are always stopped."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ import pytest
 import scipy.signal
 import scipy.sparse
 
+from dask_processes import DaskProcesses
 from dask_sparseconv import convolve_zarr, open_stack
 from dask_sparseconv.devices import ENV_BUDGET, ENV_GPU_DEVICE, ENV_SHARE
 from dask_sparseconv.storage import write_csr_stack, write_dense_stack
@@ -33,16 +31,6 @@ START_TIMEOUT = 90  # seconds: scheduler file, workers registering, one CLI run
 KERNEL = np.array([[0.5, 1.0, 0.0], [-1.0, 2.0, 0.25], [0.0, 1.5, 0.5]])
 GPU_ENGINE = "precomputed/torch/cpu"
 CPU_ENGINE = "direct/numba"
-
-
-def _stop(proc, timeout=10):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
 
 
 def _env(**extra):
@@ -58,34 +46,12 @@ def mixed_cluster(tmp_path_factory):
     from distributed import Client
 
     tmp = tmp_path_factory.mktemp("mixed_cluster")
-    sched_file = tmp / "scheduler.json"
-    procs, logs = [], []
-
-    def start(args, name, env):
-        log = open(tmp / f"{name}.log", "wb")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=log, stderr=subprocess.STDOUT,
-                                      cwd=tmp, env=env))
-        return procs[-1]
-
-    def worker_args(address, name):
-        return ["worker", address, "--nthreads", "1", "--nworkers", "1", "--memory-limit", "2GB", "--no-dashboard",
-                "--host", "127.0.0.1", "--local-directory", str(tmp / name), "--name", name]
-
+    procs = DaskProcesses(tmp, env=_env())
     try:
-        sched = start(["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                       "--scheduler-file", str(sched_file)], "scheduler", _env())
-        deadline, address = time.monotonic() + START_TIMEOUT, None
-        while time.monotonic() < deadline and address is None:
-            assert sched.poll() is None, (tmp / "scheduler.log").read_text()
-            try:
-                address = json.loads(sched_file.read_text())["address"]
-            except (OSError, ValueError, KeyError):
-                time.sleep(0.1)
-        assert address is not None, "dask scheduler did not start"
-        start(worker_args(address, "gpu-worker") + ["--resources", "GPU=1"], "gpu-worker",
-              _env(**{ENV_GPU_DEVICE: "cpu", ENV_BUDGET: "4GiB", "OMP_NUM_THREADS": "1"}))
-        start(worker_args(address, "cpu-worker"), "cpu-worker", _env())
+        address = procs.scheduler()
+        procs.worker("gpu-worker", ["--resources", "GPU=1"], memory_limit="2GB",
+                     env=_env(**{ENV_GPU_DEVICE: "cpu", ENV_BUDGET: "4GiB", "OMP_NUM_THREADS": "1"}))
+        procs.worker("cpu-worker", memory_limit="2GB")
         with Client(address, timeout=START_TIMEOUT) as client:
             client.wait_for_workers(2, timeout=START_TIMEOUT)
             info = client.scheduler_info(n_workers=-1)["workers"]
@@ -93,10 +59,7 @@ def mixed_cluster(tmp_path_factory):
         yield {"address": address, "gpu": by_name["gpu-worker"], "cpu": by_name["cpu-worker"],
                "gpu_log": tmp / "gpu-worker.log"}
     finally:
-        for p in reversed(procs):
-            _stop(p)
-        for log in logs:
-            log.close()
+        procs.stop()
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,7 @@
 `dask scheduler` plus two `dask worker` processes, reached with
 Client(address). Every wait is bounded and the processes are always killed."""
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,76 +10,22 @@ import scipy.sparse
 
 from dask_sparseconv import cache_stats, convolve_zarr, open_stack
 from dask_sparseconv.storage import write_csr_stack, write_dense_stack
+from dask_processes import START_TIMEOUT, DaskProcesses
 from pipeline_support import KERNEL, assert_matches, reference, sparse_stack
 
 pytestmark = pytest.mark.xdist_group("cluster")
 
-START_TIMEOUT = 90  # seconds, for the scheduler file and for the workers to register
-
-
-def _stop(proc, timeout=10):
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout)
-
-
-def _tail(path, n=2000):
-    try:
-        with open(path, "rb") as f:
-            return f.read()[-n:].decode(errors="replace")
-    except OSError:
-        return ""
-
-
 @pytest.fixture
 def cli_cluster(tmp_path):
     """Yield the address of a scheduler with two single-threaded workers."""
-    env = dict(os.environ)
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    sched_file = tmp_path / "scheduler.json"
-    procs, logs = [], []
-
-    def start(args, name):
-        log = open(tmp_path / f"{name}.log", "wb")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=log, stderr=subprocess.STDOUT,
-                                      cwd=tmp_path, env=env))
-        return procs[-1]
-
+    procs = DaskProcesses(tmp_path)
     try:
-        sched = start(["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                       "--scheduler-file", str(sched_file)], "scheduler")
-        deadline = time.monotonic() + START_TIMEOUT
-        address = None
-        while time.monotonic() < deadline:
-            if sched.poll() is not None:
-                pytest.fail(f"dask scheduler exited with {sched.returncode}:\n{_tail(tmp_path / 'scheduler.log')}")
-            if sched_file.exists():
-                try:
-                    address = json.loads(sched_file.read_text())["address"]
-                    break
-                except (ValueError, KeyError):
-                    pass  # partially written
-            time.sleep(0.1)
-        if address is None:
-            pytest.fail(f"no scheduler file after {START_TIMEOUT} s:\n{_tail(tmp_path / 'scheduler.log')}")
+        address = procs.scheduler()
         assert address.startswith("tcp://127.0.0.1:")
-        for i in range(2):
-            start(["worker", address, "--nthreads", "1", "--nworkers", "1", "--memory-limit", "1GB",
-                   "--no-dashboard", "--host", "127.0.0.1", "--local-directory", str(tmp_path / f"w{i}"),
-                   "--name", f"cli-worker-{i}"], f"worker{i}")
+        procs.workers(2)
         yield address
     finally:
-        for p in reversed(procs):
-            _stop(p)
-        for log in logs:
-            log.close()
+        procs.stop()
 
 
 def test_convolve_zarr_through_cli_started_cluster(cli_cluster, tmp_path):

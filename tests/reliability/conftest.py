@@ -17,7 +17,7 @@ def pytest_configure(config):
 @pytest.fixture
 def dask_processes(tmp_path):
     """Start `dask scheduler` / `dask worker` processes; all are stopped afterwards."""
-    from reliability_support import DaskProcesses
+    from dask_processes import DaskProcesses
 
     procs = DaskProcesses(tmp_path / "dask")
     try:

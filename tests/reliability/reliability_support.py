@@ -1,10 +1,10 @@
 """Helpers of the reliability tests: input stacks, output comparison, the
-command line in a subprocess, and dask scheduler/worker processes."""
+command line in a subprocess; dask scheduler/worker processes come from
+tests/dask_processes.py."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -16,16 +16,9 @@ import numpy as np
 import scipy.sparse
 import zarr
 
-REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 90  # seconds: scheduler file, workers registering
+from dask_processes import base_env as env
+
 RUN_TIMEOUT = 180  # seconds: one CLI run in a subprocess
-
-
-def env() -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-    e.pop("DASK_LOGGING__DISTRIBUTED", None)
-    return e
 
 
 def stack(n: int, H: int, W: int, density: float = 0.03, seed: int = 0) -> np.ndarray:
@@ -124,18 +117,6 @@ def start_cli(*args, cwd=None, log_dir: Path) -> tuple[subprocess.Popen, Path, P
     return proc, out, err
 
 
-def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
-    """Terminate a process we started (SIGTERM, then SIGKILL); never waits unbounded."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout)
-
-
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL a process started with start_new_session and everything it spawned."""
     try:
@@ -155,58 +136,3 @@ def one_line_error(stderr: str) -> str:
     errors = [ln for ln in lines if ln.startswith("error: ")]
     assert len(errors) == 1, stderr
     return errors[0]
-
-
-# -- dask scheduler and workers as processes -----------------------------------
-class DaskProcesses:
-    """`dask scheduler` and `dask worker` processes on 127.0.0.1 (always stopped by the fixture)."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.procs: list[subprocess.Popen] = []
-        self.logs: list = []
-        self.address: str | None = None
-
-    def _start(self, args: list[str], name: str) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "wb")
-        self.logs.append(log)
-        p = subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=log, stderr=subprocess.STDOUT,
-                             cwd=self.root, env=env())
-        self.procs.append(p)
-        return p
-
-    def log(self, name: str) -> str:
-        try:
-            return (self.root / f"{name}.log").read_bytes()[-3000:].decode(errors="replace")
-        except OSError:
-            return ""
-
-    def scheduler(self, extra: list[str] = ()) -> str:
-        sched_file = self.root / "scheduler.json"
-        p = self._start(["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                         "--scheduler-file", str(sched_file), *extra], "scheduler")
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                raise AssertionError(f"dask scheduler exited with {p.returncode}:\n{self.log('scheduler')}")
-            if sched_file.exists():
-                try:
-                    self.address = json.loads(sched_file.read_text())["address"]
-                    return self.address
-                except (ValueError, KeyError):
-                    pass  # being written
-            time.sleep(0.1)
-        raise AssertionError(f"no scheduler file after {START_TIMEOUT} s:\n{self.log('scheduler')}")
-
-    def workers(self, n: int, extra: list[str] = ()) -> None:
-        for i in range(n):
-            self._start(["worker", self.address, "--nthreads", "1", "--nworkers", "1", "--memory-limit", "1GB",
-                         "--no-dashboard", "--host", "127.0.0.1", "--local-directory", str(self.root / f"w{i}"),
-                         "--name", f"rel-worker-{i}", *extra], f"worker{i}")
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            stop(p)
-        for log in self.logs:
-            log.close()
