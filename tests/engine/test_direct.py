@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from dask_sparseconv import Convolver
 from dask_sparseconv.engine import engine_class
-from dask_sparseconv.engine.base import INT32_MAX
 from dask_sparseconv.engine.direct import DirectNumba
 from dask_sparseconv.geometry import geometry
+from engine_support import check_csr, random_csr, reference
 
 MODES = ("full", "same", "valid")
 TOL = {np.dtype(np.float32): dict(rtol=1e-5, atol=1e-5), np.dtype(np.float64): dict(rtol=1e-10, atol=1e-12)}
@@ -31,51 +31,6 @@ BUDGETS = (256 * 1024**2, 64, 4096)
 
 
 # -- helpers -----------------------------------------------------------------
-
-
-def random_csr(rng, n, H, W, density, dtype, *, explicit_zeros=False, idx64=False):
-    """A canonical (n, H*W) CSR batch of normal values (optionally with stored zeros)."""
-    dense = rng.standard_normal((n, H * W)).astype(dtype)
-    keep = rng.random((n, H * W)) < density
-    if explicit_zeros:
-        zero = keep & (rng.random((n, H * W)) < 0.3)
-        dense[zero] = 0
-    rows, cols = np.nonzero(keep)
-    x = scipy.sparse.csr_matrix((dense[rows, cols], (rows, cols)), shape=(n, H * W))
-    x.sum_duplicates()
-    if idx64:
-        x.indices = x.indices.astype(np.int64)
-        x.indptr = x.indptr.astype(np.int64)
-    return x
-
-
-def reference(x, frame_shape, kernel, mode):
-    """scipy.signal.convolve2d per image, computed in float64: (n, H_out, W_out)."""
-    H, W = frame_shape
-    geo = geometry(frame_shape, kernel.shape, mode)
-    dense = x.toarray().astype(np.float64)
-    out = np.zeros((x.shape[0],) + geo.out_shape)
-    for i in range(x.shape[0]):
-        out[i] = scipy.signal.convolve2d(dense[i].reshape(H, W), kernel.astype(np.float64), mode=mode)
-    return out
-
-
-def check_csr(y, n, out_pixels, dtype):
-    """The engine contract's promises about a CSR result."""
-    assert isinstance(y, scipy.sparse.csr_matrix)
-    assert y.shape == (n, out_pixels)
-    assert y.data.dtype == np.dtype(dtype)
-    want_idx = np.int32 if max(n, out_pixels, y.nnz) <= INT32_MAX else np.int64
-    assert y.indices.dtype == want_idx and y.indptr.dtype == want_idx
-    assert y.indptr[0] == 0 and y.indptr[-1] == y.nnz == y.data.size == y.indices.size
-    assert np.all(np.diff(y.indptr) >= 0)
-    # sorted, no duplicates, in range: strictly increasing within each row
-    for i in range(n):
-        row = y.indices[y.indptr[i] : y.indptr[i + 1]]
-        assert np.all(np.diff(row) > 0)
-        if row.size:
-            assert 0 <= row[0] and row[-1] < out_pixels
-    assert not np.any(y.data == 0), "explicit zeros stored"
 
 
 def check_against_scipy(y, ref, dtype, *, pattern=True):
