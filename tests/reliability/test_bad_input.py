@@ -212,9 +212,15 @@ def test_corrupt_input_chunk_stops_the_run_nothing_marked_complete(data):
     assert tree_digest(data / "big.zarr") == before and chunk.read_bytes() == b"\x00\x01 not zstd"
 
 
-def test_csr_index_out_of_range_refused_before_anything_is_written(data):
-    """convolve_zarr scans a CSR source's indices (one dask min/max reduction)
-    before creating the target, so the run refuses with nothing written."""
+@pytest.mark.parametrize("scan", ["in-process", "dask"])
+def test_csr_index_out_of_range_refused_before_anything_is_written(data, scan, monkeypatch):
+    """convolve_zarr scans a CSR source's indices before creating the target
+    (in this process for up to 64 MiB of indices, else as a dask min/max
+    reduction), so the run refuses with nothing written."""
+    from dask_sparseconv.storage.csr_store import CSRInput
+
+    if scan == "dask":  # a small store takes the large-store path
+        monkeypatch.setattr(CSRInput, "_LOCAL_CHECK_BYTES", 0)
     target = data / "out.zarr"
     before = tree_digest(data / "c_range.zarr")
     with pytest.raises(ValueError, match=r"column index 127 is out of range; indices must lie in \[0, 120\)"):
