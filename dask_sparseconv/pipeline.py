@@ -343,17 +343,13 @@ def _run_block(src, kernel, out, index: int, start: int, stop: int, spec: _Spec,
     }
 
 
-def _consolidation_plan(out, stats: list[dict]) -> list:
-    """CSR output, after every block: create the final arrays and list the
-    chunk-writing tasks (how many depends on the total nnz, known only now)."""
-    stats = sorted(stats, key=lambda s: s["index"])
-    return out.consolidation_tasks([s["nnz_out"] for s in stats])
-
-
-def _consolidate_part(tasks: list, part: int, n_parts: int) -> float:
-    """Run every ``n_parts``-th consolidation task, from ``part``; returns seconds."""
+def _consolidate_part(out, stats: list[dict], part: int, n_parts: int) -> float:
+    """CSR output, after every block: run every ``n_parts``-th consolidation
+    task, from ``part`` (each part plans the same tasks from the blocks'
+    nnz; the final arrays already exist). Returns seconds."""
     p0 = time.perf_counter()
-    for task in tasks[part::n_parts]:
+    stats = sorted(stats, key=lambda s: s["index"])
+    for task in out.consolidation_tasks([s["nnz_out"] for s in stats])[part::n_parts]:
         task()
     return time.perf_counter() - p0
 
@@ -967,12 +963,12 @@ def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str, 
     parts = None
     if spec.out_format == "csr":
         # the number of final chunks depends on the total nnz, known only after
-        # the blocks: one task plans them, a fixed number of tasks write them
-        # in parallel (each a disjoint set of whole chunks)
-        plan = delayed(_consolidation_plan, pure=False)(out_node, stats, dask_key_name=f"sparseconv-plan-{token}")
+        # the blocks: a fixed number of tasks each plan them (cheap, from the
+        # blocks' nnz) and write a disjoint share of whole chunks, in parallel
         n_parts = max(1, min(_scheduler_threads(), 64))
         part = delayed(_consolidate_part, pure=False)
-        parts = [part(plan, k, n_parts, dask_key_name=f"sparseconv-consolidate-{token}-{k}") for k in range(n_parts)]
+        parts = [part(out_node, stats, k, n_parts, dask_key_name=f"sparseconv-consolidate-{token}-{k}")
+                 for k in range(n_parts)]
     return delayed(_finalize, pure=False)(out_node, stats, info, parts, dask_key_name=f"sparseconv-finalize-{token}")
 
 

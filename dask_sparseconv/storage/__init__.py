@@ -256,6 +256,10 @@ def _reopen_for_resume(loc, target, fmt, n_images, out_shape, dtype, bounds, att
         "block_rows": bounds[0][1] - bounds[0][0],
         "n_blocks": len(bounds),
     }
+    if fmt == "csr":  # an output of an older CSR layout is not resumed (it has no final arrays yet)
+        from .csr_store import CSR_LAYOUT
+
+        want["csr_layout"] = CSR_LAYOUT
     want.update(progress._jsonable(dict(attrs or {})))
     diff = {k: (prov.get(k), v) for k, v in want.items() if prov.get(k) != v}
     if diff:
@@ -333,8 +337,8 @@ def describe_stack(source: Any, array: str | None = None, storage_options: dict 
     loc, node = _open_node(source, array, storage_options)
     prov = progress.provenance(node)
     if prov is not None and not prov.get("complete"):
-        # an interrupted run: report its layout and progress (a CSR output
-        # has no data/indices/indptr before consolidation)
+        # an interrupted run: report its layout and progress (a CSR output's
+        # data/indices are not filled, and are longer than nnz, before consolidation)
         n_blocks = int(prov.get("n_blocks", 0))
         done = len({i for i in progress.done_blocks(node) if i < n_blocks})
         shape = [prov.get("n_images"), *(prov.get("frame_shape") or [])]

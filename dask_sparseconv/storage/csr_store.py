@@ -58,7 +58,10 @@ __all__ = ["CSRInput", "CSROutput", "ConsolidationTask", "write_csr_stack", "is_
 CSR_ATTRS = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
 STAGING = "_staging"
 CONSOLIDATED = "_consolidated"
-DEFAULT_CHUNK_NNZ = 1 << 20  # elements per data/indices chunk (4 MiB of float32)
+# 2: data/indices/indptr are created with the output (data/indices at their
+# capacity) and consolidation marks live under _consolidated/<plan digest>/
+CSR_LAYOUT = 2
+DEFAULT_CHUNK_NNZ = 1 << 18  # elements per data/indices chunk (1 MiB of float32)
 DEFAULT_INDPTR_CHUNK = 1 << 18  # indptr entries per chunk (2 MiB of int64)
 _VALIDATE_STEP = 1 << 22
 
@@ -388,18 +391,20 @@ def _unpack_staging(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray, np.
 
 
 class ConsolidationTask:
-    """One consolidation step: writes whole chunks of the final arrays.
+    """One consolidation step: writes whole chunks of one final array.
 
-    ``kind='nz'``: chunk ``j`` of ``data`` and ``indices``; ``kind='indptr'``:
-    chunk ``j`` of ``indptr``. ``pieces`` says which staging slices make up
-    the chunk. Call it (no arguments) from any process; it is idempotent
-    and records itself as done in ``_consolidated``.
+    ``kind``: ``'data'`` or ``'indices'`` (chunk ``j`` of that array) or
+    ``'indptr'``. ``pieces`` says which staging slices make up the chunk.
+    Call it (no arguments) from any process; it is idempotent and records
+    itself as done under ``_consolidated/<plan>`` (``plan``: a digest of the
+    block nnz the offsets come from, so marks of another plan never count).
     """
 
-    __slots__ = ("output", "kind", "j", "index", "lo", "hi", "pieces")
+    __slots__ = ("output", "kind", "j", "index", "lo", "hi", "pieces", "plan")
 
-    def __init__(self, output: "CSROutput", kind: str, j: int, index: int, lo: int, hi: int, pieces: list):
+    def __init__(self, output: "CSROutput", kind: str, j: int, index: int, lo: int, hi: int, pieces: list, plan: str):
         self.output, self.kind, self.j, self.index, self.lo, self.hi, self.pieces = output, kind, j, index, lo, hi, pieces
+        self.plan = plan
 
     def __getstate__(self):
         return {k: getattr(self, k) for k in self.__slots__}
@@ -413,26 +418,23 @@ class ConsolidationTask:
 
     def __call__(self) -> int:
         out = self.output
-        if self.kind == "nz":
-            datas, idxs = [], []
-            for b, a, z, expect in self.pieces:
-                _, si, sd = out._staged(b)
-                if sd.shape[0] != expect:
-                    raise ValueError(f"block {b} of {out._loc} holds {sd.shape[0]} values in staging but block_nnz says {expect}; "
-                                     "pass the nnz that write_block returned (or block_nnz=None)")
-                datas.append(sd[a:z])
-                idxs.append(si[a:z])
-            out._final("data")[self.lo:self.hi] = np.concatenate(datas) if len(datas) != 1 else datas[0]
-            out._final("indices")[self.lo:self.hi] = np.concatenate(idxs) if len(idxs) != 1 else idxs[0]
-        else:
+        if self.kind == "indptr":
             parts = []
             for b, a, z, offset in self.pieces:
                 if b < 0:  # the final entry: total nnz
                     parts.append(np.full(z - a, offset, dtype=np.int64))
                     continue
                 parts.append(out._staged_indptr(b)[a:z] + offset)
-            out._final("indptr")[self.lo:self.hi] = np.concatenate(parts) if len(parts) != 1 else parts[0]
-        out._mark_consolidated(self.index)
+        else:
+            parts = []
+            for b, a, z, expect in self.pieces:
+                values = out._staged(b)[1 if self.kind == "indices" else 2]
+                if values.shape[0] != expect:
+                    raise ValueError(f"block {b} of {out._loc} holds {values.shape[0]} values in staging but block_nnz "
+                                     f"says {expect}; pass the nnz that write_block returned (or block_nnz=None)")
+                parts.append(values[a:z])
+        out._final(self.kind)[self.lo:self.hi] = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        out._mark_consolidated(self.plan, self.index)
         return self.hi - self.lo
 
 
@@ -447,10 +449,11 @@ class _RawKey:
     def set_sync(self, value: bytes) -> None:
         sync(self.path.set(default_buffer_prototype().buffer.from_bytes(value)))
 
-    def get_sync(self, length: int | None = None) -> bytes | None:
+    def get_sync(self, length: int | None = None, start: int = 0) -> bytes | None:
+        """The value, or ``length`` bytes of it from ``start``; ``None`` if the key is missing."""
         from zarr.abc.store import RangeByteRequest
 
-        rng = None if length is None else RangeByteRequest(0, int(length))
+        rng = None if length is None else RangeByteRequest(int(start), int(start) + int(length))
         buf = sync(self.path.get(prototype=default_buffer_prototype(), byte_range=rng))
         return None if buf is None else buf.to_bytes()
 
@@ -506,14 +509,27 @@ class CSROutput:
                block_bounds: list[tuple[int, int]], chunk_rows: int | None, chunk_nnz: int | None, compressor: Any,
                attrs: dict | None, overwrite: bool) -> "CSROutput":
         out = cls(loc, n_images, out_shape, dtype, block_bounds, chunk_rows, chunk_nnz, compressor)
+        comp = resolve_compressors(compressor)
         kw = _create_kw(loc)
         kw["path"] = kw.pop("name")
         g = zarr.create_group(zarr_format=3, overwrite=overwrite, **kw)
         g.attrs.update({**CSR_ATTRS, "shape": [int(n_images), out.n_cols], "frame_shape": [int(v) for v in out_shape]})
         g.create_array(progress.PROGRESS, shape=(len(block_bounds),), chunks=(1,), dtype="uint8", fill_value=0,
                        compressors=None)
+        # The final arrays exist from the start, data/indices at a capacity no
+        # output can exceed (every pixel of every frame) and shrunk to the
+        # true nnz by finalize: consolidation tasks can then start as soon as
+        # the blocks' nnz are known, with no planning task that creates them
+        # first (one fewer hop through the scheduler at the end of every job).
+        capacity = max(1, int(n_images) * out.n_cols)
+        c_nz = max(1, min(out.chunk_nnz, capacity))
+        c_ip = max(1, min(out.indptr_chunk, int(n_images) + 1))
+        arrays = out.__dict__.setdefault("_arrays", {})
+        for name, shape, c, dt in (("data", (capacity,), c_nz, out.dtype), ("indices", (capacity,), c_nz, out.index_dtype),
+                                   ("indptr", (int(n_images) + 1,), c_ip, np.int64)):
+            arrays[name] = g.create_array(name, shape=shape, chunks=(c,), dtype=dt, fill_value=0, compressors=comp)
         extra = _layout("csr", n_images, out_shape, dtype, block_bounds)
-        extra.update(chunk_nnz=out.chunk_nnz, indptr_chunk=out.indptr_chunk,
+        extra.update(chunk_nnz=out.chunk_nnz, indptr_chunk=out.indptr_chunk, csr_layout=CSR_LAYOUT,
                      compressor=compressor if isinstance(compressor, str) or compressor is None else repr(compressor))
         progress.init_provenance(g, attrs, extra)
         out._node = g
@@ -634,11 +650,8 @@ class CSROutput:
             z = arrays[name] = self.node[name]
         return z
 
-    def _mark_consolidated(self, index: int) -> None:
-        # chunk ``index`` of the uint8 array ``_consolidated`` (chunk size 1, no
-        # codec: its encoded chunk is the byte itself), written as a raw key
-        # so that no task re-reads the array's metadata
-        self._raw_path(CONSOLIDATED, "c", str(int(index))).set_sync(b"\x01")
+    def _mark_consolidated(self, plan: str, index: int) -> None:
+        self._raw_path(CONSOLIDATED, plan, str(int(index))).set_sync(b"\x01")
 
     def staged_nnz(self) -> list[int]:
         """nnz of every block, read from the staging headers."""
@@ -651,62 +664,52 @@ class CSROutput:
             out.append(_unpack_head(head, f"block {b} of {self._loc}")[1])
         return out
 
-    def _require(self, name: str, shape: tuple, chunks: tuple, dtype: Any, compressors: Any) -> tuple[zarr.Array, bool]:
-        g = self.node
-        try:
-            z = g[name]
-            if isinstance(z, zarr.Array) and z.shape == shape and z.chunks == chunks and z.dtype == np.dtype(dtype):
-                return z, False
-        except KeyError:
-            pass
-        z = g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=compressors,
-                           overwrite=True)
-        return z, True
+    def _offsets(self, block_nnz: Sequence[int] | None) -> tuple[np.ndarray, list[int], str]:
+        n_blocks = len(self.block_bounds)
+        if block_nnz is None:
+            block_nnz = self.staged_nnz()
+        block_nnz = [int(x) for x in block_nnz]
+        if len(block_nnz) != n_blocks or (block_nnz and min(block_nnz) < 0):
+            raise ValueError(f"block_nnz must hold {n_blocks} non-negative counts (one per block); got {len(block_nnz)}")
+        offsets = np.zeros(n_blocks + 1, dtype=np.int64)
+        np.cumsum(block_nnz, out=offsets[1:])
+        plan = f"{zlib.crc32(offsets.astype('<i8').tobytes()):08x}"
+        return offsets, block_nnz, plan
 
     def consolidation_tasks(self, block_nnz: Sequence[int] | None = None) -> list[ConsolidationTask]:
-        """Create the final ``data``/``indices``/``indptr`` arrays and return
-        the tasks that fill them, one per output chunk (parallel-safe: no two
-        tasks write the same chunk). Call from the driver after every block
-        is written; run the tasks anywhere (e.g. ``dask.delayed(t)()``), then
-        call :meth:`finalize`. Already-run tasks are kept on a second call
-        with the same ``block_nnz`` (resume)."""
+        """The tasks that fill the final ``data``/``indices``/``indptr``
+        arrays, one per output chunk and array (parallel-safe: no two tasks
+        write the same chunk). Call after every block is written (anywhere:
+        it only computes offsets, the arrays were created with the output);
+        run the tasks anywhere (e.g. ``dask.delayed(t)()``), then call
+        :meth:`finalize`. ``block_nnz``: what ``write_block`` returned, in
+        block order (``None`` reads them from staging)."""
         n_blocks = len(self.block_bounds)
         missing = sorted(set(range(n_blocks)) - self.done_blocks())
         if missing:
             raise ValueError(f"cannot consolidate {self._loc}: {len(missing)} block(s) are not written yet (first: {missing[:10]})")
-        if block_nnz is None:
-            block_nnz = self.staged_nnz()
-        block_nnz = [int(x) for x in block_nnz]
-        if len(block_nnz) != n_blocks or min(block_nnz) < 0:
-            raise ValueError(f"block_nnz must hold {n_blocks} non-negative counts (one per block); got {len(block_nnz)}")
-        offsets = np.zeros(n_blocks + 1, dtype=np.int64)
-        np.cumsum(block_nnz, out=offsets[1:])
+        offsets, block_nnz, plan = self._offsets(block_nnz)
         nnz = int(offsets[-1])
-        comp = resolve_compressors(self.compressor)
-        c_nz = max(1, min(self.chunk_nnz, nnz))
-        c_ip = max(1, min(self.indptr_chunk, self.n_images + 1))
-        fresh = False
-        arrays = self.__dict__.setdefault("_arrays", {})
-        for name, shape, c, dt in (("data", (nnz,), c_nz, self.dtype), ("indices", (nnz,), c_nz, self.index_dtype),
-                                   ("indptr", (self.n_images + 1,), c_ip, np.int64)):
-            arrays[name], made = self._require(name, shape, (c,), dt, comp)
-            fresh |= made
-        n_nz = math.ceil(nnz / c_nz) if nnz else 0
-        n_ip = math.ceil((self.n_images + 1) / c_ip)
+        capacity = self._final("data").shape[0]
+        if nnz > capacity:  # only a store resized by hand gets here
+            raise ValueError(f"cannot consolidate {self._loc}: the blocks hold {nnz} values but 'data' has room for {capacity}")
+        c_nz = int(self._final("data").chunks[0])
+        c_ip = int(self._final("indptr").chunks[0])
         tasks: list[ConsolidationTask] = []
-        for j in range(n_nz):
+        # data and indices chunks alternate so that round-robin parts split both arrays' work
+        for j in range(math.ceil(nnz / c_nz) if nnz else 0):
             lo, hi = j * c_nz, min((j + 1) * c_nz, nnz)
-            b0 = int(np.searchsorted(offsets, lo, side="right")) - 1
             pieces = []
-            b = b0
+            b = int(np.searchsorted(offsets, lo, side="right")) - 1
             while b < n_blocks and offsets[b] < hi:
                 a, z = max(lo, offsets[b]) - offsets[b], min(hi, offsets[b + 1]) - offsets[b]
                 if z > a:
                     pieces.append((b, int(a), int(z), block_nnz[b]))
                 b += 1
-            tasks.append(ConsolidationTask(self, "nz", j, len(tasks), lo, hi, pieces))
+            for kind in ("data", "indices"):
+                tasks.append(ConsolidationTask(self, kind, j, len(tasks), lo, hi, pieces, plan))
         R = self.block_rows
-        for j in range(n_ip):
+        for j in range(math.ceil((self.n_images + 1) / c_ip)):
             lo, hi = j * c_ip, min((j + 1) * c_ip, self.n_images + 1)
             pieces = []
             r = lo
@@ -719,28 +722,24 @@ class CSROutput:
                 z = min(hi, stop)
                 pieces.append((b, r - start, z - start, int(offsets[b])))
                 r = z
-            tasks.append(ConsolidationTask(self, "indptr", j, len(tasks), lo, hi, pieces))
-        marks, made = self._require(CONSOLIDATED, (max(1, len(tasks)),), (1,), "uint8", None)
-        if fresh and not made:  # the final arrays were (re)created: earlier marks are stale
-            self.node.create_array(CONSOLIDATED, shape=(max(1, len(tasks)),), chunks=(1,), dtype="uint8", fill_value=0,
-                                   compressors=None, overwrite=True)
-        self._plan_nnz = nnz
+            tasks.append(ConsolidationTask(self, "indptr", j, len(tasks), lo, hi, pieces, plan))
         return tasks
 
-    def consolidated_tasks(self) -> set[int]:
-        """Indices of consolidation tasks that have run."""
+    def consolidated_tasks(self, block_nnz: Sequence[int] | None = None) -> set[int]:
+        """Indices of the consolidation tasks of this ``block_nnz``'s plan that have run."""
+        plan = self._offsets(block_nnz)[2]
         g = self.node
-        store = g.store
-        prefix = (g.path + "/" if g.path else "") + CONSOLIDATED + "/c/"
+        prefix = (g.path + "/" if g.path else "") + f"{CONSOLIDATED}/{plan}/"
 
         async def _list() -> list[str]:
-            return [k async for k in store.list_prefix(prefix)]
+            return [k async for k in g.store.list_prefix(prefix)]
 
         return {int(k.rsplit("/", 1)[-1]) for k in sync(_list()) if k.rsplit("/", 1)[-1].isdigit()}
 
     def finalize(self, block_nnz: Sequence[int] | None = None, max_workers: int | None = None) -> None:
         """Consolidate (running any consolidation task that has not run),
-        delete staging, then set ``complete: true`` as the last write.
+        shrink ``data``/``indices`` to the true nnz, delete staging, then set
+        ``complete: true`` as the last write.
 
         ``block_nnz``: the counts ``write_block`` returned, in block order;
         ``None`` reads them from the staging headers.
@@ -754,7 +753,8 @@ class CSROutput:
             return
         if not prov.get("consolidated"):
             tasks = self.consolidation_tasks(block_nnz)
-            done = self.consolidated_tasks()
+            offsets = self._offsets(block_nnz)[0]
+            done = self.consolidated_tasks(block_nnz)
             todo = [t for t in tasks if t.index not in done]
             workers = max_workers or min(8, os.cpu_count() or 1)
             if workers > 1 and len(todo) > 1:
@@ -763,7 +763,11 @@ class CSROutput:
             else:
                 for t in todo:
                     t()
-            nnz = self._plan_nnz
+            nnz = int(offsets[-1])
+            for name in ("data", "indices"):
+                # metadata only: no chunk lies beyond nnz, and listing the
+                # capacity's chunk grid to delete them would be unbounded
+                sync(self._final(name).async_array.resize((nnz,), delete_outside_chunks=False))
             prov["consolidated"] = True
             prov["nnz"] = nnz
             g.attrs[progress.ATTR] = prov  # staging may go now; a crash from here on resumes at the cleanup

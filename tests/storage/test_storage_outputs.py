@@ -198,7 +198,8 @@ def test_csr_staging_consolidation_misaligned_threads(tmp_path, chunk_nnz, chunk
     out.finalize(block_nnz)
     g = zarr.open_group(t, mode="r")
     _check_anndata_layout(g, c)
-    assert g["data"].chunks == (min(chunk_nnz, c.nnz),) and g["indptr"].chunks == (min(chunk_rows, n + 1),)
+    # data/indices are created at their capacity (every pixel) before nnz is known, then shrunk
+    assert g["data"].chunks == (min(chunk_nnz, n * Ho * Wo),) and g["indptr"].chunks == (min(chunk_rows, n + 1),)
     assert g.attrs["frame_shape"] == [Ho, Wo] and g.attrs["dask_sparseconv"]["complete"] is True
     assert g.attrs["dask_sparseconv"]["nnz"] == c.nnz
     assert (open_stack(t, rows_per_chunk=5).compute() != c).nnz == 0
@@ -218,12 +219,14 @@ def test_csr_parallel_consolidation_tasks_and_resume(tmp_path):
         for task in out.consolidation_tasks(bad):
             task()
     tasks = out.consolidation_tasks(nnz)
-    assert len(tasks) == -(-c.nnz // 5) + -(-(n + 1) // 3)
+    assert len(tasks) == 2 * -(-c.nnz // 5) + -(-(n + 1) // 3)  # data and indices chunks, indptr chunks
+    assert {tk.kind for tk in tasks} == {"data", "indices", "indptr"}
     # ship tasks like dask would (pickled), run half of them in threads: a crash mid-consolidation
     shipped = [pickle.loads(pickle.dumps(tk)) for tk in tasks]
     with ThreadPoolExecutor(4) as ex:
         list(ex.map(lambda tk: tk(), shipped[::2]))
-    assert out.consolidated_tasks() == {tk.index for tk in tasks[::2]}
+    assert out.consolidated_tasks(nnz) == {tk.index for tk in tasks[::2]}
+    assert out.consolidated_tasks([0] * (len(nnz) - 1) + [sum(nnz)]) == set()  # another plan: its marks do not count
     info = describe_stack(t)
     assert info["complete"] is False and info["n_blocks"] == 5 and info["done_blocks"] == 5
     assert info["format"] == "csr" and info["shape"] == [17, 25]
