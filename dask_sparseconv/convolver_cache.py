@@ -30,8 +30,11 @@ several block tasks at once. The engine thread count is therefore
 where ``cores`` is the number of CPUs this process may run on
 (``os.sched_getaffinity``) and ``concurrent_tasks`` is
 
-* inside a ``distributed`` worker: the worker's thread count
-  (``get_worker().state.nthreads``);
+* inside a ``distributed`` worker: the dask threads of every worker on
+  the same host (asked of the scheduler once a minute; a LocalCluster of
+  2 processes x 1 thread on 2 cores gives 2, so each process's engines get
+  1 thread), or the worker's own thread count when the scheduler cannot
+  say;
 * in a thread of dask's local threaded scheduler: the size of its pool
   (``dask.config.get('num_workers')``, else ``dask.system.CPU_COUNT``),
   which by default makes engines single-threaded and lets dask's threads
@@ -104,13 +107,51 @@ def _local_pool_size() -> int:
         return max(1, int(CPU_COUNT))
 
 
+# A worker's peers on its host, from the scheduler: ``{worker address:
+# (time read, threads on that host)}``. Re-read after _HOST_TTL seconds so a
+# cluster that grows or shrinks is followed.
+_HOST_TTL = 60.0
+_host_threads: dict[str, tuple[float, int]] = {}
+
+
+def _threads_on_host(worker) -> int | None:
+    """Dask threads of every worker on this worker's host (None if unknown).
+
+    One ``identity`` call to the scheduler (~2 ms), cached per process: a
+    LocalCluster of 2 processes x 1 thread on 2 cores must give each
+    process's engines 1 thread, not the 2 cores it sees.
+    """
+    import time as _time
+
+    addr = getattr(worker, "address", None)
+    if not addr:
+        return None
+    now = _time.monotonic()
+    hit = _host_threads.get(addr)
+    if hit is not None and now - hit[0] < _HOST_TTL:
+        return hit[1]
+    try:
+        from distributed.utils import sync
+
+        info = sync(worker.loop, worker.scheduler.identity, callback_timeout=5)
+        workers = info.get("workers", {})
+        host = workers[addr]["host"]
+        n = sum(int(w.get("nthreads", 0) or 0) for w in workers.values() if w.get("host") == host)
+    except Exception:  # no scheduler answer (closing, old version): fall back to this worker's threads
+        return None
+    if n < 1:
+        return None
+    _host_threads[addr] = (now, n)
+    return n
+
+
 def concurrent_tasks() -> int:
-    """How many block tasks this process runs at once, per the thread policy."""
+    """How many block tasks run at once on the cores this process shares, per the thread policy."""
     worker = _current_worker()
     if worker is not None:
         state = getattr(worker, "state", None)
-        n = getattr(state, "nthreads", None) or getattr(worker, "nthreads", None) or 1
-        return max(1, int(n))
+        own = getattr(state, "nthreads", None) or getattr(worker, "nthreads", None) or 1
+        return max(1, int(own), int(_threads_on_host(worker) or 0))
     if threading.current_thread() is threading.main_thread():
         return 1
     return _local_pool_size()

@@ -300,12 +300,17 @@ def _convolve_source_block(src, kernel, start: int, stop: int, spec: _Spec):
     return _apply(conv, src.read_block(start, stop), spec)
 
 
-def _run_block(src, kernel, out, index: int, start: int, stop: int, spec: _Spec, check: bool = False) -> dict:
+def _run_block(job: tuple, kernel, index: int, start: int, stop: int, check: bool = False) -> dict:
     """convolve_zarr body: read -> convolve -> write one block; returns small stats.
+
+    ``job``: ``(source, output, spec)``, one graph node shared by every block
+    (passing them separately made dask traverse the spec dataclass for each
+    block: ~0.6 ms of graph building per block).
 
     ``check`` (resume: the block's marker was set when the graph was built):
     re-read the written block first and skip the work when it matches the
     record stored with it (see ``verify_block`` in the storage outputs)."""
+    src, out, spec = job
     t0 = time.time()
     if check:
         p0 = time.perf_counter()
@@ -343,7 +348,7 @@ def _run_block(src, kernel, out, index: int, start: int, stop: int, spec: _Spec,
     }
 
 
-def _consolidate_part(out, stats: list[dict], part: int, n_parts: int) -> float:
+def _consolidate_part(out, part: int, n_parts: int, *stats: dict) -> float:
     """CSR output, after every block: run every ``n_parts``-th consolidation
     task, from ``part`` (each part plans the same tasks from the blocks'
     nnz; the final arrays already exist). Returns seconds."""
@@ -939,15 +944,14 @@ def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str, 
 
     token = tokenize(target, spec, blocks.block_rows, time.time_ns())
     kernel_node = _kernel_node(kernel)
-    src_node = delayed(src, name=f"sparseconv-source-{token}", traverse=False)
+    job_node = delayed((src, out, spec), name=f"sparseconv-job-{token}", traverse=False)
     out_node = delayed(out, name=f"sparseconv-target-{token}", traverse=False)
     run = delayed(_run_block, pure=False)
     import dask
 
     with dask.annotate(**(annotations or {})):  # route: only the block tasks are restricted
         stats = [
-            run(src_node, kernel_node, out_node, i, start, stop, spec, i in (done or ()),
-                dask_key_name=f"sparseconv-block-{token}-{i}")
+            run(job_node, kernel_node, i, start, stop, i in (done or ()), dask_key_name=f"sparseconv-block-{token}-{i}")
             for i, (start, stop) in enumerate(blocks.bounds)
         ]
     info = {
@@ -967,9 +971,17 @@ def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str, 
         # blocks' nnz) and write a disjoint share of whole chunks, in parallel
         n_parts = max(1, min(_scheduler_threads(), 64))
         part = delayed(_consolidate_part, pure=False)
-        parts = [part(out_node, stats, k, n_parts, dask_key_name=f"sparseconv-consolidate-{token}-{k}")
+        # stats go as separate arguments: dask unpacks Delayed arguments
+        # cheaply, but optimises a list of them (~60 ms per call at 200 blocks)
+        parts = [part(out_node, k, n_parts, *stats, dask_key_name=f"sparseconv-consolidate-{token}-{k}")
                  for k in range(n_parts)]
-    return delayed(_finalize, pure=False)(out_node, stats, info, parts, dask_key_name=f"sparseconv-finalize-{token}")
+    return delayed(_finalize_job, pure=False)(out_node, info, len(stats), *stats, *(parts or ()),
+                                              dask_key_name=f"sparseconv-finalize-{token}")
+
+
+def _finalize_job(out, info: dict, n_blocks: int, *results):
+    """The graph's last task: ``results`` are the blocks' stats, then the consolidation parts' seconds."""
+    return _finalize(out, list(results[:n_blocks]), info, list(results[n_blocks:]) or None)
 
 
 __all__ = ["ConvolveSummary", "convolve", "convolve_zarr"]

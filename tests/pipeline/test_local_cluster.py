@@ -152,3 +152,19 @@ def test_out_of_core_dense_stack_keeps_worker_rss_bounded(client, tmp_path):
     inp = zarr.open_array(src, mode="r")
     for i in (0, n // 2 + 7, n - 1):
         assert_matches(out[i : i + 1], reference(inp[i : i + 1], KERNEL, "same"))
+
+
+def test_thread_policy_counts_every_worker_process_on_the_host(client):
+    """2 worker processes x 1 thread on one host: each process's engines get
+    cores // 2 threads (the scheduler tells a worker its peers on the host),
+    not the whole machine each, and the convolvers built there carry it."""
+    from dask_sparseconv.convolver_cache import concurrent_tasks, engine_threads, get_convolver
+
+    def policy():
+        conv = get_convolver((8, 8), KERNEL)
+        return concurrent_tasks(), engine_threads(cores=8), engine_threads(), conv.n_threads, len(os.sched_getaffinity(0))
+
+    futures = [client.submit(policy, workers=[w], allow_other_workers=False, pure=False) for w in client.nthreads()]
+    for tasks, of_eight, threads, built, cores in client.gather(futures):
+        assert tasks == 2 and of_eight == 4
+        assert threads == built == max(1, cores // 2)
