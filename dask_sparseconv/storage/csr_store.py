@@ -510,12 +510,14 @@ class CSROutput:
                attrs: dict | None, overwrite: bool) -> "CSROutput":
         out = cls(loc, n_images, out_shape, dtype, block_bounds, chunk_rows, chunk_nnz, compressor)
         comp = resolve_compressors(compressor)
+        extra = _layout("csr", n_images, out_shape, dtype, block_bounds)
+        extra.update(chunk_nnz=out.chunk_nnz, indptr_chunk=out.indptr_chunk, csr_layout=CSR_LAYOUT,
+                     compressor=compressor if isinstance(compressor, str) or compressor is None else repr(compressor))
+        group_attrs = {**CSR_ATTRS, "shape": [int(n_images), out.n_cols], "frame_shape": [int(v) for v in out_shape],
+                       progress.ATTR: progress.new_provenance(attrs, extra)}
         kw = _create_kw(loc)
         kw["path"] = kw.pop("name")
-        g = zarr.create_group(zarr_format=3, overwrite=overwrite, **kw)
-        g.attrs.update({**CSR_ATTRS, "shape": [int(n_images), out.n_cols], "frame_shape": [int(v) for v in out_shape]})
-        g.create_array(progress.PROGRESS, shape=(len(block_bounds),), chunks=(1,), dtype="uint8", fill_value=0,
-                       compressors=None)
+        g = zarr.create_group(zarr_format=3, overwrite=overwrite, attributes=group_attrs, **kw)
         # The final arrays exist from the start, data/indices at a capacity no
         # output can exceed (every pixel of every frame) and shrunk to the
         # true nnz by finalize: consolidation tasks can then start as soon as
@@ -524,14 +526,20 @@ class CSROutput:
         capacity = max(1, int(n_images) * out.n_cols)
         c_nz = max(1, min(out.chunk_nnz, capacity))
         c_ip = max(1, min(out.indptr_chunk, int(n_images) + 1))
-        arrays = out.__dict__.setdefault("_arrays", {})
-        for name, shape, c, dt in (("data", (capacity,), c_nz, out.dtype), ("indices", (capacity,), c_nz, out.index_dtype),
-                                   ("indptr", (int(n_images) + 1,), c_ip, np.int64)):
-            arrays[name] = g.create_array(name, shape=shape, chunks=(c,), dtype=dt, fill_value=0, compressors=comp)
-        extra = _layout("csr", n_images, out_shape, dtype, block_bounds)
-        extra.update(chunk_nnz=out.chunk_nnz, indptr_chunk=out.indptr_chunk, csr_layout=CSR_LAYOUT,
-                     compressor=compressor if isinstance(compressor, str) or compressor is None else repr(compressor))
-        progress.init_provenance(g, attrs, extra)
+        specs = [(progress.PROGRESS, (len(block_bounds),), 1, "uint8", None),
+                 ("data", (capacity,), c_nz, out.dtype, comp), ("indices", (capacity,), c_nz, out.index_dtype, comp),
+                 ("indptr", (int(n_images) + 1,), c_ip, np.int64, comp)]
+
+        async def _arrays():  # four metadata documents written concurrently (~2 ms instead of ~6 one by one)
+            import asyncio
+
+            from zarr.api.asynchronous import create_array
+
+            return await asyncio.gather(*(create_array(g.store_path, name=name, shape=shape, chunks=(c,), dtype=dt,
+                                                       fill_value=0, compressors=codecs)
+                                          for name, shape, c, dt, codecs in specs))
+
+        sync(_arrays())
         out._node = g
         return out
 

@@ -101,13 +101,19 @@ def is_complete(node: zarr.Array | zarr.Group) -> bool | None:
     return bool(prov.get("complete", False))
 
 
-def init_provenance(node: zarr.Array | zarr.Group, attrs: dict | None, extra: dict) -> dict:
-    """Record provenance at creation, with ``complete: false``."""
+def new_provenance(attrs: dict | None, extra: dict) -> dict:
+    """The provenance record of a new output, with ``complete: false``."""
     prov: dict[str, Any] = {"version": package_version()}
     prov.update(_jsonable(dict(attrs or {})))
     prov.update(_jsonable(extra))
     prov["created"] = _now()
     prov["complete"] = False
+    return prov
+
+
+def init_provenance(node: zarr.Array | zarr.Group, attrs: dict | None, extra: dict) -> dict:
+    """Record provenance at creation, with ``complete: false``."""
+    prov = new_provenance(attrs, extra)
     node.attrs[ATTR] = prov
     return prov
 
