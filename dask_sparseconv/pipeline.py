@@ -951,7 +951,7 @@ def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str, 
 
     with dask.annotate(**(annotations or {})):  # route: only the block tasks are restricted
         stats = [
-            run(job_node, kernel_node, i, start, stop, i in (done or ()), dask_key_name=f"sparseconv-block-{token}-{i}")
+            run(job_node, kernel_node, i, start, stop, i in (done or ()), dask_key_name=f"sparseconv-block-{token}-{i:06d}")
             for i, (start, stop) in enumerate(blocks.bounds)
         ]
     info = {

@@ -340,29 +340,39 @@ def _canonical_csr(result: Any, rows: int, ncols: int, dtype: np.dtype, i: int) 
 # staging: one raw store key per block ---------------------------------------------
 # Layout of ``_staging/block_<i>`` (little-endian)::
 #
-#     magic  b"DSCSTG1\0"     8 bytes
+#     magic  b"DSCSTG2\0"     8 bytes
 #     rows, nnz               2 x int64
 #     data dtype, index dtype 2 x 8 bytes (numpy dtype.str, NUL padded)
 #     indptr                  (rows + 1) x int64, relative to the block
 #     indices                 nnz x index dtype
 #     data                    nnz x data dtype
+#     record                  UTF-8 JSON to the end: rows, nnz, crc32 of all
+#                             the bytes before it, and the writer's keys
 #
 # One store write per block instead of three zarr arrays (three metadata
 # documents, their parent groups and chunks): ~2 ms instead of ~25 ms per
-# block on local disk, and one key to delete per block. Uncompressed on
-# purpose: staging is written once and read once; zstd-1 saves ~30 % of its
-# bytes on convolved ROI data but costs ~10 ms per MB-sized block.
-_STAGING_MAGIC = b"DSCSTG1\0"
+# block on local disk, and one key to delete per block; the record rides in
+# the same key (it was a second key: one more write and delete per block).
+# Uncompressed on purpose: staging is written once and read once; zstd-1
+# saves ~30 % of its bytes on convolved ROI data but costs ~10 ms per
+# MB-sized block.
+_STAGING_MAGIC = b"DSCSTG2\0"
 _STAGING_HEAD = struct.Struct("<8sqq8s8s")
 
 
-def _pack_staging(csr: scipy.sparse.csr_matrix, dtype: np.dtype, index_dtype: np.dtype) -> bytes:
+def _pack_staging(csr: scipy.sparse.csr_matrix, dtype: np.dtype, index_dtype: np.dtype, record: dict) -> tuple[bytes, dict]:
+    """The staging bytes of a block and its record (``record`` plus rows, nnz and crc32)."""
     rows, nnz = csr.shape[0], int(csr.nnz)
     data = np.ascontiguousarray(csr.data[:nnz], dtype=np.dtype(dtype).newbyteorder("<"))
     indices = np.ascontiguousarray(csr.indices[:nnz], dtype=np.dtype(index_dtype).newbyteorder("<"))
     indptr = np.ascontiguousarray(csr.indptr, dtype="<i8")
     head = _STAGING_HEAD.pack(_STAGING_MAGIC, rows, nnz, data.dtype.str.encode(), indices.dtype.str.encode())
-    return b"".join((head, indptr.tobytes(), indices.tobytes(), data.tobytes()))
+    parts = (head, indptr.tobytes(), indices.tobytes(), data.tobytes())
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    rec = {**record, "nnz": nnz, "crc32": crc}
+    return b"".join((*parts, json.dumps(progress._jsonable(rec)).encode())), rec
 
 
 def _unpack_head(raw: bytes, where: str) -> tuple[int, int, np.dtype, np.dtype]:
@@ -374,20 +384,38 @@ def _unpack_head(raw: bytes, where: str) -> tuple[int, int, np.dtype, np.dtype]:
     return int(rows), int(nnz), np.dtype(ddt.rstrip(b"\0").decode()), np.dtype(idt.rstrip(b"\0").decode())
 
 
+def _payload_end(raw: bytes, where: str) -> tuple[int, int, np.dtype, np.dtype, int]:
+    rows, nnz, ddt, idt = _unpack_head(raw, where)
+    end = _STAGING_HEAD.size + 8 * (rows + 1) + nnz * (idt.itemsize + ddt.itemsize)
+    if len(raw) <= end:
+        raise ValueError(f"staging of {where} has {len(raw)} bytes but its header needs more than {end}; "
+                         "the store is corrupt or was written incompletely")
+    return rows, nnz, ddt, idt, end
+
+
 def _unpack_staging(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(indptr, indices, data)``: read-only views of a staging buffer."""
-    rows, nnz, ddt, idt = _unpack_head(raw, where)
+    rows, nnz, ddt, idt, _ = _payload_end(raw, where)
     off = _STAGING_HEAD.size
-    need = off + 8 * (rows + 1) + nnz * (idt.itemsize + ddt.itemsize)
-    if len(raw) != need:
-        raise ValueError(f"staging of {where} has {len(raw)} bytes but its header needs {need}; "
-                         "the store is corrupt or was written incompletely")
     indptr = np.frombuffer(raw, dtype="<i8", count=rows + 1, offset=off)
     off += 8 * (rows + 1)
     indices = np.frombuffer(raw, dtype=idt, count=nnz, offset=off)
     off += nnz * idt.itemsize
     data = np.frombuffer(raw, dtype=ddt, count=nnz, offset=off)
     return indptr, indices, data
+
+
+def _staging_record(raw: bytes, where: str) -> dict | None:
+    """The record at the end of a staging buffer if the buffer is whole (its
+    CRC-32 matches), else ``None``."""
+    try:
+        _, nnz, _, _, end = _payload_end(raw, where)
+        rec = json.loads(bytes(raw[end:]).decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(rec, dict) or rec.get("nnz") != nnz or zlib.crc32(raw[:end]) != rec.get("crc32"):
+        return None
+    return rec
 
 
 class ConsolidationTask:
@@ -551,48 +579,38 @@ class CSROutput:
             raise ValueError(f"block {i} covers rows {self.block_bounds[int(i)]}; got start={start}, stop={stop}")
 
     def write_block(self, i: int, start: int, stop: int, result: Any, *, record: dict | None = None) -> int:
-        """Write block ``i`` (rows ``[start, stop)``) to its own staging
-        key (one store write), then mark it done. ``result``: CSR ``(rows, H_out*W_out)`` or
-        dense ``(rows, H_out, W_out)``. Returns the block's nnz (collect them
-        for :meth:`finalize`). The staging group's attribute ``record`` holds
-        ``rows``, ``nnz``, ``crc32`` of data+indices+indptr and the caller's
-        ``record`` keys (see :meth:`verify_block`)."""
+        """Write block ``i`` (rows ``[start, stop)``) to its own staging key
+        (one store write), then mark it done. ``result``: CSR ``(rows,
+        H_out*W_out)`` or dense ``(rows, H_out, W_out)``. Returns the block's
+        nnz (collect them for :meth:`finalize`). The staging key ends with a
+        record: ``rows``, ``nnz``, ``crc32`` of the staged bytes and the
+        caller's ``record`` keys (see :meth:`verify_block`)."""
         self._check_block(i, start, stop)
         rows = stop - start
         csr = _canonical_csr(result, rows, self.n_cols, self.dtype, i)
-        nnz = int(csr.nnz)
         resolve_compressors(self.compressor)  # refuse a bad codec before writing anything
-        packed = _pack_staging(csr, self.dtype, self.index_dtype)
+        packed, rec = _pack_staging(csr, self.dtype, self.index_dtype, {**(record or {}), "rows": [int(start), int(stop)]})
         self._raw_path(STAGING, f"block_{int(i)}").set_sync(packed)
-        rec = {**(record or {}), "rows": [int(start), int(stop)], "nnz": nnz, "crc32": zlib.crc32(packed)}
-        self._raw_path(STAGING, f"record_{int(i)}").set_sync(json.dumps(progress._jsonable(rec)).encode())
         progress.mark_block_done(self.node, i)
-        return nnz
+        return int(rec["nnz"])
 
     def verify_block(self, i: int) -> dict | None:
         """Block ``i``'s record (rows, nnz, CRC-32 of its staging bytes and the
         writer's extra keys) if its marker is set and its staging key, read
-        back now, matches the record; else ``None`` (redo the block)."""
+        back now, is whole and holds those rows; else ``None`` (redo the block)."""
         if not 0 <= int(i) < len(self.block_bounds):
             return None
         try:
             if not self.node[progress.PROGRESS][int(i)]:
                 return None
-            raw_rec = self._raw_path(STAGING, f"record_{int(i)}").get_sync()
-            rec = json.loads(bytes(raw_rec).decode()) if raw_rec is not None else None
             raw = self._raw_path(STAGING, f"block_{int(i)}").get_sync()
-        except Exception:  # unreadable record or staging
+        except Exception:  # unreadable marker or staging
             return None
+        if raw is None:
+            return None
+        rec = _staging_record(bytes(raw), f"block {i} of {self._loc}")
         start, stop = self.block_bounds[int(i)]
-        if not isinstance(rec, dict) or rec.get("rows") != [start, stop] or raw is None:
-            return None
-        if zlib.crc32(bytes(raw)) != rec.get("crc32"):
-            return None
-        try:
-            _, nnz, _, _ = _unpack_head(bytes(raw), f"block {i} of {self._loc}")
-        except ValueError:
-            return None
-        return rec if nnz == rec.get("nnz") else None
+        return rec if rec is not None and rec.get("rows") == [start, stop] else None
 
     def done_blocks(self) -> set[int]:
         """Blocks whose staging data and marker are written."""
@@ -645,7 +663,7 @@ class CSROutput:
             raise ValueError(f"staging of {where} is missing; the block is marked done but its data is gone "
                              "(write the block again)")
         got_rows = _unpack_head(raw, where)[0]
-        if got_rows != rows or len(raw) != _STAGING_HEAD.size + 8 * (rows + 1):
+        if got_rows != rows or len(raw) < _STAGING_HEAD.size + 8 * (rows + 1):
             raise ValueError(f"staging of {where} holds {got_rows} rows ({len(raw)} bytes read) but the block has {rows}; "
                              "the store is corrupt or was written incompletely")
         return np.frombuffer(raw, dtype="<i8", count=rows + 1, offset=_STAGING_HEAD.size)

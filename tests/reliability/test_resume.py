@@ -148,10 +148,11 @@ def test_api_resume_skips_verified_blocks(tmp_path, inputs, src_fmt, out_fmt):
     assert_identical(target, clean)
 
 
-@pytest.mark.parametrize("out_fmt", ["dense", "csr"])
-def test_api_resume_recomputes_a_damaged_block(tmp_path, inputs, out_fmt):
+@pytest.mark.parametrize("out_fmt, damage", [("dense", "flip"), ("csr", "flip"), ("csr", "truncate")])
+def test_api_resume_recomputes_a_damaged_block(tmp_path, inputs, out_fmt, damage):
     """A block whose marker is set but whose data no longer matches its record
-    (here: one stored chunk/staging key overwritten) is recomputed, not trusted."""
+    (here: one stored chunk/staging key overwritten, or a staging key cut
+    short as by a crash mid-write) is recomputed, not trusted."""
     src, target, clean = inputs["dense"], tmp_path / "out.zarr", str(tmp_path / "clean.zarr")
     convolve_zarr(src, KERNEL, clean, "full", output_format=out_fmt)
     n_blocks, _ = _partial(src, str(target), out_fmt, lambda i: i < 6)
@@ -162,7 +163,10 @@ def test_api_resume_recomputes_a_damaged_block(tmp_path, inputs, out_fmt):
         victim = target / "_staging" / "block_2"
     assert victim.is_file()
     raw = bytearray(victim.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0xFF
+    else:
+        del raw[len(raw) // 2:]
     victim.write_bytes(bytes(raw))
     summary = convolve_zarr(src, KERNEL, str(target), "full", output_format=out_fmt, block_memory=20_000)
     assert (summary.blocks_skipped, summary.blocks_computed) == (5, n_blocks - 5)
