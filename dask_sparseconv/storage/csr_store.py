@@ -466,6 +466,12 @@ class ConsolidationTask:
         return self.hi - self.lo
 
 
+async def _gather(*aws):
+    import asyncio
+
+    return await asyncio.gather(*aws)
+
+
 class _RawKey:
     """A raw store key below a group (bytes in, bytes out; no zarr metadata)."""
 
@@ -558,16 +564,11 @@ class CSROutput:
                  ("data", (capacity,), c_nz, out.dtype, comp), ("indices", (capacity,), c_nz, out.index_dtype, comp),
                  ("indptr", (int(n_images) + 1,), c_ip, np.int64, comp)]
 
-        async def _arrays():  # four metadata documents written concurrently (~2 ms instead of ~6 one by one)
-            import asyncio
+        from zarr.api.asynchronous import create_array
 
-            from zarr.api.asynchronous import create_array
-
-            return await asyncio.gather(*(create_array(g.store_path, name=name, shape=shape, chunks=(c,), dtype=dt,
-                                                       fill_value=0, compressors=codecs)
-                                          for name, shape, c, dt, codecs in specs))
-
-        sync(_arrays())
+        # four metadata documents written concurrently (~2 ms instead of ~6 one by one)
+        sync(_gather(*(create_array(g.store_path, name=name, shape=shape, chunks=(c,), dtype=dt, fill_value=0,
+                                    compressors=codecs) for name, shape, c, dt, codecs in specs)))
         out._node = g
         return out
 
@@ -790,21 +791,18 @@ class CSROutput:
                 for t in todo:
                     t()
             nnz = int(offsets[-1])
-            for name in ("data", "indices"):
-                # metadata only: no chunk lies beyond nnz, and listing the
-                # capacity's chunk grid to delete them would be unbounded
-                sync(self._final(name).async_array.resize((nnz,), delete_outside_chunks=False))
+            # metadata only: no chunk lies beyond nnz, and listing the
+            # capacity's chunk grid to delete them would be unbounded
+            sync(_gather(*(self._final(name).async_array.resize((nnz,), delete_outside_chunks=False)
+                           for name in ("data", "indices"))))
             prov["consolidated"] = True
             prov["nnz"] = nnz
             g.attrs[progress.ATTR] = prov  # staging may go now; a crash from here on resumes at the cleanup
         else:
             nnz = int(prov.get("nnz", g["data"].shape[0]))
-        for name in (STAGING, CONSOLIDATED):
-            path = (g.path + "/" if g.path else "") + name
-            sync(g.store.delete_dir(path))
-        g.attrs.update({**CSR_ATTRS, "shape": [int(self.n_images), self.n_cols],
-                        "frame_shape": [int(v) for v in self.out_shape]})
-        progress.mark_complete(g, nnz=nnz)
+        prefix = g.path + "/" if g.path else ""
+        sync(_gather(*(g.store.delete_dir(prefix + name) for name in (STAGING, CONSOLIDATED))))
+        progress.mark_complete(g, nnz=nnz)  # the encoding attributes were written with the group
 
     def __repr__(self) -> str:
         return f"CSROutput({self._loc}, n_images={self.n_images}, frame_shape={self.out_shape}, dtype={self.dtype})"
