@@ -9,6 +9,12 @@ time is the median call.
 
 Sweeps are the peer's published ones (CSR in, CSR out, mode 'same').
 
+Each configuration runs in a fresh Python process (``--in-process`` to
+share one): numba's dispatcher reuses the first specialisation a function
+was compiled for when later arguments convert to it, so the peer's speed on
+a batch of 10 images depended on what it had seen before (0.37 ms after a
+10-image first call, 1.25 ms after a 1-image one, measured 2026-11-25).
+
     python benchmarks/bench_engine.py                 # everything (< 5 min)
     python benchmarks/bench_engine.py --quick         # fewer repeats
     python benchmarks/bench_engine.py --sweep density --sweep kernel
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import statistics
@@ -181,6 +188,19 @@ def format_table(rows: list[dict], markdown: bool) -> str:
     return "\n".join(lines) + "\n" + foot
 
 
+def _run_child(name: str, index: int, args) -> dict:
+    """One configuration in a fresh interpreter (see the module docstring)."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{name}:{index}", "--dtype", args.dtype]
+    if args.quick:
+        cmd.append("--quick")
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (noisier, ~4x faster)")
@@ -191,6 +211,9 @@ def main(argv=None) -> int:
         "--threads", type=int, metavar="N",
         help="threads for both libraries (ours: n_threads; peer: numba.set_num_threads); default: each one's default, all CPUs",
     )
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every configuration in this process (faster; see the module docstring for why not)")
+    ap.add_argument("--one", metavar="SWEEP:INDEX", help=argparse.SUPPRESS)  # a child process: one config, JSON out
     args = ap.parse_args(argv)
     if args.threads is not None:
         import numba
@@ -201,9 +224,17 @@ def main(argv=None) -> int:
     names = args.sweep or list(SWEEPS)
     rows = []
     t_start = time.perf_counter()
+    if args.one:
+        name, index = args.one.split(":")
+        r = run_config(SWEEPS[name][int(index)], dtype, args.quick, args.threads)
+        print(json.dumps({k: v for k, v in r.items() if k != "cfg"}))
+        return 0
     for name in names:
-        for cfg in SWEEPS[name]:
-            r = run_config(cfg, dtype, args.quick, args.threads)
+        for index, cfg in enumerate(SWEEPS[name]):
+            if args.in_process:
+                r = run_config(cfg, dtype, args.quick, args.threads)
+            else:
+                r = dict(cfg=cfg, **_run_child(name, index, args))
             rows.append(r)
             print(
                 f"  {cfg.sweep:12s} {cfg.label:32s} ours {r['ours']:9.3f} ms  peer {r['peer']:9.3f} ms  "
