@@ -112,7 +112,7 @@ class Convolver:
     n_threads : int, optional
         Threads one call may use (CPU engines). Default: the CPUs this
         process may run on. Inside dask workers the pipeline sets it to
-        ``cores // worker threads`` so the two never oversubscribe.
+        ``cores // dask threads on the host`` so the two never oversubscribe.
     max_buffer_bytes : int, default 256 MiB
         Scratch-memory bound for engines with a dense accumulator.
 

@@ -31,7 +31,7 @@ the source and target handles (small picklable objects). The
 builds — is always built on the worker by the per-process cache
 (:mod:`dask_sparseconv.convolver_cache`), never pickled from the client.
 The engine's thread count follows the cache's policy:
-``max(1, cores // concurrent dask threads)``.
+``max(1, cores // concurrent dask threads on the host)``.
 
 Blocks
 ------

@@ -71,11 +71,13 @@ from .base import Engine, dense_out, empty_csr, index_dtype
 from .threads import run_ranges, split_ranges
 
 #: Below this estimated number of elementary operations (see
-#: ``_upper_bounds``; about 1-2 ns each, so ~0.3 ms) a call runs in the
-#: calling thread. Handing a range to an idle pool costs ~30 us, but a pool
-#: thread that has to share a core costs far more: on a busy machine the
-#: threaded call was 130-250 us slower than serial. See docs/engine.md.
-SERIAL_WORK = 200_000
+#: ``_upper_bounds``; about 1-1.5 ns each, so ~0.5 ms) a call runs in the
+#: calling thread. A threaded call pays ~80 us before the first range starts
+#: (range split, pool hand-off) and ~50 us after, plus a staging copy in the
+#: backward range: on the project's 2-vCPU VM, 10 images of 100x100 at
+#: density 0.1 (~350k operations) took 0.37 ms serially and 0.39-0.41 ms on
+#: two threads. See docs/engine.md.
+SERIAL_WORK = 500_000
 
 #: Sparse images use the bit map while its words over their output rows
 #: number at most ``BBOX_RATIO * nnz * K + BBOX_SLACK``; past that their
