@@ -47,6 +47,37 @@ def empty_csr(n_rows: int, n_cols: int, dtype) -> scipy.sparse.csr_matrix:
     )
 
 
+def _probe_csr_fields() -> int | None:
+    """``maxprint`` of a csr_matrix built by scipy's constructor, if its
+    instance attributes are the five :func:`canonical_csr` sets (else None:
+    use the constructor)."""
+    m = scipy.sparse.csr_matrix((np.ones(1), np.zeros(1, np.int32), np.array([0, 1], np.int32)), shape=(1, 1))
+    return m.maxprint if set(vars(m)) == {"_shape", "data", "indices", "indptr", "maxprint"} else None
+
+
+_CSR_MAXPRINT = _probe_csr_fields()
+
+
+def canonical_csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]) -> scipy.sparse.csr_matrix:
+    """A ``csr_matrix`` over arrays an engine built itself (sorted, no
+    duplicates, no zeros, matching index dtypes), flagged canonical.
+
+    scipy's constructor re-checks what the engine guarantees, ~14 us a call:
+    4 % of a 0.37 ms call on a small batch. The instance is filled with the
+    same attributes the constructor sets; when scipy's set differs (checked
+    once at import, and by the test suite), the constructor is used.
+    """
+    if _CSR_MAXPRINT is None or indices.dtype != indptr.dtype:
+        res = scipy.sparse.csr_matrix((data, indices, indptr), shape=shape, copy=False)
+    else:
+        res = scipy.sparse.csr_matrix.__new__(scipy.sparse.csr_matrix)
+        res.__dict__.update(_shape=(int(shape[0]), int(shape[1])), data=data, indices=indices, indptr=indptr,
+                            maxprint=_CSR_MAXPRINT)
+    res.has_sorted_indices = True
+    res.has_canonical_format = True
+    return res
+
+
 def dense_out(n_images: int, geo: Geometry, dtype, out: np.ndarray | None) -> np.ndarray:
     """Validate a caller-supplied dense output buffer, or allocate a zeroed one."""
     shape = (n_images,) + geo.out_shape

@@ -67,7 +67,7 @@ except ImportError:  # pragma: no cover - numba moved its intrinsic
         return n
 
 
-from .base import Engine, dense_out, empty_csr, index_dtype
+from .base import Engine, canonical_csr, dense_out, empty_csr, index_dtype
 from .threads import run_ranges, split_ranges
 
 #: Below this estimated number of elementary operations (see
@@ -289,17 +289,19 @@ def _extract(buf, wr0, wc0, ww, R0, R1, C0, C1, W_out, out_idx, out_val, pos):
     Branch-free: every slot is written and ``pos`` advances on nonzero only,
     so the caller keeps one spare slot after the last possible value.
     """
+    p = np.uint64(pos)  # unsigned: no negative-index wraparound in the hot loop
     for R in range(R0, R1 + 1):
         rowb = (R - wr0) * ww - wc0
         ob = R * W_out
         for C in range(C0, C1 + 1):
-            q = np.uint64(rowb + C)
-            v = buf[q]
-            buf[q] = 0
-            out_idx[pos] = ob + C
-            out_val[pos] = v
-            pos += v != 0
-    return pos
+            v = buf[np.uint64(rowb + C)]
+            out_idx[p] = ob + C
+            out_val[p] = v
+            p += np.uint64(v != 0)
+        # cleared row by row after reading it: a contiguous (vectorised)
+        # fill instead of a third scalar store per slot (~15 % of a dense call)
+        buf[rowb + C0 : rowb + C1 + 1] = 0
+    return np.int64(p)
 
 
 @numba.njit(**_JIT)
@@ -655,10 +657,7 @@ class DirectNumba(Engine):
         indptr_out = np.empty(n + 1, dtype=final_dt)
         indptr_out[0] = 0
         np.cumsum(counts, out=indptr_out[1:])
-        res = scipy.sparse.csr_matrix((data_out, indices_out, indptr_out), shape=(n, out_pixels), copy=False)
-        res.has_sorted_indices = True
-        res.has_canonical_format = True
-        return res
+        return canonical_csr(data_out, indices_out, indptr_out, (n, out_pixels))
 
     def to_dense(self, x: scipy.sparse.csr_matrix, mode: str, out: np.ndarray | None = None) -> np.ndarray:
         plan = self._plan(mode)

@@ -495,3 +495,21 @@ def test_dense_out_buffer_is_validated():
     x = scipy.sparse.csr_matrix(np.eye(1, 36))
     with pytest.raises(ValueError, match="out must be"):
         eng.to_dense(x, "same", out=np.zeros((1, 6, 6), dtype=np.float32))
+
+
+def test_canonical_csr_matches_scipys_constructor():
+    """The engines' fast CSR wrapper gives the object scipy's constructor
+    gives (same attributes, values and behaviour), flagged canonical."""
+    from dask_sparseconv.engine import base
+
+    assert base._CSR_MAXPRINT is not None  # this scipy takes the fast path
+    ref = scipy.sparse.random(7, 30, density=0.3, format="csr", random_state=3, dtype=np.float64)
+    ref.sum_duplicates()
+    fast = base.canonical_csr(ref.data.copy(), ref.indices.copy(), ref.indptr.copy(), ref.shape)
+    slow = scipy.sparse.csr_matrix((ref.data, ref.indices, ref.indptr), shape=ref.shape)
+    assert type(fast) is type(slow) and set(vars(fast)) >= set(vars(slow)) - {"_has_sorted_indices", "_has_canonical_format"}
+    assert fast.shape == slow.shape and fast.maxprint == slow.maxprint and fast.has_canonical_format
+    np.testing.assert_array_equal(fast.toarray(), ref.toarray())
+    np.testing.assert_array_equal((fast @ fast.T).toarray(), (slow @ slow.T).toarray())
+    np.testing.assert_array_equal(fast[2:5].toarray(), ref[2:5].toarray())
+    assert (fast + slow).nnz == ref.nnz and repr(fast).startswith("<Compressed Sparse Row")
