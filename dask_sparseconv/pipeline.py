@@ -354,9 +354,29 @@ def _consolidate_part(out, part: int, n_parts: int, *stats: dict) -> float:
     nnz; the final arrays already exist). Returns seconds."""
     p0 = time.perf_counter()
     stats = sorted(stats, key=lambda s: s["index"])
-    for task in out.consolidation_tasks([s["nnz_out"] for s in stats])[part::n_parts]:
+    for task in _share(out.consolidation_tasks([s["nnz_out"] for s in stats]), n_parts)[part]:
         task()
     return time.perf_counter() - p0
+
+
+#: Relative cost per element of a consolidation task, by array: float data
+#: compresses slower than indices (measured ~12 ms vs ~8.5 ms per 256k-value
+#: chunk of the ROI benchmark's output); indptr chunks are short.
+_CONSOLIDATION_COST = {"data": 1.4, "indices": 1.0, "indptr": 1.0}
+
+
+def _share(tasks: list, n_parts: int) -> list[list]:
+    """Deal consolidation tasks to ``n_parts`` parts, largest first, each to
+    the least loaded part (deterministic: every part computes the same
+    split). Round-robin gave one part all the data chunks: 77 vs 51 ms."""
+    load = [0.0] * n_parts
+    shares: list[list] = [[] for _ in range(n_parts)]
+    ranked = sorted(tasks, key=lambda t: (-(t.hi - t.lo) * _CONSOLIDATION_COST.get(t.kind, 1.0), t.index))
+    for t in ranked:
+        k = min(range(n_parts), key=lambda j: (load[j], j))
+        shares[k].append(t)
+        load[k] += (t.hi - t.lo) * _CONSOLIDATION_COST.get(t.kind, 1.0)
+    return shares
 
 
 def _finalize(out, stats: list[dict], info: dict, consolidation: list | None = None) -> ConvolveSummary:
@@ -969,7 +989,7 @@ def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str, 
         # the number of final chunks depends on the total nnz, known only after
         # the blocks: a fixed number of tasks each plan them (cheap, from the
         # blocks' nnz) and write a disjoint share of whole chunks, in parallel
-        n_parts = max(1, min(_scheduler_threads(), 64))
+        n_parts = max(1, min(2 * _scheduler_threads(), 64))
         part = delayed(_consolidate_part, pure=False)
         # stats go as separate arguments: dask unpacks Delayed arguments
         # cheaply, but optimises a list of them (~60 ms per call at 200 blocks)
