@@ -27,6 +27,7 @@ block and compare before skipping it.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import zlib
 from typing import Any
@@ -56,6 +57,7 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=1)
 def package_version() -> str:
     try:
         from importlib.metadata import version
