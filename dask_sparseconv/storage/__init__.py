@@ -200,7 +200,7 @@ def create_output(target: Any, fmt: str, n_images: int, out_shape: Sequence[int]
         :meth:`done_blocks` tell which blocks to skip. Provenance keys given
         in ``attrs`` must match the stored ones.
     chunk_nnz : int, optional (keyword)
-        csr: elements per ``data``/``indices`` chunk (default 2**20).
+        csr: elements per ``data``/``indices`` chunk (default 2**18, 1 MiB of float32).
 
     Returns
     -------
