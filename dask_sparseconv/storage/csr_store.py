@@ -690,16 +690,19 @@ class CSROutput:
         plan = f"{zlib.crc32(offsets.astype('<i8').tobytes()):08x}"
         return offsets, block_nnz, plan
 
-    def consolidation_tasks(self, block_nnz: Sequence[int] | None = None) -> list[ConsolidationTask]:
+    def consolidation_tasks(self, block_nnz: Sequence[int] | None = None, *,
+                            require_written: bool = True) -> list[ConsolidationTask]:
         """The tasks that fill the final ``data``/``indices``/``indptr``
         arrays, one per output chunk and array (parallel-safe: no two tasks
         write the same chunk). Call after every block is written (anywhere:
         it only computes offsets, the arrays were created with the output);
         run the tasks anywhere (e.g. ``dask.delayed(t)()``), then call
         :meth:`finalize`. ``block_nnz``: what ``write_block`` returned, in
-        block order (``None`` reads them from staging)."""
+        block order (``None`` reads them from staging).
+        ``require_written=False`` skips listing the block markers, for a
+        caller that holds every block's ``write_block`` result already."""
         n_blocks = len(self.block_bounds)
-        missing = sorted(set(range(n_blocks)) - self.done_blocks())
+        missing = sorted(set(range(n_blocks)) - self.done_blocks()) if require_written else []
         if missing:
             raise ValueError(f"cannot consolidate {self._loc}: {len(missing)} block(s) are not written yet (first: {missing[:10]})")
         offsets, block_nnz, plan = self._offsets(block_nnz)
@@ -710,7 +713,6 @@ class CSROutput:
         c_nz = int(self._final("data").chunks[0])
         c_ip = int(self._final("indptr").chunks[0])
         tasks: list[ConsolidationTask] = []
-        # data and indices chunks alternate so that round-robin parts split both arrays' work
         for j in range(math.ceil(nnz / c_nz) if nnz else 0):
             lo, hi = j * c_nz, min((j + 1) * c_nz, nnz)
             pieces = []
@@ -766,8 +768,8 @@ class CSROutput:
         if prov.get("complete"):
             return
         if not prov.get("consolidated"):
+            offsets, block_nnz, _ = self._offsets(block_nnz)  # None: staging headers read once, here
             tasks = self.consolidation_tasks(block_nnz)
-            offsets = self._offsets(block_nnz)[0]
             done = self.consolidated_tasks(block_nnz)
             todo = [t for t in tasks if t.index not in done]
             workers = max_workers or min(8, os.cpu_count() or 1)
