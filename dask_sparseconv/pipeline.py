@@ -85,6 +85,7 @@ class _Spec:
     out_format: str
     device: str | None = None
     route: str = "any"  # 'cpu': resolve backend='auto' without an accelerator
+    hold_bytes: int = 0  # CSR output: a block result up to this size is held in memory, not staged
 
 
 @dataclass
@@ -211,16 +212,25 @@ def _route_annotations(route: str) -> dict:
     return {"workers": cpu, "allow_other_workers": False}
 
 
-def _scheduler_threads() -> int:
-    """Threads the scheduler that will run the graph has (for block planning)."""
+def _scheduler_workers() -> dict[str, int] | None:
+    """``{worker address: threads}`` of the active distributed client's
+    cluster (one scheduler round trip), or None without one."""
     client = _active_client()
-    if client is not None:
-        try:
-            n = sum(client.nthreads().values())
-            if n:
-                return int(n)
-        except Exception:  # a client that cannot answer right now
-            pass
+    if client is None:
+        return None
+    try:
+        return {str(a): int(n) for a, n in client.nthreads().items()}
+    except Exception:  # a client that cannot answer right now
+        return None
+
+
+def _scheduler_threads(workers: dict[str, int] | None = None) -> int:
+    """Threads the scheduler that will run the graph has (for block planning).
+    ``workers``: what :func:`_scheduler_workers` returned, if already asked."""
+    if workers is None:
+        workers = _scheduler_workers()
+    if workers and sum(workers.values()):
+        return int(sum(workers.values()))
     from .convolver_cache import _local_pool_size
 
     return _local_pool_size()
@@ -260,15 +270,18 @@ def _engine_info(spec: _Spec, kernel: np.ndarray, conv) -> dict:
         res = resolve_auto(spec.frame_shape, kernel, spec.dtype, spec.mode, method=spec.method,
                            gpu_device="none" if spec.route == "cpu" else None)
         reason = res.reason if res.fallback else None
-    worker = None
+    label = "/".join(p for p in (conv.method, conv.backend, conv.device) if p)
+    return {"engine": label, "fallback": reason, "worker": _worker_address()}
+
+
+def _worker_address() -> str | None:
+    """The distributed worker running this task, or None (local schedulers)."""
     try:
         from distributed import get_worker
 
-        worker = get_worker().address
+        return get_worker().address
     except (ImportError, ValueError):
-        pass
-    label = "/".join(p for p in (conv.method, conv.backend, conv.device) if p)
-    return {"engine": label, "fallback": reason, "worker": worker}
+        return None
 
 
 def _apply(conv, csr: scipy.sparse.csr_matrix, spec: _Spec):
@@ -328,11 +341,16 @@ def _run_block(job: tuple, kernel, index: int, start: int, stop: int, check: boo
     res = _apply(conv, csr, spec)
     p2 = time.perf_counter()
     engine = _engine_info(spec, kernel, conv)
-    # the writer counts what it wrote (CSR: the staged nnz consolidation checks;
-    # dense: nonzero pixels, from the same pass as the block's digest)
-    nnz_out = int(out.write_block(index, start, stop, res, record={"nnz_in": int(csr.nnz)}))
+    held = None
+    if spec.hold_bytes and spec.out_format == "csr" and _csr_bytes(res) <= spec.hold_bytes:
+        nnz_out, held = out.hold_block(index, start, stop, res)
+    else:
+        # the writer counts what it wrote (CSR: the staged nnz consolidation checks;
+        # dense: nonzero pixels, from the same pass as the block's digest)
+        nnz_out = int(out.write_block(index, start, stop, res, record={"nnz_in": int(csr.nnz)}))
     p3 = time.perf_counter()
     return {
+        "held": held,
         "index": index,
         "start": start,
         "stop": stop,
@@ -348,18 +366,40 @@ def _run_block(job: tuple, kernel, index: int, start: int, stop: int, check: boo
     }
 
 
+def _csr_bytes(res) -> int:
+    """Bytes a block's result takes held in memory (``HeldBlock``); a dense
+    result (a CSR output fed by a dense-only engine) is never held."""
+    if not scipy.sparse.issparse(res):
+        return 1 << 62
+    return int(res.nnz) * (res.data.itemsize + res.indices.itemsize) + 8 * (res.shape[0] + 1)
+
+
+def _hold_bytes(blocks: RowBlocks, out_format: str) -> int:
+    """Per-block cap for holding CSR results in memory instead of staging
+    them: the whole output may take one block's memory budget, so a worker
+    (which fetches every held block for its consolidation part) holds at
+    most that on top of its block. Larger outputs stage every block."""
+    if out_format != "csr" or not blocks.bounds:
+        return 0
+    return int(blocks.block_memory) // len(blocks.bounds)
+
+
 def _consolidate_part(out, part: int, n_parts: int, *stats: dict) -> float:
     """CSR output, after every block: run share ``part`` of ``n_parts`` of
     the consolidation tasks (each part plans the same tasks from the blocks'
     nnz and deals them the same way; the final arrays already exist).
-    Returns seconds."""
+    Blocks held in memory come with their stats. Returns its seconds and
+    where it ran."""
     p0 = time.perf_counter()
     stats = sorted(stats, key=lambda s: s["index"])
-    # every block's stats are here, so every block was written: no marker listing
+    held = {s["index"]: s["held"] for s in stats if s.get("held") is not None}
+    # every block's stats are here, so every block was written or held: no marker listing
     tasks = out.consolidation_tasks([s["nnz_out"] for s in stats], require_written=False)
     for task in _share(tasks, n_parts)[part]:
-        task()
-    return time.perf_counter() - p0
+        # no consolidation marks: a resumed run plans and runs every task
+        # again (finalize then needs none), so they would only be written
+        task(held, mark=False)
+    return {"seconds": time.perf_counter() - p0, "worker": _worker_address()}
 
 
 #: Relative cost per element of a consolidation task, by array: float data
@@ -390,7 +430,11 @@ def _finalize(out, stats: list[dict], info: dict, consolidation: list | None = N
     p0 = time.perf_counter()
     stats = sorted(stats, key=lambda s: s["index"])
     block_nnz = [s["nnz_out"] for s in stats]
-    out.finalize(block_nnz=block_nnz)
+    if consolidation is None:
+        out.finalize(block_nnz=block_nnz)
+    else:  # the parts ran every consolidation task
+        staged = bool(info.get("resumed")) or any(s.get("held") is None for s in stats)
+        out.finalize(block_nnz=block_nnz, consolidated=True, staged=staged)
     p1 = time.perf_counter()
     t_first = min((s["t_start"] for s in stats), default=time.time())
     return ConvolveSummary(
@@ -408,9 +452,10 @@ def _finalize(out, stats: list[dict], info: dict, consolidation: list | None = N
         read_s=float(sum(s["read_s"] for s in stats)),
         convolve_s=float(sum(s["convolve_s"] for s in stats)),
         write_s=float(sum(s["write_s"] for s in stats)),
-        finalize_s=p1 - p0 + float(sum(consolidation or ())),
+        finalize_s=p1 - p0 + float(sum(c["seconds"] for c in consolidation or ())),
         extra={"worker_pids": sorted({s["pid"] for s in stats}), "consolidation_parts": len(consolidation or ()),
-               **_engine_summary(stats)},
+               "consolidation_workers": sorted({c["worker"] for c in consolidation or () if c["worker"]}),
+               "blocks_held": sum(1 for s in stats if s.get("held") is not None), **_engine_summary(stats)},
         blocks_computed=sum(1 for s in stats if not s.get("skipped")),
         blocks_skipped=sum(1 for s in stats if s.get("skipped")),
         resumed=bool(info.get("resumed")),
@@ -485,7 +530,7 @@ def _source_nnz_per_image(src) -> float | None:
 
 
 def _plan(n_images, chunk_rows, frame_shape, out_shape, in_dtype, out_dtype, in_format, out_format, nnz, kernel,
-          block_memory, nnz_per_image=None) -> RowBlocks:
+          block_memory, nnz_per_image=None, threads: int | None = None) -> RowBlocks:
     if nnz_per_image is None and nnz is not None and n_images:
         nnz_per_image = nnz / n_images
     per_image = image_bytes(
@@ -503,7 +548,7 @@ def _plan(n_images, chunk_rows, frame_shape, out_shape, in_dtype, out_dtype, in_
         chunk_rows,
         per_image,
         block_memory,
-        min_blocks=BLOCKS_PER_THREAD * _scheduler_threads(),
+        min_blocks=BLOCKS_PER_THREAD * (threads or _scheduler_threads()),
         strict_chunks=(in_format == "dense"),
     )
 
@@ -904,8 +949,9 @@ def convolve_zarr(
         src.check_indices()  # out-of-range indices fail here, before the target exists
     out_dtype = compute_dtype(src.dtype, dtype)
     fmt = output_format or src.format
+    workers = _scheduler_workers()
     blocks = _plan(src.n_images, src.chunk_rows, fs, geo.out_shape, src.dtype, out_dtype, src.format, fmt, src.nnz,
-                   kernel, block_memory, _source_nnz_per_image(src))
+                   kernel, block_memory, _source_nnz_per_image(src), threads=_scheduler_threads(workers))
 
     # 3. create the target (first write), then the graph
     if src.n_images == 0:
@@ -949,9 +995,10 @@ def convolve_zarr(
                 "out_shape": geo.out_shape, "dtype": out_dtype.name, "block_rows": blocks.block_rows}
         graph = delayed(_finish_consolidated, pure=False)(out, info, int(resume_prov.get("nnz", 0)))
         return graph.compute() if compute else graph
-    spec = _Spec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt, route=route)
+    spec = _Spec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt, route=route,
+                 hold_bytes=_hold_bytes(blocks, fmt))
     graph = _store_graph(src, out, kernel, blocks, spec, str(tgt_loc), annotations, done=done,
-                         resumed=resume_prov is not None)
+                         resumed=resume_prov is not None, workers=workers)
     if not compute:
         return graph
     import dask
@@ -963,7 +1010,7 @@ def convolve_zarr(
 
 
 def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str, annotations: dict | None = None,
-                 *, done: set | None = None, resumed: bool = False):
+                 *, done: set | None = None, resumed: bool = False, workers: dict[str, int] | None = None):
     from dask import delayed
     from dask.base import tokenize
 
@@ -994,18 +1041,35 @@ def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str, 
         # the number of final chunks depends on the total nnz, known only after
         # the blocks: a fixed number of tasks each plan them (cheap, from the
         # blocks' nnz) and write a disjoint share of whole chunks, in parallel
-        n_parts = max(1, min(2 * _scheduler_threads(), 64))
+        n_parts = max(1, min(2 * _scheduler_threads(workers), 64))
         part = delayed(_consolidate_part, pure=False)
         # stats go as separate arguments: dask unpacks Delayed arguments
         # cheaply, but optimises a list of them (~60 ms per call at 200 blocks)
-        parts = [part(out_node, k, n_parts, *stats, dask_key_name=f"sparseconv-consolidate-{token}-{k}")
-                 for k in range(n_parts)]
+        parts = []
+        for k, where in enumerate(_part_placement(n_parts, workers)):
+            with dask.annotate(**where):
+                parts.append(part(out_node, k, n_parts, *stats, dask_key_name=f"sparseconv-consolidate-{token}-{k}"))
     return delayed(_finalize_job, pure=False)(out_node, info, len(stats), *stats, *(parts or ()),
                                               dask_key_name=f"sparseconv-finalize-{token}")
 
 
+def _part_placement(n_parts: int, workers: dict[str, int] | None) -> list[dict]:
+    """dask annotations spreading the consolidation parts over the workers in
+    proportion to their threads, as a preference only (``allow_other_workers``:
+    a part still runs if its worker is gone, or on a cluster the graph was
+    not built against).
+
+    Every part depends on every block, so the scheduler places them by where
+    the blocks' results are: with held blocks (megabytes) it put three of
+    four parts on one worker of two, which then ran them one after another."""
+    slots = [a for a, n in sorted((workers or {}).items()) for _ in range(max(0, n))]
+    if len(slots) < 2:
+        return [{}] * n_parts
+    return [{"workers": [slots[k % len(slots)]], "allow_other_workers": True} for k in range(n_parts)]
+
+
 def _finalize_job(out, info: dict, n_blocks: int, *results):
-    """The graph's last task: ``results`` are the blocks' stats, then the consolidation parts' seconds."""
+    """The graph's last task: ``results`` are the blocks' stats, then the consolidation parts' reports."""
     return _finalize(out, list(results[:n_blocks]), info, list(results[n_blocks:]) or None)
 
 

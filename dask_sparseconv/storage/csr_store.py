@@ -20,6 +20,13 @@ Consolidation copies staging into contiguous ``data``/``indices``/``indptr``
 in tasks that each write whole chunks (:meth:`CSROutput.consolidation_tasks`),
 so they can run in parallel; :meth:`CSROutput.finalize` runs any that have
 not run, deletes staging and sets ``complete: true`` last.
+
+A block may also skip staging: :meth:`CSROutput.hold_block` returns it as a
+:class:`HeldBlock` in memory, and consolidation tasks take held blocks as an
+argument. The pipeline holds blocks when the whole output fits one block's
+memory budget (see ``dask_sparseconv.pipeline``): a staging write and read
+fewer per block. Held and staged blocks mix freely; only staged blocks
+survive an interrupted run.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import threading
 import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import scipy.sparse
@@ -53,7 +60,7 @@ from .dense_store import (
 )
 from .location import Location, resolve_location
 
-__all__ = ["CSRInput", "CSROutput", "ConsolidationTask", "write_csr_stack", "is_csr_group", "CSR_ATTRS"]
+__all__ = ["CSRInput", "CSROutput", "ConsolidationTask", "HeldBlock", "write_csr_stack", "is_csr_group", "CSR_ATTRS"]
 
 CSR_ATTRS = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
 STAGING = "_staging"
@@ -406,14 +413,35 @@ def _staging_record(raw: bytes, where: str) -> dict | None:
     return rec
 
 
+class HeldBlock(NamedTuple):
+    """A block's CSR result kept in memory for consolidation instead of staged
+    (:meth:`CSROutput.hold_block`): ``indptr`` (int64, from 0), ``indices``
+    and ``data`` in the output's dtypes, exactly ``nnz`` long."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+
+    @property
+    def nnz(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.indptr.nbytes + self.indices.nbytes + self.data.nbytes)
+
+
 class ConsolidationTask:
     """One consolidation step: writes whole chunks of one final array.
 
     ``kind``: ``'data'`` or ``'indices'`` (chunk ``j`` of that array) or
     ``'indptr'``. ``pieces`` says which staging slices make up the chunk.
-    Call it (no arguments) from any process; it is idempotent and records
-    itself as done under ``_consolidated/<plan>`` (``plan``: a digest of the
-    block nnz the offsets come from, so marks of another plan never count).
+    Call it from any process; it is idempotent and records itself as done
+    under ``_consolidated/<plan>`` (``plan``: a digest of the block nnz the
+    offsets come from, so marks of another plan never count). ``held``
+    (``{block: HeldBlock}``) supplies blocks kept in memory; the others are
+    read from staging. ``mark=False`` writes no mark, for a caller that runs
+    every task itself and then calls ``finalize(consolidated=True)``.
     """
 
     __slots__ = ("output", "kind", "j", "index", "lo", "hi", "pieces", "plan")
@@ -432,21 +460,30 @@ class ConsolidationTask:
     def __repr__(self) -> str:
         return f"ConsolidationTask({self.kind} chunk {self.j}: [{self.lo}, {self.hi}) from {len(self.pieces)} block(s))"
 
-    def __call__(self) -> int:
+    def __call__(self, held: Mapping[int, HeldBlock] | None = None, *, mark: bool = True) -> int:
         out = self.output
+        held = held or {}
+        parts = []
         if self.kind == "indptr":
-            parts = []
             for b, a, z, offset in self.pieces:
                 if b < 0:  # the final entry: total nnz
                     parts.append(np.full(z - a, offset, dtype=np.int64))
                     continue
-                parts.append(out._staged_indptr(b)[a:z] + offset)
+                block = held.get(b)
+                parts.append((block.indptr if block is not None else out._staged_indptr(b))[a:z] + offset)
         else:
-            parts = []
             for b, a, z, expect in self.pieces:
-                parts.append(out._staged_values(b, self.kind, a, z, expect))
+                block = held.get(b)
+                if block is None:
+                    parts.append(out._staged_values(b, self.kind, a, z, expect))
+                elif block.nnz != expect:
+                    raise ValueError(f"block {b} of {out._loc} holds {block.nnz} values in memory but block_nnz says "
+                                     f"{expect}; pass the nnz that hold_block returned")
+                else:
+                    parts.append(getattr(block, self.kind)[a:z])
         out._final(self.kind)[self.lo:self.hi] = np.concatenate(parts) if len(parts) != 1 else parts[0]
-        out._mark_consolidated(self.plan, self.index)
+        if mark:
+            out._mark_consolidated(self.plan, self.index)
         return self.hi - self.lo
 
 
@@ -582,6 +619,19 @@ class CSROutput:
         self._raw_path(STAGING, f"block_{int(i)}").set_sync(packed)
         progress.mark_block_done(self.node, i)
         return int(rec["nnz"])
+
+    def hold_block(self, i: int, start: int, stop: int, result: Any) -> tuple[int, HeldBlock]:
+        """Block ``i`` (rows ``[start, stop)``) kept in memory instead of
+        staged: ``(nnz, HeldBlock)``, nothing written. Hand the held block to
+        the consolidation tasks (``task({i: held})``) and its nnz to
+        :meth:`finalize` as for :meth:`write_block`. A held block sets no
+        done marker, so an interrupted run computes it again."""
+        self._check_block(i, start, stop)
+        csr = _canonical_csr(result, stop - start, self.n_cols, self.dtype, i)
+        nnz = int(csr.nnz)
+        block = HeldBlock(np.asarray(csr.indptr, dtype=np.int64), np.asarray(csr.indices[:nnz], dtype=self.index_dtype),
+                          np.asarray(csr.data[:nnz], dtype=self.dtype))
+        return nnz, block
 
     def verify_block(self, i: int) -> dict | None:
         """Block ``i``'s record (rows, nnz, CRC-32 of its staging bytes and the
@@ -752,16 +802,22 @@ class CSROutput:
 
         return {int(k.rsplit("/", 1)[-1]) for k in sync(_list()) if k.rsplit("/", 1)[-1].isdigit()}
 
-    def finalize(self, block_nnz: Sequence[int] | None = None, max_workers: int | None = None) -> None:
+    def finalize(self, block_nnz: Sequence[int] | None = None, max_workers: int | None = None, *,
+                 consolidated: bool = False, staged: bool = True) -> None:
         """Consolidate (running any consolidation task that has not run),
         shrink ``data``/``indices`` to the true nnz, delete staging, then set
         ``complete: true`` as the last write.
 
-        ``block_nnz``: the counts ``write_block`` returned, in block order;
-        ``None`` reads them from the staging headers.
+        ``block_nnz``: the counts ``write_block``/``hold_block`` returned, in
+        block order; ``None`` reads them from the staging headers.
         ``max_workers``: threads for the remaining consolidation tasks
         (default: CPUs, at most 8; 1 runs them serially). Tasks write
         disjoint chunks, so threads never race.
+        ``consolidated=True``: the caller ran every consolidation task of
+        this ``block_nnz`` (marked or not); none is looked for or run.
+        ``staged=False``: no block of this output was ever staged (every
+        one was held, and no earlier run wrote any), so there is no staging
+        to delete and ``complete`` is the one attribute write.
         """
         g = self.node
         prov = progress.provenance(g) or {}
@@ -769,21 +825,25 @@ class CSROutput:
             return
         if not prov.get("consolidated"):
             offsets, block_nnz, _ = self._offsets(block_nnz)  # None: staging headers read once, here
-            tasks = self.consolidation_tasks(block_nnz)
-            done = self.consolidated_tasks(block_nnz)
-            todo = [t for t in tasks if t.index not in done]
-            workers = max_workers or min(8, os.cpu_count() or 1)
-            if workers > 1 and len(todo) > 1:
-                with ThreadPoolExecutor(min(workers, len(todo))) as ex:
-                    list(ex.map(lambda t: t(), todo))
-            else:
-                for t in todo:
-                    t()
+            if not consolidated:
+                tasks = self.consolidation_tasks(block_nnz)
+                done = self.consolidated_tasks(block_nnz)
+                todo = [t for t in tasks if t.index not in done]
+                workers = max_workers or min(8, os.cpu_count() or 1)
+                if workers > 1 and len(todo) > 1:
+                    with ThreadPoolExecutor(min(workers, len(todo))) as ex:
+                        list(ex.map(lambda t: t(), todo))
+                else:
+                    for t in todo:
+                        t()
             nnz = int(offsets[-1])
             # metadata only: no chunk lies beyond nnz, and listing the
             # capacity's chunk grid to delete them would be unbounded
             sync(_gather(*(self._final(name).async_array.resize((nnz,), delete_outside_chunks=False)
                            for name in ("data", "indices"))))
+            if not staged:  # nothing to clean up: done in one attribute write
+                progress.mark_complete(g, nnz=nnz)
+                return
             prov["consolidated"] = True
             prov["nnz"] = nnz
             g.attrs[progress.ATTR] = prov  # staging may go now; a crash from here on resumes at the cleanup

@@ -72,6 +72,22 @@ def test_store_to_store_matches_scipy(stack, stores, tmp_path, mode, in_fmt, out
     assert prov["complete"] is True and prov["mode"] == mode
 
 
+@pytest.mark.parametrize("block_memory, held", [("64MiB", "all"), (25_000, "some")])
+def test_csr_output_blocks_held_in_memory_or_staged(stack, stores, tmp_path, block_memory, held):
+    """A CSR output whose blocks fit the budget (the whole output within one
+    block's memory) skips staging; larger blocks are staged; both mix."""
+    target = str(tmp_path / "out.zarr")
+    summary = convolve_zarr(stores["csr"], KERNEL, target, "full", block_memory=block_memory)
+    n_held = summary.extra["blocks_held"]
+    assert summary.blocks > 2
+    assert n_held == summary.blocks if held == "all" else 0 < n_held < summary.blocks
+    result = _read(target)
+    assert summary.nnz_out == result.nnz
+    assert_matches(result, reference(stack, KERNEL, "full"))
+    g = zarr.open_group(target, mode="r")
+    assert "_staging" not in g and "_consolidated" not in g and g.attrs["dask_sparseconv"]["complete"] is True
+
+
 def test_default_output_format_follows_input(stores, tmp_path):
     a = convolve_zarr(stores["csr"], KERNEL, str(tmp_path / "a.zarr"))
     b = convolve_zarr(stores["dense"], KERNEL, str(tmp_path / "b.zarr"))

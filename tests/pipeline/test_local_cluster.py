@@ -46,6 +46,24 @@ def test_cluster_results_match_scipy(client, tmp_path, in_fmt, out_fmt, mode):
     assert_matches(open_stack(target).compute(), reference(x, kernel, mode))
 
 
+def test_csr_consolidation_held_blocks_on_both_workers(client, tmp_path):
+    """Blocks held in memory travel to the consolidation parts, which are
+    spread over both workers (each part depends on every block, so without
+    a placement preference the scheduler piles them where the data is)."""
+    x = sparse_stack(200, 40, 36, density=0.03, seed=24)
+    src = str(tmp_path / "in.zarr")
+    write_csr_stack(src, scipy.sparse.csr_matrix(x.reshape(200, -1)), (40, 36), chunk_size=500)
+    target = str(tmp_path / "out.zarr")
+    summary = convolve_zarr(src, KERNEL, target, "full")
+    assert summary.blocks >= 8 and summary.extra["blocks_held"] == summary.blocks
+    workers = set(client.scheduler_info()["workers"])
+    assert summary.extra["consolidation_parts"] == 4
+    assert set(summary.extra["consolidation_workers"]) == workers and len(workers) == 2
+    result = open_stack(target).compute()
+    assert summary.nnz_out == result.nnz
+    assert_matches(result, reference(x, KERNEL, "full"))
+
+
 def test_lazy_array_on_cluster(client):
     x = sparse_stack(30, 12, 12, seed=22)
     y = convolve(x, KERNEL, "full", block_memory=15_000)

@@ -148,6 +148,29 @@ def test_api_resume_skips_verified_blocks(tmp_path, inputs, src_fmt, out_fmt):
     assert_identical(target, clean)
 
 
+def test_api_resume_recomputes_blocks_that_were_held_in_memory(tmp_path, inputs):
+    """A CSR output small enough to fit one block's budget holds its blocks in
+    memory until consolidation (no staging, no markers): an interrupted run
+    leaves nothing to skip, and the next run computes every block and ends
+    identical to a clean run."""
+    src, target, clean = inputs["csr"], str(tmp_path / "out.zarr"), str(tmp_path / "clean.zarr")
+    convolve_zarr(src, KERNEL, clean, "full", output_format="csr", block_memory=20_000)
+    graph = convolve_zarr(src, KERNEL, target, "full", output_format="csr", block_memory="8MiB", compute=False)
+    hlg = dict(graph.__dask_graph__())
+    blocks = sorted(k for k in hlg if isinstance(k, str) and k.startswith("sparseconv-block-"))
+    held = dask.get(hlg, blocks[: len(blocks) // 2])
+    assert held and all(s["held"] is not None for s in held)  # computed, kept in memory, then lost
+    assert done_count(target) == 0 and provenance(target)["complete"] is False
+    with pytest.raises(ValueError, match="incomplete"):
+        open_stack(target)
+    summary = convolve_zarr(src, KERNEL, target, "full", output_format="csr", block_memory="8MiB")
+    assert summary.resumed and summary.blocks == len(blocks)
+    assert (summary.blocks_skipped, summary.blocks_computed) == (0, len(blocks))
+    assert summary.extra["blocks_held"] == len(blocks)
+    assert "_staging" not in zarr.open_group(target, mode="r")
+    assert_identical(target, clean)
+
+
 @pytest.mark.parametrize("out_fmt, damage", [("dense", "flip"), ("csr", "flip"), ("csr", "truncate")])
 def test_api_resume_recomputes_a_damaged_block(tmp_path, inputs, out_fmt, damage):
     """A block whose marker is set but whose data no longer matches its record

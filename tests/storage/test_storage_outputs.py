@@ -237,6 +237,62 @@ def test_csr_parallel_consolidation_tasks_and_resume(tmp_path):
     again.finalize(nnz)  # already complete: no-op
 
 
+@pytest.mark.parametrize("chunk_nnz, chunk_rows, block_rows", [(7, 5, 4), (1000, 1000, 5)])
+def test_csr_held_and_staged_blocks_mix(tmp_path, chunk_nnz, chunk_rows, block_rows):
+    """Blocks held in memory (hold_block) and staged ones feed the same
+    consolidation; chunks straddle block boundaries, tasks travel pickled."""
+    n, Ho, Wo = 29, 6, 7
+    x = _result(n, Ho, Wo, density=0.15)
+    x[8:14] = 0  # whole empty blocks
+    c = scipy.sparse.csr_matrix(x.reshape(n, -1))
+    bounds = _bounds(n, block_rows)
+    t = tmp_path / "c.zarr"
+    out = create_output(t, "csr", n, (Ho, Wo), "float32", bounds, chunk_rows=chunk_rows, chunk_nnz=chunk_nnz)
+    held, nnz = {}, []
+    for i, (a, b) in enumerate(bounds):
+        if i % 3 == 1:
+            nnz.append(out.write_block(i, a, b, c[a:b]))
+        else:
+            k, held[i] = out.hold_block(i, a, b, x[a:b] if i % 2 else c[a:b])
+            nnz.append(k)
+            assert held[i].nnz == k == c[a:b].nnz and held[i].data.dtype == np.float32
+    assert out.done_blocks() == {i for i in range(len(bounds)) if i % 3 == 1}  # a held block has no marker
+    shipped = pickle.loads(pickle.dumps(held))
+    for task in out.consolidation_tasks(nnz, require_written=False):
+        pickle.loads(pickle.dumps(task))(shipped, mark=False)
+    assert out.consolidated_tasks(nnz) == set()  # mark=False: nothing recorded
+    out.finalize(nnz, consolidated=True)
+    g = zarr.open_group(t, mode="r")
+    _check_anndata_layout(g, c)
+    assert "_staging" not in g and g.attrs["dask_sparseconv"]["complete"] is True
+    assert (open_stack(t).compute() != c).nnz == 0
+
+
+def test_csr_all_held_and_count_checks(tmp_path):
+    n = 10
+    x = _result(n, 4, 4, density=0.4)
+    c = scipy.sparse.csr_matrix(x.reshape(n, -1))
+    bounds = _bounds(n, 4)
+    t = tmp_path / "c.zarr"
+    out = create_output(t, "csr", n, (4, 4), "float64", bounds, chunk_nnz=6)
+    pairs = [out.hold_block(i, a, b, c[a:b]) for i, (a, b) in enumerate(bounds)]
+    nnz, held = [k for k, _ in pairs], dict(enumerate(h for _, h in pairs))
+    with pytest.raises(ValueError, match="block 1 covers rows"):
+        out.hold_block(1, 0, 4, c[0:4])
+    bad = list(nnz)
+    bad[0] += 1
+    with pytest.raises(ValueError, match="holds .* values in memory but block_nnz says"):
+        for task in out.consolidation_tasks(bad, require_written=False):
+            task(held)
+    for task in out.consolidation_tasks(nnz, require_written=False):
+        task(held, mark=False)
+    out.finalize(nnz, consolidated=True, staged=False)  # nothing was staged: one attribute write
+    g = zarr.open_group(t, mode="r")
+    _check_anndata_layout(g, c)
+    assert g["data"].dtype == np.float64 and g.attrs["dask_sparseconv"]["nnz"] == c.nnz
+    assert open_input(t).read_block(0, n).toarray().tolist() == c.toarray().tolist()
+
+
 def test_csr_all_empty_and_pickled_writer(tmp_path):
     bounds = _bounds(6, 4)
     url = f"memory://out-{uuid.uuid4().hex}/empty.zarr"
