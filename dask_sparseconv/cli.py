@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import logging
 import math
 import os
@@ -184,28 +183,14 @@ def _default_n_workers(threads_per_worker: int) -> int:
 
 
 def plan_blocks(n_images, chunk_rows, frame_shape, out_shape, in_dtype, out_dtype, in_format, out_format, nnz,
-                kernel, block_memory, threads):
-    """The row blocks the pipeline will cut the stack into on ``threads`` scheduler threads."""
-    from .row_blocks import image_bytes, plan_row_blocks
+                kernel, block_memory, threads, *, nnz_per_image=None, expansion=None):
+    """The row blocks the pipeline will cut the stack into on ``threads``
+    scheduler threads (the pipeline's own planner, given the estimates it
+    would make: see :func:`dask_sparseconv.pipeline._source_estimates`)."""
+    from .pipeline import _plan
 
-    try:
-        from .pipeline import BLOCKS_PER_THREAD
-    except ImportError:  # pragma: no cover - pipeline always has it
-        BLOCKS_PER_THREAD = 4
-    per_image = image_bytes(
-        frame_shape,
-        out_shape,
-        np.dtype(in_dtype).itemsize,
-        np.dtype(out_dtype).itemsize,
-        in_format=in_format,
-        out_format=out_format,
-        nnz_per_image=(nnz / n_images) if (nnz is not None and n_images) else None,
-        kernel_size=int(np.count_nonzero(kernel)) or 1,
-    )
-    extra = {}
-    if "strict_chunks" in inspect.signature(plan_row_blocks).parameters:
-        extra["strict_chunks"] = in_format == "dense"
-    return plan_row_blocks(n_images, chunk_rows, per_image, block_memory, min_blocks=BLOCKS_PER_THREAD * threads, **extra)
+    return _plan(n_images, chunk_rows, frame_shape, out_shape, in_dtype, out_dtype, in_format, out_format, nnz, kernel,
+                 block_memory, nnz_per_image, threads=threads, expansion=expansion)
 
 
 def inspect_workflow(wf, *, overwrite: bool | None = None) -> Plan:
@@ -240,9 +225,15 @@ def inspect_workflow(wf, *, overwrite: bool | None = None) -> Plan:
         s = inp.sample
         sample_pending = True
         n_images, frame_shape, in_format = s.n_images, tuple(s.frame_shape), s.format
-        chunk_rows = min(SAMPLE_CHUNK_ROWS, max(1, n_images))
         csr = sample_rois(s.n_images, s.frame_shape, max_rois=s.max_rois, radius=s.radius, seed=s.seed)
         nnz, exact = int(csr.nnz), True
+        if in_format == "csr":  # written with write_csr_stack's default chunks
+            from .storage.csr_store import DEFAULT_CHUNK_NNZ, csr_chunk_rows
+
+            chunk_rows = csr_chunk_rows(n_images, nnz, max(1, min(DEFAULT_CHUNK_NNZ, nnz)),
+                                        min(DEFAULT_CHUNK_NNZ, n_images + 1))
+        else:
+            chunk_rows = min(SAMPLE_CHUNK_ROWS, max(1, n_images))
     elif exists is False:
         problems.append(("input.path", f"{inp.path} does not exist"))
     elif exists:
@@ -278,9 +269,22 @@ def inspect_workflow(wf, *, overwrite: bool | None = None) -> Plan:
             )
     threads = _local_threads(wf.cluster)
     if have_input and not any(k == "kernel" for k, _ in problems):
+        from .pipeline import _matrix_expansion, _source_estimates
+
+        # the estimates the run will make (sampled from the data), so the plan shown is the plan run
+        geo = geometry(frame_shape, wf.kernel.array.shape, wf.mode)
+        nnz_per_image = expansion = None
+        try:
+            if src is not None:
+                nnz_per_image, expansion = _source_estimates(src, wf.kernel.array, geo, out_format)
+            elif out_format == "csr":
+                expansion = _matrix_expansion(csr, wf.kernel.array, geo)
+        except Exception as exc:  # a chunk that cannot be read: the run would fail on it too
+            problems.append(("input.path", f"cannot read {inp.path}: {exc}"))
         try:
             blocks = plan_blocks(n_images, chunk_rows, frame_shape, out_shape, in_dtype, out_dtype, in_format,
-                                 out_format, nnz, wf.kernel.array, wf.block.memory, threads)
+                                 out_format, nnz, wf.kernel.array, wf.block.memory, threads,
+                                 nnz_per_image=nnz_per_image, expansion=expansion)
         except ValueError as exc:
             problems.append(("block.memory", str(exc).replace("block_memory=", "").replace("block_memory", "block.memory")))
     try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 MODES = ("full", "same", "valid")
 
 
@@ -87,3 +89,40 @@ def geometry(frame_shape: tuple[int, int], kernel_shape: tuple[int, int], mode: 
     else:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     return Geometry((H, W), (kh, kw), mode, out, top, left)
+
+
+def output_support(x, taps: np.ndarray, geo: Geometry) -> int:
+    """The number of output pixels that the nonzeros of images ``x`` reach, summed over the images.
+
+    An upper bound of their output nonzeros (values that cancel to zero are
+    dropped by the engines, so there can only be fewer), exact for the
+    support. Counted with one boolean map of ``(n, H_out*W_out)`` and
+    ``nnz x taps`` positions, so the caller bounds the batch (the pipeline
+    samples a few images of a stack to size its row blocks).
+
+    Parameters
+    ----------
+    x : scipy.sparse.csr_matrix
+        Canonical CSR ``(n, H*W)`` images of ``geo.frame_shape``.
+    taps : numpy.ndarray
+        ``(kH, kW)`` array; its nonzero entries are the kernel's taps.
+    geo : Geometry
+
+    Returns
+    -------
+    int
+    """
+    n = int(x.shape[0])
+    Ho, Wo = geo.out_shape
+    ti, tj = np.nonzero(np.asarray(taps))
+    if n == 0 or x.nnz == 0 or ti.size == 0:
+        return 0
+    W = geo.frame_shape[1]
+    idx = np.asarray(x.indices[: x.nnz], dtype=np.int64)
+    image = np.repeat(np.arange(n, dtype=np.int64), np.diff(x.indptr))
+    r = (idx // W)[:, None] + (ti - geo.top)[None, :]
+    c = (idx % W)[:, None] + (tj - geo.left)[None, :]
+    inside = (r >= 0) & (r < Ho) & (c >= 0) & (c < Wo)
+    seen = np.zeros(n * Ho * Wo, dtype=bool)
+    seen[((image[:, None] * Ho + r) * Wo + c)[inside]] = True
+    return int(np.count_nonzero(seen))

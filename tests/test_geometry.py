@@ -6,7 +6,9 @@ import scipy.signal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dask_sparseconv.geometry import geometry
+import scipy.sparse
+
+from dask_sparseconv.geometry import geometry, output_support
 
 
 @settings(max_examples=200, deadline=None)
@@ -34,3 +36,21 @@ def test_geometry_matches_scipy_window(H, W, kh, kw, mode):
 def test_unknown_mode_names_value():
     with pytest.raises(ValueError, match="'sideways'"):
         geometry((4, 4), (3, 3), "sideways")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    H=st.integers(1, 10), W=st.integers(1, 10), kh=st.integers(1, 6), kw=st.integers(1, 6),
+    mode=st.sampled_from(["full", "same", "valid"]), density=st.floats(0.0, 0.6), seed=st.integers(0, 1000),
+)
+def test_output_support_counts_scipy_nonzeros(H, W, kh, kw, mode, density, seed):
+    """Positive images and kernel (nothing cancels): the support is exactly
+    the number of nonzeros scipy's convolution gives, summed over images."""
+    if mode == "valid" and (H < kh or W < kw):
+        return
+    rng = np.random.default_rng(seed)
+    x = np.where(rng.random((4, H, W)) < density, rng.random((4, H, W)) + 0.5, 0.0)
+    k = np.where(rng.random((kh, kw)) < 0.6, 1.0, 0.0)
+    geo = geometry((H, W), (kh, kw), mode)
+    ref = sum(np.count_nonzero(scipy.signal.convolve2d(f, k, mode=mode)) for f in x)
+    assert output_support(scipy.sparse.csr_matrix(x.reshape(4, -1)), k, geo) == ref

@@ -1,6 +1,8 @@
 """Row-block planning: chunk alignment, memory budget, uniform blocks, errors."""
 
 import numpy as np
+import scipy.signal
+import scipy.sparse
 import pytest
 
 from dask_sparseconv.row_blocks import (
@@ -124,6 +126,41 @@ def test_image_bytes_dense_and_csr():
     assert full == 4 * (64 * 16 + 8)  # read + CSR + output twice, each 64 entries of 16 bytes
     with pytest.raises(ValueError, match="in_format"):
         image_bytes((8, 8), (8, 8), 8, 8, in_format="coo")
+
+
+def test_image_bytes_sampled_csr_output():
+    worst = image_bytes((512, 512), (512, 512), 4, 4, in_format="csr", out_format="csr", nnz_per_image=300,
+                        kernel_size=49)
+    sampled = image_bytes((512, 512), (512, 512), 4, 4, in_format="csr", out_format="csr", nnz_per_image=300,
+                          kernel_size=49, nnz_out_per_image=1200)
+    assert sampled == 2 * (300 * 12 + 8) + 2 * (1200 * 12 + 8)
+    assert sampled < worst / 9
+    # an estimate above the worst case (or the frame) never raises it
+    assert image_bytes((512, 512), (512, 512), 4, 4, in_format="csr", out_format="csr", nnz_per_image=300,
+                       kernel_size=49, nnz_out_per_image=10**9) == worst
+
+
+def test_sampled_expansion_of_clustered_and_scattered_pixels():
+    from dask_sparseconv.geometry import geometry
+    from dask_sparseconv.pipeline import _EXPANSION_SAFETY, _matrix_expansion
+
+    k = np.ones((7, 7))
+    geo = geometry((64, 64), k.shape, "same")
+    disks = np.zeros((40, 64, 64))
+    yy, xx = np.mgrid[:64, :64]
+    disks[:, ((yy - 30) ** 2 + (xx - 30) ** 2) < 64] = 1.0  # one disk of radius 8 per frame
+    blob = scipy.sparse.csr_matrix(disks.reshape(40, -1))
+    exact = np.count_nonzero(scipy.signal.convolve2d(disks[0], k, "same")) / np.count_nonzero(disks[0])
+    assert _matrix_expansion(blob, k, geo) == pytest.approx(_EXPANSION_SAFETY * exact)
+    assert _matrix_expansion(blob, k, geo) < 49 / 5
+    dots = np.zeros((40, 64, 64))
+    dots[:, ::9, ::9] = 1.0  # isolated pixels: every tap lands on its own pixel
+    assert _matrix_expansion(scipy.sparse.csr_matrix(dots.reshape(40, -1)), k, geo) == 49.0  # capped at the taps
+    empty = scipy.sparse.csr_matrix((40, 64 * 64))
+    assert _matrix_expansion(empty, k, geo) is None  # nothing to sample: the planner keeps the worst case
+    late = np.zeros((40, 64, 64))
+    late[20:, 10, 10] = 1.0  # the start is empty: the middle is sampled
+    assert _matrix_expansion(scipy.sparse.csr_matrix(late.reshape(40, -1)), k, geo) == 49.0
 
 
 def test_plan_is_consistent_with_estimate():

@@ -92,6 +92,15 @@ def _int_pair(value: Any) -> tuple[int, int] | None:
 # --------------------------------------------------------------------------
 # input
 # --------------------------------------------------------------------------
+def csr_chunk_rows(n_images: int, nnz: int, data_chunk: int, indptr_chunk: int) -> int:
+    """Images per "chunk" of a CSR stack, for aligning row blocks: about the
+    rows one ``data`` chunk holds (at the mean nonzeros per image), at most
+    one ``indptr`` chunk's."""
+    avg = nnz / n_images if n_images else 0.0
+    by_data = data_chunk / avg if avg > 0 else float(n_images or 1)
+    return int(max(1, min(n_images or 1, by_data, indptr_chunk)))
+
+
 class CSRInput:
     """A read-only CSR stack (anndata ``csr_matrix`` encoding) in a zarr group.
 
@@ -150,9 +159,7 @@ class CSRInput:
             raise ValueError(f"{where}: indices has length {self._indices.shape[0]} but data has length {self.nnz}; they must match")
         if validate:
             self._validate_indptr()
-        avg = self.nnz / self.n_images if self.n_images else 0.0
-        by_data = self._data.chunks[0] / avg if avg > 0 else float(self.n_images or 1)
-        self.chunk_rows = int(max(1, min(self.n_images or 1, by_data, self._indptr.chunks[0])))
+        self.chunk_rows = csr_chunk_rows(self.n_images, self.nnz, self._data.chunks[0], self._indptr.chunks[0])
 
     # Up to this many bytes of ``indices`` are scanned in this process: a dask
     # reduction costs a scheduler round trip (~40 ms on a LocalCluster, a
@@ -266,6 +273,20 @@ class CSRInput:
         if not out.has_canonical_format:
             out.sum_duplicates()  # sorts indices; zarr gave us fresh buffers, so in place is safe
         return out
+
+    def read_pattern(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
+        """Where rows ``[start, stop)`` are nonzero: a boolean CSR ``(rows,
+        H*W)`` read from ``indptr`` and ``indices`` alone (no values read or
+        decoded; indices as stored, unchecked). For planning: the pipeline
+        samples it to estimate the output's size."""
+        start, stop = check_rows(start, stop, self.n_images, f"CSR source {self._loc}")
+        ip = self._read_nz("indptr", start, stop + 1).astype(np.int64, copy=False)
+        a, b = int(ip[0]), int(ip[-1])
+        if a < 0 or b > self.nnz or b < a:
+            raise ValueError(f"CSR source {self._loc}: indptr is inconsistent in block rows [{start}, {stop})")
+        indices = self._read_nz("indices", a, b)
+        return scipy.sparse.csr_matrix((np.ones(b - a, dtype=bool), indices, ip - a),
+                                       shape=(stop - start, self.shape[1]), copy=False)
 
     # Consecutive row blocks usually fall in the same data/indices/indptr chunk (the
     # default chunk holds 1M values, often a whole stack of small frames);

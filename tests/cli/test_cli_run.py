@@ -128,6 +128,22 @@ def test_csr_to_csr_workflow(tmp_path):
     assert "format:     csr" in info and "state:      complete" in info and "mode:         full" in info
 
 
+def test_dry_run_plan_is_the_plan_run(tmp_path):
+    """The block plan `--dry-run` prints (before the CSR sample exists, and
+    after) is the one the run uses, with a budget small enough that the
+    sampled output estimate decides the block size."""
+    import re
+
+    wf = copy_workflow("csr_to_csr.yaml", tmp_path, input={"sample": {"n_images": 60, "frame_shape": [128, 96], "format": "csr", "seed": 1}},
+                       block={"memory": "40KiB"})
+    plan = re.compile(r"row blocks:\s+(\d+) of up to (\d+) images")
+    before = plan.search(ok(cli("run", wf, "--dry-run")).stdout).groups()
+    run = re.search(r"blocks:\s+(\d+) of up to (\d+) images", ok(cli("run", wf)).stdout).groups()
+    after = plan.search(ok(cli("run", wf, "--dry-run")).stdout).groups()
+    assert before == run == after and int(run[0]) > 4  # memory-bound, not the 2-per-thread minimum
+    check_against_scipy(wf, range(60))
+
+
 def test_restart_and_existing_output(tmp_path):
     from dask_sparseconv.sample_data import write_sample_stack
 

@@ -213,6 +213,10 @@ def _raw_csr(tmp_path, name="bad.zarr", data=None, indices=None, indptr=None, at
 def test_valid_raw_csr_reads(tmp_path):
     src = open_input(_raw_csr(tmp_path))
     np.testing.assert_array_equal(src.read_block(0, 3).toarray(), [[1, 0, 0, 0, 0, 2], [0] * 6, [0, 0, 3, 4, 0, 0]])
+    # the sparsity pattern alone (what the planner samples): same places, no values
+    pattern = src.read_pattern(1, 3)
+    assert pattern.dtype == bool and pattern.shape == (2, 6)
+    np.testing.assert_array_equal(pattern.toarray(), [[0] * 6, [0, 0, 1, 1, 0, 0]])
 
 
 @pytest.mark.parametrize(
