@@ -118,6 +118,11 @@ class ConvolveSummary:
         Seconds spent in each stage, summed over blocks (so they add up to
         more than ``elapsed`` when blocks ran in parallel). Consolidation and
         finalisation are in ``finalize_s``.
+    extra : dict
+        ``worker_pids``, ``engines``, ``workers`` and ``fallbacks`` (which
+        engine ran where); for CSR outputs ``blocks_held`` (blocks kept in
+        memory for consolidation instead of staged), ``consolidation_parts``
+        and ``consolidation_workers``.
     blocks_computed, blocks_skipped : int
         Blocks convolved by this run, and blocks a resumed run found already
         written and verified (re-read, nnz and checksum matching the block's
