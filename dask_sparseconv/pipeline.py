@@ -292,9 +292,23 @@ def _worker_address() -> str | None:
         return None
 
 
-def _apply(conv, csr: scipy.sparse.csr_matrix, spec: _Spec):
+#: A dense output block is computed as CSR (and scattered into zeros by the
+#: writer) when its output can hold at most this share of nonzero pixels
+#: (input nonzeros x taps, the worst case): the CSR result is cheap to make
+#: for sparse outputs, and the writer digests its nonzeros instead of every
+#: pixel (16 ROI frames of 512 x 512: ~1.5 ms against ~6.7 ms).
+SPARSE_RESULT_SHARE = 1 / 8
+
+
+def _apply(conv, csr: scipy.sparse.csr_matrix, spec: _Spec, sparse_ok: bool = False):
+    """Convolve a block. ``sparse_ok``: a dense output may come back as CSR
+    when it is sparse (for writers, which accept either)."""
     n = csr.shape[0]
     if spec.out_format == "dense":
+        Ho, Wo = spec.out_shape
+        taps = int(np.count_nonzero(conv.kernel))
+        if sparse_ok and csr.nnz * taps <= SPARSE_RESULT_SHARE * n * Ho * Wo:
+            return conv(csr, out="csr", batched=True)
         res = conv(csr, out="dense", batched=True)
         return np.ascontiguousarray(res).reshape((n,) + tuple(spec.out_shape))
     return conv(csr, out="csr", batched=True)
@@ -346,7 +360,7 @@ def _run_block(job: tuple, kernel, index: int, start: int, stop: int, check: boo
     csr = src.read_block(start, stop)
     p1 = time.perf_counter()
     conv = _convolver(spec, kernel)
-    res = _apply(conv, csr, spec)
+    res = _apply(conv, csr, spec, sparse_ok=True)
     p2 = time.perf_counter()
     engine = _engine_info(spec, kernel, conv)
     held = None

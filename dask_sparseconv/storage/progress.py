@@ -176,6 +176,64 @@ def dense_digest(values: np.ndarray) -> tuple[int, str]:
     return int(nnz), f"fletcher64:{int(s1):016x}{int(s2):016x}"
 
 
+@numba.njit(nogil=True, cache=True)
+def _fletcher_pairs(positions, words, mask):
+    """(nonzero count, Fletcher-64 sum) over ``(position, value bits)`` pairs
+    in order, skipping values whose bits under ``mask`` are zero (as
+    :func:`_fletcher_nnz` reads ``-0.0`` as ``0.0``)."""
+    s1 = np.uint64(0)
+    s2 = np.uint64(0)
+    nnz = 0
+    zero = words.dtype.type(0)
+    for i in range(words.size):
+        w = words[i]
+        if (w & mask) == zero:
+            continue
+        nnz += 1
+        s1 += np.uint64(positions[i])
+        s2 += s1
+        s1 += np.uint64(w)
+        s2 += s1
+    return nnz, s1, s2
+
+
+_FLOAT_MASKS = {4: (np.uint32, 0x7FFFFFFF), 8: (np.uint64, 0x7FFFFFFFFFFFFFFF)}
+NONZERO_DIGEST = "nzfletcher64"
+
+
+def nonzero_digest(positions: np.ndarray, values: np.ndarray) -> tuple[int, str] | None:
+    """``(nonzero count, digest)`` of a block from its nonzeros alone: the
+    flat positions (row-major over the whole block) and values of its
+    nonzero pixels, in order. ``None`` for dtypes other than float32/64.
+
+    It digests the same block as :func:`dense_digest` would (and
+    :func:`verify_digest` recomputes it from the dense block read back), but
+    costs ``O(nnz)`` instead of a pass over every pixel: a block written from
+    a sparse result (the engine's CSR, scattered into zeros for the store)
+    is digested from that result (16 ROI frames of 512 x 512: ~0.05 ms
+    instead of ~5 ms)."""
+    values = np.ascontiguousarray(values)
+    if values.dtype.kind != "f" or values.dtype.itemsize not in _FLOAT_MASKS:
+        return None
+    uint, mask = _FLOAT_MASKS[values.dtype.itemsize]
+    nnz, s1, s2 = _fletcher_pairs(np.ascontiguousarray(positions, dtype=np.int64), values.view(uint), uint(mask))
+    return int(nnz), f"{NONZERO_DIGEST}:{int(s1):016x}{int(s2):016x}"
+
+
+def verify_digest(values: np.ndarray, nnz: Any, digest: Any) -> bool:
+    """Whether a dense block read back has the nonzero count and digest that
+    its writer recorded (by :func:`dense_digest` or :func:`nonzero_digest`,
+    told apart by the digest's prefix)."""
+    if isinstance(digest, str) and digest.startswith(NONZERO_DIGEST + ":"):
+        flat = np.ascontiguousarray(values).reshape(-1)
+        uint, mask = _FLOAT_MASKS.get(flat.dtype.itemsize, (None, None)) if flat.dtype.kind == "f" else (None, None)
+        if uint is None:
+            return False
+        positions = np.flatnonzero(flat.view(uint) & uint(mask))
+        return nonzero_digest(positions, flat[positions]) == (nnz, digest)
+    return dense_digest(values) == (nnz, digest)
+
+
 def checksum(*arrays: np.ndarray) -> int:
     """CRC-32 over the bytes of ``arrays`` (in order), as written to the store.
 

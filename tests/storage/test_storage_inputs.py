@@ -99,6 +99,20 @@ def test_dense_to_csr_matches_scipy_with_nan_and_negative_zero():
     np.testing.assert_array_equal(got.data, ref.data)  # NaN kept, -0.0 dropped, like scipy
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int16", "uint8", "bool", ">f4"])
+@pytest.mark.parametrize("density", [0.0, 0.002, 0.4, 1.0])  # 0.4 and 1.0 overflow the one-pass room
+def test_dense_to_csr_dtypes_and_densities(dtype, density):
+    rng = np.random.default_rng(5)
+    x = np.where(rng.random((9, 4000)) < density, rng.standard_normal((9, 4000)) * 10, 0).astype(dtype)
+    got = dense_to_csr(x)
+    ref = scipy.sparse.csr_matrix(x.astype(x.dtype.newbyteorder("=")))
+    ref.eliminate_zeros()
+    assert got.dtype == x.dtype and got.has_canonical_format and got.indices.dtype == np.int32
+    np.testing.assert_array_equal(got.indptr, ref.indptr)
+    np.testing.assert_array_equal(got.indices, ref.indices)
+    np.testing.assert_array_equal(got.data, ref.data)
+
+
 def test_array_inside_store_and_zarr_objects():
     store = zarr.storage.MemoryStore()
     g = zarr.open_group(store, mode="w")

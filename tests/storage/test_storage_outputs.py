@@ -76,6 +76,34 @@ def test_dense_output_threads_and_completion(tmp_path):
     assert info["complete"] is True and info["provenance"]["method"] == "direct"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dense_block_from_a_sparse_result_is_digested_from_its_nonzeros(tmp_path, dtype):
+    """A CSR result (what the pipeline hands over for sparse dense-output
+    blocks) is digested from its nonzeros; the dense block read back
+    verifies against it, and any change to it does not."""
+    n, Ho, Wo = 12, 5, 9
+    x = _result(n, Ho, Wo, dtype=dtype)
+    x[1, 0, :3] = [np.nan, -0.0, np.inf]
+    c = scipy.sparse.csr_matrix(x.reshape(n, -1))
+    target = tmp_path / "out.zarr"
+    out = create_output(target, "dense", n, (Ho, Wo), dtype, _bounds(n, 6), attrs=PROV)
+    assert out.write_block(0, 0, 6, c[:6]) == c[:6].nnz
+    explicit = c[6:].copy()
+    explicit.data[::3] = 0  # explicit zeros and a -0.0 are not nonzero pixels
+    explicit.data[1] = -0.0
+    out.write_block(1, 6, 12, explicit)
+    rec0, rec1 = (out.verify_block(i) for i in (0, 1))
+    assert rec0["digest"].startswith("nzfletcher64:") and rec0["nnz"] == np.count_nonzero(x[:6])
+    assert rec1["nnz"] == np.count_nonzero(explicit.toarray())
+    np.testing.assert_array_equal(zarr.open_array(target)[6:].reshape(6, -1), explicit.toarray())
+    # the same block written dense has the dense digest, and verifies too
+    out.write_block(0, 0, 6, x[:6])
+    assert out.verify_block(0)["digest"].startswith("fletcher64:")
+    arr = zarr.open_array(target, mode="r+")
+    arr[7, 2, 3] = arr[7, 2, 3] + 1  # damage block 1 after the fact
+    assert out.verify_block(1) is None
+
+
 def test_dense_output_chunk_rows(tmp_path):
     bounds = _bounds(20, 6)
     out = create_output(tmp_path / "a.zarr", "dense", 20, (4, 4), "float64", bounds, chunk_rows=3, compressor=None)
