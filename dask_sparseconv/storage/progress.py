@@ -134,6 +134,10 @@ def _prefix(node: zarr.Array | zarr.Group) -> str:
     return (node.path + "/" if node.path else "") + PROGRESS + "/"
 
 
+#: Unsigned view and sign-less mask of float32/float64 bit patterns.
+_FLOAT_MASKS = {4: (np.uint32, 0x7FFFFFFF), 8: (np.uint64, 0x7FFFFFFFFFFFFFFF)}
+
+
 @numba.njit(nogil=True, cache=True)
 def _fletcher_nnz(words, mask):
     """(nonzero count, Fletcher-64 sum) of integer ``words`` in one pass.
@@ -167,12 +171,10 @@ def dense_digest(values: np.ndarray) -> tuple[int, str]:
     a 16 MiB block). Other dtypes fall back to CRC-32.
     """
     a = np.ascontiguousarray(values).reshape(-1)
-    if a.dtype == np.float32:
-        nnz, s1, s2 = _fletcher_nnz(a.view(np.uint32), np.uint32(0x7FFFFFFF))
-    elif a.dtype == np.float64:
-        nnz, s1, s2 = _fletcher_nnz(a.view(np.uint64), np.uint64(0x7FFFFFFFFFFFFFFF))
-    else:
+    if a.dtype not in (np.float32, np.float64):
         return int(np.count_nonzero(a)), f"crc32:{checksum(a)}"
+    uint, mask = _FLOAT_MASKS[a.dtype.itemsize]
+    nnz, s1, s2 = _fletcher_nnz(a.view(uint), uint(mask))
     return int(nnz), f"fletcher64:{int(s1):016x}{int(s2):016x}"
 
 
@@ -197,7 +199,6 @@ def _fletcher_pairs(positions, words, mask):
     return nnz, s1, s2
 
 
-_FLOAT_MASKS = {4: (np.uint32, 0x7FFFFFFF), 8: (np.uint64, 0x7FFFFFFFFFFFFFFF)}
 NONZERO_DIGEST = "nzfletcher64"
 
 

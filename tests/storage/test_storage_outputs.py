@@ -200,15 +200,21 @@ def _check_anndata_layout(group, c):
     assert (back != c).nnz == 0
 
 
+def _misaligned_csr_output(tmp_path, n, Ho, Wo, chunk_nnz, chunk_rows, block_rows, **kw):
+    """A sparse stack with whole empty blocks, and a CSR output for it whose
+    chunks need not line up with its blocks."""
+    x = _result(n, Ho, Wo, density=0.15)
+    x[8:14] = 0  # whole empty blocks
+    bounds = _bounds(n, block_rows)
+    t = tmp_path / "c.zarr"
+    out = create_output(t, "csr", n, (Ho, Wo), "float32", bounds, chunk_rows=chunk_rows, chunk_nnz=chunk_nnz, **kw)
+    return x, scipy.sparse.csr_matrix(x.reshape(n, -1)), bounds, t, out
+
+
 @pytest.mark.parametrize("chunk_nnz, chunk_rows, block_rows", [(7, 5, 4), (3, 2, 6), (1000, 1000, 5)])
 def test_csr_staging_consolidation_misaligned_threads(tmp_path, chunk_nnz, chunk_rows, block_rows):
     n, Ho, Wo = 29, 6, 7
-    x = _result(n, Ho, Wo, density=0.15)
-    x[8:14] = 0  # whole empty blocks
-    c = scipy.sparse.csr_matrix(x.reshape(n, -1))
-    bounds = _bounds(n, block_rows)
-    t = tmp_path / "c.zarr"
-    out = create_output(t, "csr", n, (Ho, Wo), "float32", bounds, attrs=PROV, chunk_rows=chunk_rows, chunk_nnz=chunk_nnz)
+    x, c, bounds, t, out = _misaligned_csr_output(tmp_path, n, Ho, Wo, chunk_nnz, chunk_rows, block_rows, attrs=PROV)
 
     def work(i):
         a, b = bounds[i]
@@ -270,12 +276,7 @@ def test_csr_held_and_staged_blocks_mix(tmp_path, chunk_nnz, chunk_rows, block_r
     """Blocks held in memory (hold_block) and staged ones feed the same
     consolidation; chunks straddle block boundaries, tasks travel pickled."""
     n, Ho, Wo = 29, 6, 7
-    x = _result(n, Ho, Wo, density=0.15)
-    x[8:14] = 0  # whole empty blocks
-    c = scipy.sparse.csr_matrix(x.reshape(n, -1))
-    bounds = _bounds(n, block_rows)
-    t = tmp_path / "c.zarr"
-    out = create_output(t, "csr", n, (Ho, Wo), "float32", bounds, chunk_rows=chunk_rows, chunk_nnz=chunk_nnz)
+    x, c, bounds, t, out = _misaligned_csr_output(tmp_path, n, Ho, Wo, chunk_nnz, chunk_rows, block_rows)
     held, nnz = {}, []
     for i, (a, b) in enumerate(bounds):
         if i % 3 == 1:
