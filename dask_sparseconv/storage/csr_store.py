@@ -447,10 +447,6 @@ class HeldBlock(NamedTuple):
     def nnz(self) -> int:
         return int(self.data.shape[0])
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.indptr.nbytes + self.indices.nbytes + self.data.nbytes)
-
 
 class ConsolidationTask:
     """One consolidation step: writes whole chunks of one final array.
