@@ -146,6 +146,8 @@ class Plan:
     threads: int
     target_exists: bool
     resume: dict | None = None  # an incomplete output to continue: {"done": blocks written, "n_blocks": ...}
+    complete: dict | None = None  # provenance of a finished output that would be left as it is (dry run)
+    locked_by: dict | None = None  # lock record of a run writing the target now
 
     @property
     def density(self) -> float | None:
@@ -193,14 +195,18 @@ def plan_blocks(n_images, chunk_rows, frame_shape, out_shape, in_dtype, out_dtyp
                  block_memory, nnz_per_image, threads=threads, expansion=expansion)
 
 
-def inspect_workflow(wf, *, overwrite: bool | None = None) -> Plan:
+def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool = False) -> Plan:
     """Check a loaded workflow against the data it names.
 
     Checks that the input exists and opens as a 3-D dense stack or a CSR
     group (or will be generated from ``input.sample``), that the kernel fits
     the frame in ``valid`` mode, that the block budget holds one image, and
-    that the output does not exist unless overwriting. Every problem is
+    that the output does not exist unless overwriting (or is an incomplete
+    output to resume, whose input has not changed since). Every problem is
     collected and raised together as a :class:`WorkflowError`.
+
+    ``allow_complete`` (``--dry-run``): a finished output is no problem; the
+    plan says it would be left as it is.
     """
     from .convolver import compute_dtype
     from .geometry import geometry
@@ -300,10 +306,17 @@ def inspect_workflow(wf, *, overwrite: bool | None = None) -> Plan:
             _check_target_writable(loc, wf.output.path)
         except (OSError, ValueError, TypeError) as exc:
             problems.append(("output.path", str(exc)))
-    resume = None
+    resume = complete = None
     if target_exists and not overwrite:
         resume = _resumable(wf.output.path, wf.output.storage_options)
-        if resume is None:
+        prov = _target_prov(wf.output.path, wf.output.storage_options) if resume is None else None
+        if resume is not None and src is not None:
+            changed = _input_change(src, wf.output.path, resume.get("provenance") or {})
+            if changed:
+                problems.append(("input.path", changed))
+        if resume is None and allow_complete and prov is not None and prov.get("complete"):
+            complete = prov
+        elif resume is None:
             problems.append(
                 ("output.path", f"{wf.output.path} already exists{_existing_kind(wf.output.path, wf.output.storage_options)}; "
                                 "it is left as it is: set output.overwrite: true (or pass --restart to run) to replace it")
@@ -311,7 +324,35 @@ def inspect_workflow(wf, *, overwrite: bool | None = None) -> Plan:
     if problems:
         raise WorkflowError(problems, wf.source)
     return Plan(wf, src, sample_pending, n_images, frame_shape, in_dtype, in_format, chunk_rows, nnz, exact,
-                out_shape, out_format, out_dtype, blocks, threads, target_exists, resume=resume)
+                out_shape, out_format, out_dtype, blocks, threads, target_exists, resume=resume, complete=complete,
+                locked_by=_lock_holder(wf.output.path, wf.output.storage_options))
+
+
+def _input_change(src, target: str, prov: dict) -> str | None:
+    """Why an incomplete output cannot be resumed from ``src`` as it is now
+    (its input changed since the run that wrote it started), or None."""
+    from .storage.fingerprint import InputChangedError, check_unchanged, fingerprint
+    from .storage.location import resolve_location
+
+    try:
+        check_unchanged(prov.get("source_fingerprint"), fingerprint(src.store_location), str(src.location), target)
+    except InputChangedError as exc:
+        return f"{exc} (it is left as it is)"
+    except Exception:  # unreadable now: the run reports it
+        return None
+    return None
+
+
+def _lock_holder(path: str, storage_options: dict) -> dict | None:
+    """The lock record of a run writing ``path`` now (stale locks do not count), or None."""
+    try:
+        from .storage import resolve_location
+        from .storage.job_lock import read_lock, stale_reason
+
+        rec = read_lock(resolve_location(path, None, storage_options or None, name="target"))
+    except Exception:
+        return None
+    return rec if rec is not None and stale_reason(rec) is None else None
 
 
 def problems_about(problems: list[tuple[str, str]], key: str) -> bool:
@@ -350,10 +391,17 @@ def _resumable(path: str, storage_options: dict) -> dict | None:
         done = len({i for i in progress.done_blocks(node) if i < int(prov.get("n_blocks", 0))})
     except Exception:
         pass
-    return {"done": done, "n_blocks": prov.get("n_blocks")}
+    return {"done": done, "n_blocks": prov.get("n_blocks"), "provenance": prov}
 
 
 def _target_note(plan: Plan) -> str:
+    if plan.locked_by is not None:
+        from .storage.job_lock import describe_holder
+
+        return f" (being written by another run now: {describe_holder(plan.locked_by)}; a run would be refused)"
+    if plan.complete is not None:
+        return (f" (complete, written {plan.complete.get('completed', '?')}; it would be left as it is: "
+                "pass --restart to recompute it)")
     if plan.resume is not None:
         r = plan.resume
         written = f"{r['done']} of {r['n_blocks']} blocks written" if r.get("done") is not None else "partly written"
@@ -619,10 +667,38 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     wf = _load(args.workflow)
     overwrite = True if args.restart else None
-    plan = _inspect(wf, overwrite=overwrite)
+    plan = _inspect(wf, overwrite=overwrite, allow_complete=bool(args.dry_run))
     if args.dry_run:
         _print_plan(plan, f"dry run of {args.workflow} (nothing is computed or written):")
         return EXIT_OK
+    # the lock first: a second run of this job is refused before it starts a cluster
+    with _job_lock(wf) as lock:
+        return _run_locked(args, wf, overwrite, plan, lock)
+
+
+@contextlib.contextmanager
+def _job_lock(wf) -> Iterator[Any]:
+    """Hold the output's lock (renewed in the background) while the run goes on."""
+    from .storage import resolve_location
+    from .storage.job_lock import JobLock, LockStaleWarning, TargetLockedError
+
+    loc = resolve_location(wf.output.path, None, wf.output.storage_options or None, name="target")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LockStaleWarning)
+        try:
+            lock = JobLock.acquire(loc, what=f"{PROG} run {wf.source}")
+        except TargetLockedError as exc:
+            raise CLIError(f"output.path: {exc}", EXIT_RUNTIME) from None
+        except OSError as exc:
+            raise CLIError(f"output.path: cannot create the lock beside {wf.output.path}: {exc}", EXIT_RUNTIME) from None
+    for w in caught:
+        if issubclass(w.category, LockStaleWarning):
+            _err(f"warning: {w.message}")
+    with lock:
+        yield lock
+
+
+def _run_locked(args, wf, overwrite, plan: Plan, lock) -> int:
     plan = _ensure_input(plan, overwrite)
     from .pipeline import convolve_zarr
 
@@ -663,10 +739,15 @@ def cmd_run(args) -> int:
                 target_storage_options=wf.output.storage_options or None,
                 compressor=None if wf.output.compressor == "none" else "default",
                 route=wf.cluster.route,
+                lock=lock,
             )
         except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as exc:
             raise CLIError(f"{wf.source}: {exc}", EXIT_USAGE) from exc
-        summary = _run_graph(client, graph, plan.blocks.n_blocks if plan.blocks else 0)
+        try:
+            summary = _run_graph(client, graph, plan.blocks.n_blocks if plan.blocks else 0)
+        except Exception:
+            _err(f"note: {_output_state(wf.output.path, wf.output.storage_options)}")
+            raise
         elapsed = time.perf_counter() - t0
     _print_summary(summary, plan, elapsed)
     return EXIT_OK
@@ -893,6 +974,34 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _output_state(path: str, opts: dict) -> str:
+    """What a failed or interrupted run left at ``path``, and what to do next."""
+    prov = _target_prov(path, opts)
+    if prov is None:
+        return f"nothing usable was written to {path}"
+    if prov.get("complete"):
+        return f"the output {path} was completed before the failure; it is complete"
+    r = _resumable(path, opts)
+    state = f" ({r['done']} of {r['n_blocks']} blocks written)" if r is not None and r.get("done") is not None else ""
+    return (f"the output {path} is incomplete{state} and marked so: once the cause below is fixed, run the same "
+            "workflow again to resume (written blocks are verified and kept), or with --restart to start over")
+
+
+def failure_line(exc: BaseException, verbose: bool = False) -> str:
+    """One line naming a runtime failure's cause: its type, its message (or,
+    for an exception without one, where it was raised), and how to see more."""
+    text = " ".join(str(exc).split())
+    if not text:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f" raised in {tb.tb_frame.f_code.co_name} ({os.path.basename(tb.tb_frame.f_code.co_filename)}:" \
+                f"{tb.tb_lineno})" if tb is not None else ""
+        text = f"{exc!r}{where}"
+    hint = "" if verbose else " (--verbose shows the traceback)"
+    return f"error: {type(exc).__name__}: {text}{hint}"
+
+
 def _interrupted_message(exc: KeyboardInterrupt) -> str:
     what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
     out = _RUNNING.get("output")
@@ -946,10 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_RUNTIME
         if verbose:
             traceback.print_exc(file=sys.stderr)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        _err(f"error: {type(exc).__name__}: {msg}")
-        if not verbose:
-            _err("(run with --verbose for details)")
+        _err(failure_line(exc, verbose))  # the cause, always the last line
         return EXIT_RUNTIME
 
 

@@ -357,7 +357,10 @@ def _run_block(job: tuple, kernel, index: int, start: int, stop: int, check: boo
                 "convolve_s": 0.0, "write_s": 0.0, "pid": os.getpid(), "skipped": True, "engine": "skipped (verified)",
             }
     p0 = time.perf_counter()
-    csr = src.read_block(start, stop)
+    try:
+        csr = src.read_block(start, stop)
+    except OSError as exc:
+        raise _with_context(exc, f"reading block {index} (images {start}-{stop - 1}) of {src.location}") from exc
     p1 = time.perf_counter()
     conv = _convolver(spec, kernel)
     res = _apply(conv, csr, spec, sparse_ok=True)
@@ -369,7 +372,10 @@ def _run_block(job: tuple, kernel, index: int, start: int, stop: int, check: boo
     else:
         # the writer counts what it wrote (CSR: the staged nnz consolidation checks;
         # dense: nonzero pixels, from the same pass as the block's digest)
-        nnz_out = int(out.write_block(index, start, stop, res, record={"nnz_in": int(csr.nnz)}))
+        try:
+            nnz_out = int(out.write_block(index, start, stop, res, record={"nnz_in": int(csr.nnz)}))
+        except OSError as exc:  # a full disk, a lost mount: say what was being written where
+            raise _with_context(exc, f"writing block {index} (images {start}-{stop - 1}) to {out.location}") from exc
     p3 = time.perf_counter()
     return {
         "held": held,
@@ -386,6 +392,18 @@ def _run_block(job: tuple, kernel, index: int, start: int, stop: int, check: boo
         "skipped": False,
         **engine,
     }
+
+
+def _with_context(exc: OSError, doing: str) -> OSError:
+    """``exc`` again (same class and errno) with what was being done when it
+    happened: an ``[Errno 28] No space left on device`` alone does not say
+    which store filled up."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    name = f": {exc.filename!r}" if exc.filename else ""
+    try:
+        return type(exc)(exc.errno, f"{text}{name} while {doing}") if exc.errno else type(exc)(f"{text} while {doing}")
+    except Exception:  # an OSError subclass with another constructor
+        return OSError(exc.errno, f"{text}{name} while {doing}")
 
 
 def _csr_bytes(res) -> int:
@@ -420,7 +438,10 @@ def _consolidate_part(out, part: int, n_parts: int, *stats: dict) -> float:
     for task in _share(tasks, n_parts)[part]:
         # no consolidation marks: a resumed run plans and runs every task
         # again (finalize then needs none), so they would only be written
-        task(held, mark=False)
+        try:
+            task(held, mark=False)
+        except OSError as exc:
+            raise _with_context(exc, f"writing {task.kind} values {task.lo}-{task.hi - 1} of {out.location}") from exc
     return {"seconds": time.perf_counter() - p0, "worker": _worker_address()}
 
 
@@ -490,12 +511,14 @@ def _finish_consolidated(out, info: dict, nnz: int) -> ConvolveSummary:
     p0 = time.perf_counter()
     out.finalize()
     n_blocks = len(out.block_bounds)
-    return ConvolveSummary(
+    summary = ConvolveSummary(
         target=str(getattr(out, "location", info["target"])), format=info["format"], n_images=info["n_images"],
         frame_shape=tuple(info["frame_shape"]), out_shape=tuple(info["out_shape"]), dtype=info["dtype"],
         nnz_in=0, nnz_out=int(nnz), blocks=n_blocks, block_rows=info["block_rows"], elapsed=0.0,
         finalize_s=time.perf_counter() - p0, blocks_computed=0, blocks_skipped=n_blocks, resumed=True,
     )
+    _release_lock(info)
+    return summary
 
 
 def _engine_summary(stats: list[dict]) -> dict:
@@ -871,12 +894,8 @@ def _sparse_array(csr, kernel, blocks: RowBlocks, spec: _Spec):
 
 
 # -- store to store ----------------------------------------------------------------------
-def _check_locations(source, target, array, storage_options, target_storage_options, overwrite, resume=False):
-    """Refuse a target that overlaps the source, or exists without ``overwrite``
-    (with ``resume``: unless it is an incomplete output of this package).
-
-    Returns ``(target location, provenance of the incomplete output to
-    resume or None)``."""
+def _resolve_locations(source, target, array, storage_options, target_storage_options):
+    """The source and target locations; refuse a target that overlaps the source."""
     from .storage.location import resolve_location, stores_overlap
 
     src_loc = resolve_location(source, array, storage_options, name="source")
@@ -886,8 +905,15 @@ def _check_locations(source, target, array, storage_options, target_storage_opti
             f"target {tgt_loc} overlaps the source {src_loc} (one is the other or lies inside it); "
             "writing there would modify the input: choose a separate target"
         )
+    return src_loc, tgt_loc
+
+
+def _check_target(tgt_loc, overwrite: bool, resume: bool) -> dict | None:
+    """Refuse a target that exists without ``overwrite`` (with ``resume``:
+    unless it is an incomplete output of this package). Returns the
+    provenance of the incomplete output to resume, or None."""
     if overwrite or not tgt_loc.exists():
-        return tgt_loc, None
+        return None
     prov = _target_provenance(tgt_loc)
     if prov is None:
         raise FileExistsError(f"target {tgt_loc} already exists (not an output of dask_sparseconv); "
@@ -898,7 +924,22 @@ def _check_locations(source, target, array, storage_options, target_storage_opti
     if not resume:
         raise FileExistsError(f"target {tgt_loc} already exists and holds an incomplete run; pass resume=True to "
                               "continue it or overwrite=True to start over")
-    return tgt_loc, prov
+    return prov
+
+
+def _take_lock(lock, tgt_loc):
+    """``(the JobLock to hold, whether this call took it)`` for ``lock=``."""
+    from .storage.job_lock import JobLock
+
+    if lock is False or lock is None:
+        return None, False
+    if isinstance(lock, JobLock):
+        if lock.target.key() != tgt_loc.key():
+            raise ValueError(f"lock= holds the lock of {lock.target}, not of the target {tgt_loc}")
+        return lock, False
+    if lock is not True:
+        raise TypeError(f"lock must be True, False or a JobLock held for the target; got {lock!r}")
+    return JobLock.acquire(tgt_loc, what="convolve_zarr"), True
 
 
 def _target_provenance(tgt_loc) -> dict | None:
@@ -945,6 +986,7 @@ def convolve_zarr(
     target_storage_options: dict | None = None,
     compressor: Any = "default",
     route: str = "any",
+    lock: Any = True,
 ):
     """Convolve a zarr stack into a new zarr stack, out of core.
 
@@ -977,8 +1019,11 @@ def convolve_zarr(
         marker is set is re-read and checked against the record written
         with it (nnz and checksum of its values) and skipped if it matches;
         the other blocks are computed. A different job's output is refused
-        (``ValueError`` listing the differences); a complete output is never
-        modified (``FileExistsError``) unless ``overwrite=True``.
+        (``ValueError`` listing the differences), and so is one whose input
+        changed since it was started (``InputChangedError``, a ValueError:
+        every job records a content fingerprint of its input, see
+        docs/reliability.md); a complete output is never modified
+        (``FileExistsError``) unless ``overwrite=True``.
     compute : bool, default True
         ``True``: run now on the current scheduler (the active
         ``distributed.Client`` if any, else the threaded scheduler) and
@@ -1000,6 +1045,18 @@ def convolve_zarr(
         ``backend='auto'`` every worker picks its engine itself (torch on its
         GPU, numba on CPUs); ``'cpu'`` also keeps GPU-capable processes on
         their CPU engines. See docs/gpu.md.
+    lock : bool or JobLock, default True
+        Take the target's lock (``<target>.lock`` beside it, created with an
+        if-absent condition) before writing, so that a second run of the
+        same job is refused at once (:class:`~dask_sparseconv.storage.job_lock.TargetLockedError`
+        naming the host, pid and start time of the run holding it) instead
+        of racing this one. It is renewed while this call computes and
+        deleted when it returns; with ``compute=False`` the graph's last
+        task deletes it. A :class:`~dask_sparseconv.storage.job_lock.JobLock`
+        already held for this target (the CLI's) is used as it is.
+        ``False`` takes no lock. A stale lock (its process gone, or not
+        renewed for 10 minutes on another host) is taken over with a
+        warning. See docs/reliability.md.
 
     Returns
     -------
@@ -1020,8 +1077,8 @@ def convolve_zarr(
     if target is None:
         raise TypeError("target must be a local path, an fsspec URL or a zarr store; got None")
     resume = _check_bool(resume, "resume")
-    tgt_loc, resume_prov = _check_locations(source, target, array, storage_options, target_storage_options, overwrite,
-                                            resume)
+    src_loc, tgt_loc = _resolve_locations(source, target, array, storage_options, target_storage_options)
+    _check_target(tgt_loc, overwrite, resume)  # refuse a finished or foreign target before reading anything
 
     # 2. open the source (read-only) and check what depends on it
     from .storage import create_output, open_input
@@ -1031,6 +1088,8 @@ def convolve_zarr(
     geo = geometry(fs, kernel.shape, mode)  # ValueError for 'valid' with a kernel larger than the frame
     if src.format == "csr":
         src.check_indices()  # out-of-range indices fail here, before the target exists
+    if src.n_images == 0:
+        raise ValueError(f"source {src.location} holds no images (shape[0] == 0); nothing to convolve")
     out_dtype = compute_dtype(src.dtype, dtype)
     fmt = output_format or src.format
     workers = _scheduler_workers()
@@ -1038,9 +1097,48 @@ def convolve_zarr(
     blocks = _plan(src.n_images, src.chunk_rows, fs, geo.out_shape, src.dtype, out_dtype, src.format, fmt, src.nnz,
                    kernel, block_memory, nnz_per_image, threads=_scheduler_threads(workers), expansion=expansion)
 
-    # 3. create the target (first write), then the graph
-    if src.n_images == 0:
-        raise ValueError(f"source {src.location} holds no images (shape[0] == 0); nothing to convolve")
+    # 3. take the target's lock (the first write), then decide again what the
+    #    target is: a run that held the lock may have finished it meanwhile
+    from .storage import _check_target_writable
+
+    _check_target_writable(tgt_loc, target)  # before the lock: a path under a file, a read-only folder
+    held, took_lock = _take_lock(lock, tgt_loc)
+    try:
+        resume_prov = _check_target(tgt_loc, overwrite, resume)
+        graph = _build_job(src, src_loc, tgt_loc, target, kernel, mode, method, backend, fmt, out_dtype, geo, blocks,
+                           resume_prov, overwrite, compressor, route, annotations, workers, target_storage_options,
+                           release=held if took_lock else None)
+    except BaseException:
+        if took_lock:
+            held.release()
+        raise
+    if not compute:
+        return graph  # its last task releases the lock this call took
+    import dask
+
+    t0 = time.perf_counter()
+    try:
+        if took_lock:
+            held.start_renewing()
+        (summary,) = dask.compute(graph)
+    finally:
+        if took_lock:
+            held.release()
+    summary.elapsed = time.perf_counter() - t0
+    return summary
+
+
+def _build_job(src, src_loc, tgt_loc, target, kernel, mode, method, backend, fmt, out_dtype, geo, blocks,
+               resume_prov, overwrite, compressor, route, annotations, workers, target_storage_options, release):
+    """Fingerprint the input (refusing a resume whose input changed), create
+    or reopen the target, and build the graph."""
+    from .storage import create_output
+    from .storage.fingerprint import check_unchanged, fingerprint
+
+    fs = tuple(int(v) for v in src.frame_shape)
+    fp = fingerprint(src_loc, scheduler_threads=_scheduler_threads(workers))
+    if resume_prov is not None:
+        check_unchanged(resume_prov.get("source_fingerprint"), fp, str(src.location), str(tgt_loc))
     attrs = {
         "source": str(src.location),
         "source_format": src.format,
@@ -1055,6 +1153,9 @@ def convolve_zarr(
         attrs["kernel"] = kernel.tolist()
     if resume_prov is not None:
         blocks = _resume_blocks(blocks, resume_prov)
+    else:
+        # recorded, not compared as a setting: a resume compares it with check_unchanged
+        attrs["source_fingerprint"] = fp.as_dict()
     out = create_output(
         target,
         fmt,
@@ -1072,30 +1173,24 @@ def convolve_zarr(
         compressor=compressor,
         resume=resume_prov is not None,  # reopens only the same job's output, else ValueError
     )
+    lock_token = None if release is None else (tgt_loc, release.token)
     done = out.done_blocks() if resume_prov is not None else set()
     if resume_prov is not None and fmt == "csr" and resume_prov.get("consolidated"):
         from dask import delayed
 
         info = {"target": str(tgt_loc), "format": fmt, "n_images": src.n_images, "frame_shape": fs,
-                "out_shape": geo.out_shape, "dtype": out_dtype.name, "block_rows": blocks.block_rows}
-        graph = delayed(_finish_consolidated, pure=False)(out, info, int(resume_prov.get("nnz", 0)))
-        return graph.compute() if compute else graph
+                "out_shape": geo.out_shape, "dtype": out_dtype.name, "block_rows": blocks.block_rows,
+                "lock": lock_token}
+        return delayed(_finish_consolidated, pure=False)(out, info, int(resume_prov.get("nnz", 0)))
     spec = _Spec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt, route=route,
                  hold_bytes=_hold_bytes(blocks, fmt))
-    graph = _store_graph(src, out, kernel, blocks, spec, str(tgt_loc), annotations, done=done,
-                         resumed=resume_prov is not None, workers=workers)
-    if not compute:
-        return graph
-    import dask
-
-    t0 = time.perf_counter()
-    (summary,) = dask.compute(graph)
-    summary.elapsed = time.perf_counter() - t0
-    return summary
+    return _store_graph(src, out, kernel, blocks, spec, str(tgt_loc), annotations, done=done,
+                        resumed=resume_prov is not None, workers=workers, lock_token=lock_token)
 
 
 def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str, annotations: dict | None = None,
-                 *, done: set | None = None, resumed: bool = False, workers: dict[str, int] | None = None):
+                 *, done: set | None = None, resumed: bool = False, workers: dict[str, int] | None = None,
+                 lock_token: tuple | None = None):
     from dask import delayed
     from dask.base import tokenize
 
@@ -1120,6 +1215,7 @@ def _store_graph(src, out, kernel, blocks: RowBlocks, spec: _Spec, target: str, 
         "dtype": np.dtype(spec.dtype).name,
         "block_rows": blocks.block_rows,
         "resumed": resumed,
+        "lock": lock_token,  # (target location, token): released by the last task
     }
     parts = None
     if spec.out_format == "csr":
@@ -1155,7 +1251,18 @@ def _part_placement(n_parts: int, workers: dict[str, int] | None) -> list[dict]:
 
 def _finalize_job(out, info: dict, n_blocks: int, *results):
     """The graph's last task: ``results`` are the blocks' stats, then the consolidation parts' reports."""
-    return _finalize(out, list(results[:n_blocks]), info, list(results[n_blocks:]) or None)
+    summary = _finalize(out, list(results[:n_blocks]), info, list(results[n_blocks:]) or None)
+    _release_lock(info)
+    return summary
+
+
+def _release_lock(info: dict) -> None:
+    """Delete the target's lock if the graph's builder took it (``compute=False``:
+    nobody else is there to release it once the job is done)."""
+    if info.get("lock"):
+        from .storage.job_lock import release_token
+
+        release_token(*info["lock"])
 
 
 __all__ = ["ConvolveSummary", "convolve", "convolve_zarr"]

@@ -225,6 +225,11 @@ class CSRInput:
             raise ValueError(f"{where}: indptr[-1] = {prev} but data and indices have length {self.nnz}; they must match")
 
     @property
+    def store_location(self) -> Location:
+        """Where the stack is (for fingerprints and overlap checks)."""
+        return self._loc
+
+    @property
     def location(self) -> str:
         return self._loc.description
 

@@ -286,6 +286,31 @@ def mark_block_done(node: zarr.Array | zarr.Group, i: int, record: dict | None =
         sync((node.store_path / PROGRESS / str(int(i))).set(buf))
 
 
+def stored_chunks(node: zarr.Array, keys: list[str]) -> dict[str, list | None]:
+    """``{key: [size, CRC-32 hex] or None}`` of chunk keys (relative to
+    ``node``) as they are stored now, read raw and concurrently; ``None``
+    for a chunk that is not stored (zarr skips chunks that are all fill
+    value). What a block record keeps, and what resume compares with it.
+
+    zlib's CRC-32 reads the store's buffer in place; CRC-32C would need a
+    copy to ``bytes`` first, which costs more than the faster checksum saves."""
+    import asyncio
+
+    proto = default_buffer_prototype()
+
+    async def _one(key: str):
+        buf = await (node.store_path / key).get(prototype=proto)
+        if buf is None:
+            return None
+        raw = buf.as_numpy_array()
+        return [int(raw.nbytes), f"{zlib.crc32(raw):08x}"]
+
+    async def _all():
+        return await asyncio.gather(*(_one(k) for k in keys))
+
+    return dict(zip(keys, sync(_all())))
+
+
 def read_block_record(node: zarr.Array, i: int) -> dict | None:
     """The record stored in a dense array's marker for block ``i`` (None when
     there is no marker, or a marker without a record)."""
