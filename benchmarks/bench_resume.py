@@ -54,7 +54,6 @@ import textwrap
 import time
 
 import numpy as np
-import scipy.sparse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

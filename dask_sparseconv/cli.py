@@ -332,7 +332,6 @@ def _input_change(src, target: str, prov: dict) -> str | None:
     """Why an incomplete output cannot be resumed from ``src`` as it is now
     (its input changed since the run that wrote it started), or None."""
     from .storage.fingerprint import InputChangedError, check_unchanged, fingerprint
-    from .storage.location import resolve_location
 
     try:
         check_unchanged(prov.get("source_fingerprint"), fingerprint(src.store_location), str(src.location), target)

@@ -1081,7 +1081,7 @@ def convolve_zarr(
     _check_target(tgt_loc, overwrite, resume)  # refuse a finished or foreign target before reading anything
 
     # 2. open the source (read-only) and check what depends on it
-    from .storage import create_output, open_input
+    from .storage import open_input
 
     src = open_input(source, array=array, storage_options=storage_options)
     fs = tuple(int(v) for v in src.frame_shape)

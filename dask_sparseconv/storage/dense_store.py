@@ -415,7 +415,7 @@ class DenseOutput:
         """Block ``i``'s record if its marker is set and what is stored now
         matches the record; else ``None`` (redo it).
 
-        The record lists the block's chunks as stored (size and CRC-32C of
+        The record lists the block's chunks as stored (size and CRC-32 of
         the encoded bytes, taken right after the write): they are read back
         raw and compared, with nothing decoded (~10x cheaper than decoding
         and digesting the values). A record without that list (written by

@@ -140,9 +140,9 @@ def _store_checksum(info: dict) -> str | None:
     return None
 
 
-def _list(loc: Location) -> tuple[list[tuple[str, int, str | None]], Any, str]:
-    """``([(key relative to the node, size, store checksum or None)], fs, base)``;
-    ``fs`` is None for zarr store objects (read through the store)."""
+def _list(loc: Location) -> tuple[list[tuple[str, int, str | None]], str]:
+    """``([(key relative to the node, size, store checksum or None)], base)``:
+    ``base`` is the node's path (local, URL) or key prefix (zarr store objects)."""
     if loc.kind in ("local", "url"):
         fs, base = _fsspec_fs(loc)
         found = fs.find(base, detail=True)
@@ -155,7 +155,7 @@ def _list(loc: Location) -> tuple[list[tuple[str, int, str | None]], Any, str]:
             if info.get("type", "file") != "file":
                 continue
             rows.append((rel, int(info.get("size") or 0), _store_checksum(info)))
-        return sorted(rows), fs, base_s
+        return sorted(rows), base_s
     from zarr.core.sync import sync  # zarr store objects: the store's own async API
 
     store = loc.store
@@ -165,36 +165,42 @@ def _list(loc: Location) -> tuple[list[tuple[str, int, str | None]], Any, str]:
         keys = [k async for k in store.list_prefix(prefix)]
         return [(k[len(prefix):], int(await store.getsize(k)), None) for k in keys]
 
-    return sorted(sync(_keys())), None, prefix
+    return sorted(sync(_keys())), prefix
 
 
 # -- reading ----------------------------------------------------------------------------
-def _read_digests(loc: Location, base: str, keys: list[str]) -> list[str]:
-    """CRC-32C (hex) of each key's stored bytes. Runs in this process or in a
-    dask task (``loc`` and ``base`` are picklable)."""
-    if loc.kind in ("local", "url"):
+def _read_keys(loc: Location, base: str, keys: list[str]) -> dict[str, bytes]:
+    """The stored bytes of ``keys`` (relative to ``base``); a missing key reads as empty."""
+    if not keys:
+        return {}
+    if loc.kind == "local":
+        out = {}
+        for k in keys:
+            with open(os.path.join(base, k), "rb") as f:
+                out[k] = f.read()
+        return out
+    if loc.kind == "url":
         fs, _ = _fsspec_fs(loc)
-        if loc.kind == "local":
-            out = []
-            for k in keys:
-                with open(os.path.join(base, k), "rb") as f:
-                    out.append(f"{google_crc32c.value(f.read()):08x}")
-            return out
         blobs = fs.cat([f"{base}/{k}" for k in keys])  # concurrent on async filesystems
-        return [f"{google_crc32c.value(blobs[f'{base}/{k}']):08x}" for k in keys]
+        return {k: bytes(blobs[f"{base}/{k}"]) for k in keys}
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    store = loc.store
-
-    async def _get() -> list[str]:
-        res = []
+    async def _get() -> dict[str, bytes]:
+        res = {}
         for k in keys:
-            buf = await store.get(base + k, prototype=default_buffer_prototype())
-            res.append(f"{google_crc32c.value(b'' if buf is None else buf.to_bytes()):08x}")
+            buf = await loc.store.get(base + k, prototype=default_buffer_prototype())
+            res[k] = b"" if buf is None else buf.to_bytes()
         return res
 
     return sync(_get())
+
+
+def _read_digests(loc: Location, base: str, keys: list[str]) -> list[str]:
+    """CRC-32C (hex) of each key's stored bytes. Runs in this process or in a
+    dask task (``loc`` and ``base`` are picklable)."""
+    blobs = _read_keys(loc, base, keys)
+    return [f"{google_crc32c.value(blobs[k]):08x}" for k in keys]
 
 
 def _batches(rows: list[tuple[str, int]], n_parts: int) -> list[list[str]]:
@@ -246,12 +252,12 @@ def fingerprint(loc: Location, *, scheduler_threads: int | None = None) -> Finge
         Threads of the scheduler that reads large inputs (how many shares to cut).
     """
     t0 = time.perf_counter()
-    rows, fs, base = _list(loc)
+    rows, base = _list(loc)
     meta_rows = [r for r in rows if r[0].rsplit("/", 1)[-1] in METADATA_NAMES]
     chunk_rows = [r for r in rows if r[0].rsplit("/", 1)[-1] not in METADATA_NAMES]
     # metadata: read in full (small), compared by content
     meta_digest = hashlib.sha256()
-    meta_contents = _read_metadata(loc, fs, base, [r[0] for r in meta_rows])
+    meta_contents = _read_keys(loc, base, [r[0] for r in meta_rows])
     for key in sorted(meta_contents):
         meta_digest.update(key.encode() + b"\0" + meta_contents[key] + b"\0")
     use_store = bool(chunk_rows) and all(r[2] for r in chunk_rows)
@@ -275,31 +281,6 @@ def fingerprint(loc: Location, *, scheduler_threads: int | None = None) -> Finge
     for d in array_dirs:  # arrays with no chunk written (all fill value) still count
         arrays.setdefault(d, {"keys": 0, "bytes": 0, "digest": "00000000"})
     return Fingerprint(method, meta_digest.hexdigest(), dict(sorted(arrays.items())), time.perf_counter() - t0)
-
-
-def _read_metadata(loc: Location, fs: Any, base: str, keys: list[str]) -> dict[str, bytes]:
-    if not keys:
-        return {}
-    if loc.kind == "local":
-        out = {}
-        for k in keys:
-            with open(os.path.join(base, k), "rb") as f:
-                out[k] = f.read()
-        return out
-    if fs is not None:
-        blobs = fs.cat([f"{base}/{k}" for k in keys])
-        return {k: bytes(blobs[f"{base}/{k}"]) for k in keys}
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    async def _get() -> dict[str, bytes]:
-        res = {}
-        for k in keys:
-            buf = await loc.store.get(base + k, prototype=default_buffer_prototype())
-            res[k] = b"" if buf is None else buf.to_bytes()
-        return res
-
-    return sync(_get())
 
 
 def check_unchanged(recorded: Any, now: Fingerprint, source: str, target: str) -> None:
