@@ -42,7 +42,7 @@ _LAZY = {
     "ConvolveSummary": "pipeline",
     "write_sample_stack": "sample_data",
     "kernels": None,
-    "cache_stats": "convolver_cache",
+    "cache_stats": "runtime.cache",
 }
 
 

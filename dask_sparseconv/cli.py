@@ -148,6 +148,7 @@ class Plan:
     resume: dict | None = None  # an incomplete output to continue: {"done": blocks written, "n_blocks": ...}
     complete: dict | None = None  # provenance of a finished output that would be left as it is (dry run)
     locked_by: dict | None = None  # lock record of a run writing the target now
+    job: Any = None  # the JobPlan of an existing input (run as it is by convolve_zarr)
 
     @property
     def density(self) -> float | None:
@@ -173,26 +174,10 @@ def _local_threads(cluster) -> int:
     return n_workers * cluster.threads_per_worker
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def _default_n_workers(threads_per_worker: int) -> int:
-    return max(1, _cpu_count() // max(1, threads_per_worker))
+    from .engine.threads import default_threads
 
-
-def plan_blocks(n_images, chunk_rows, frame_shape, out_shape, in_dtype, out_dtype, in_format, out_format, nnz,
-                kernel, block_memory, threads, *, nnz_per_image=None, expansion=None):
-    """The row blocks the pipeline will cut the stack into on ``threads``
-    scheduler threads (the pipeline's own planner, given the estimates it
-    would make: see :func:`dask_sparseconv.pipeline._source_estimates`)."""
-    from .pipeline import _plan
-
-    return _plan(n_images, chunk_rows, frame_shape, out_shape, in_dtype, out_dtype, in_format, out_format, nnz, kernel,
-                 block_memory, nnz_per_image, threads=threads, expansion=expansion)
+    return max(1, default_threads() // max(1, threads_per_worker))
 
 
 def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool = False) -> Plan:
@@ -274,23 +259,16 @@ def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool 
                            "frames; mode: valid needs a kernel no larger than the frame (use mode: same or full)")
             )
     threads = _local_threads(wf.cluster)
+    job = None
     if have_input and not any(k == "kernel" for k, _ in problems):
-        from .pipeline import _matrix_expansion, _source_estimates
-
-        # the estimates the run will make (sampled from the data), so the plan shown is the plan run
-        geo = geometry(frame_shape, wf.kernel.array.shape, wf.mode)
-        nnz_per_image = expansion = None
+        # the planner the run uses, with the estimates it makes (sampled from the data): the plan shown is the plan run
         try:
             if src is not None:
-                nnz_per_image, expansion = _source_estimates(src, wf.kernel.array, geo, out_format)
-            elif out_format == "csr":
-                expansion = _matrix_expansion(csr, wf.kernel.array, geo)
-        except Exception as exc:  # a chunk that cannot be read: the run would fail on it too
-            problems.append(("input.path", f"cannot read {inp.path}: {exc}"))
-        try:
-            blocks = plan_blocks(n_images, chunk_rows, frame_shape, out_shape, in_dtype, out_dtype, in_format,
-                                 out_format, nnz, wf.kernel.array, wf.block.memory, threads,
-                                 nnz_per_image=nnz_per_image, expansion=expansion)
+                job = _plan_job(wf, src, threads, problems)
+                blocks = job.blocks if job is not None else None
+            else:
+                blocks = _plan_sample(wf, csr, n_images, chunk_rows, frame_shape, in_dtype, out_dtype, out_format,
+                                      threads)
         except ValueError as exc:
             problems.append(("block.memory", str(exc).replace("block_memory=", "").replace("block_memory", "block.memory")))
     try:
@@ -300,10 +278,10 @@ def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool 
         target_exists = False
     if not target_exists and not problems_about(problems, "output.path"):
         try:  # a local target under a regular file or in a read-only folder: refuse before starting anything
-            from .storage import _check_target_writable, resolve_location
+            from .storage import check_target_writable, resolve_location
 
             loc = resolve_location(wf.output.path, None, wf.output.storage_options or None, name="target")
-            _check_target_writable(loc, wf.output.path)
+            check_target_writable(loc, wf.output.path)
         except (OSError, ValueError, TypeError) as exc:
             problems.append(("output.path", str(exc)))
     resume = complete = None
@@ -311,7 +289,7 @@ def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool 
         resume = _resumable(wf.output.path, wf.output.storage_options)
         prov = _target_prov(wf.output.path, wf.output.storage_options) if resume is None else None
         if resume is not None and src is not None:
-            changed = _input_change(src, wf.output.path, resume.get("provenance") or {})
+            changed = _input_change(job, src, wf.output.path, resume.get("provenance") or {})
             if changed:
                 problems.append(("input.path", changed))
         if resume is None and allow_complete and prov is not None and prov.get("complete"):
@@ -325,16 +303,54 @@ def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool 
         raise WorkflowError(problems, wf.source)
     return Plan(wf, src, sample_pending, n_images, frame_shape, in_dtype, in_format, chunk_rows, nnz, exact,
                 out_shape, out_format, out_dtype, blocks, threads, target_exists, resume=resume, complete=complete,
-                locked_by=_lock_holder(wf.output.path, wf.output.storage_options))
+                locked_by=_lock_holder(wf.output.path, wf.output.storage_options), job=job)
 
 
-def _input_change(src, target: str, prov: dict) -> str | None:
+def _job_settings(wf) -> dict:
+    return dict(mode=wf.mode, output_format=wf.output.format, method=wf.method, backend=wf.backend, dtype=wf.dtype,
+                block_memory=wf.block.memory)
+
+
+def _plan_job(wf, src, threads: int, problems: list[tuple[str, str]]):
+    """:func:`~dask_sparseconv.pipeline.plan_job` for the opened input. A block
+    budget too small for one image is a problem of block.memory; an input the
+    job cannot use (indices out of range, no images) is refused as the run
+    refuses it, in one line; a chunk that cannot be read is a problem of
+    input.path (the run would fail on it too)."""
+    from .pipeline import plan_job
+
+    try:
+        return plan_job(src, wf.kernel.array, threads=threads, **_job_settings(wf))
+    except (ValueError, TypeError) as exc:
+        if "block_memory" in str(exc):
+            raise
+        raise CLIError(f"{wf.source}: {exc}", EXIT_USAGE) from exc
+    except Exception as exc:
+        problems.append(("input.path", f"cannot read {wf.input.path}: {exc}"))
+    return None
+
+
+def _plan_sample(wf, csr, n_images, chunk_rows, frame_shape, in_dtype, out_dtype, out_format, threads: int):
+    """The blocks of a sample stack not generated yet (planned from the matrix it will hold)."""
+    from .geometry import geometry
+    from .pipeline.plan import plan_matrix
+    from .pipeline.spec import check_settings
+
+    settings = check_settings(wf.kernel.array, **{k: v for k, v in _job_settings(wf).items()})
+    geo = geometry(frame_shape, wf.kernel.array.shape, wf.mode)
+    return plan_matrix(n_images, frame_shape, csr, settings, geo, in_dtype, out_dtype, out_format, threads,
+                       chunk_rows=chunk_rows)
+
+
+def _input_change(job, src, target: str, prov: dict) -> str | None:
     """Why an incomplete output cannot be resumed from ``src`` as it is now
-    (its input changed since the run that wrote it started), or None."""
+    (its input changed since the run that wrote it started), or None.
+    ``job``: the JobPlan (its fingerprint is then reused by the run)."""
     from .storage.fingerprint import InputChangedError, check_unchanged, fingerprint
 
     try:
-        check_unchanged(prov.get("source_fingerprint"), fingerprint(src.store_location), str(src.location), target)
+        fp = job.fingerprint() if job is not None else fingerprint(src.store_location)
+        check_unchanged(prov.get("source_fingerprint"), fp, str(src.location), target)
     except InputChangedError as exc:
         return f"{exc} (it is left as it is)"
     except Exception:  # unreadable now: the run reports it
@@ -739,6 +755,7 @@ def _run_locked(args, wf, overwrite, plan: Plan, lock) -> int:
                 compressor=None if wf.output.compressor == "none" else "default",
                 route=wf.cluster.route,
                 lock=lock,
+                plan=plan.job,
             )
         except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as exc:
             raise CLIError(f"{wf.source}: {exc}", EXIT_USAGE) from exc

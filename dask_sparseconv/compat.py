@@ -26,7 +26,7 @@ differences are listed in ``docs/compat.md``; the main ones:
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import scipy.sparse

@@ -16,6 +16,7 @@ line can pass the message straight to the user.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import os
@@ -26,7 +27,7 @@ import numpy as np
 
 from .validation import check_kernel
 
-__all__ = ["gaussian", "box", "disk", "load_kernel_file", "KERNEL_FILE_SUFFIXES"]
+__all__ = ["gaussian", "box", "disk", "load_kernel_file", "kernel_digest", "KERNEL_FILE_SUFFIXES"]
 
 #: Suffixes :func:`load_kernel_file` understands.
 KERNEL_FILE_SUFFIXES = (".npy", ".txt", ".csv", ".tsv")
@@ -175,3 +176,13 @@ def load_kernel_file(path: str | os.PathLike) -> np.ndarray:
         return check_kernel(arr, name=f"kernel file {str(p)!r}")
     except TypeError as exc:
         raise ValueError(str(exc)) from None
+
+
+def kernel_digest(kernel: np.ndarray) -> str:
+    """A content hash of a kernel (shape, dtype and bytes): the identity the
+    convolver cache, device choices, graph keys and provenance all use."""
+    k = np.ascontiguousarray(kernel)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((k.shape, k.dtype.str)).encode())
+    h.update(k.tobytes())
+    return h.hexdigest()

@@ -142,7 +142,7 @@ def test_image_bytes_sampled_csr_output():
 
 def test_sampled_expansion_of_clustered_and_scattered_pixels():
     from dask_sparseconv.geometry import geometry
-    from dask_sparseconv.pipeline import _EXPANSION_SAFETY, _matrix_expansion
+    from dask_sparseconv.pipeline.estimates import _EXPANSION_SAFETY, matrix_expansion as _matrix_expansion
 
     k = np.ones((7, 7))
     geo = geometry((64, 64), k.shape, "same")

@@ -14,18 +14,18 @@ Public entry points (the contract in docs/design.md; details in docs/storage.md)
 
 from __future__ import annotations
 
-import math
 import os
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import scipy.sparse
 import zarr
 from zarr.errors import NodeNotFoundError
 
 from ..validation import _short, check_choice, check_positive_int
 from . import progress
-from .csr_store import CSRInput, CSROutput, ConsolidationTask, is_csr_group, write_csr_stack
+from .base import OutputBase, StackInput, StackOutput
+from .csr_store import CSRInput, CSROutput, ConsolidationTask, write_csr_stack
 from .dense_store import (
     DenseInput,
     DenseOutput,
@@ -38,6 +38,13 @@ from .dense_store import (
 from .location import Location, resolve_location, same_or_inside, stores_overlap
 
 __all__ = [
+    "FORMATS",
+    "StorageFormat",
+    "StackInput",
+    "StackOutput",
+    "OutputBase",
+    "is_input",
+    "check_target_writable",
     "open_input",
     "create_output",
     "open_stack",
@@ -57,6 +64,29 @@ __all__ = [
 ]
 
 InputStack = DenseInput | CSRInput
+
+
+@dataclass(frozen=True)
+class StorageFormat:
+    """One on-disk encoding: how to recognise it, read it and write it."""
+
+    name: str
+    input: type  # a StackInput: .detect(node), (loc, node) constructor, .describe(), .to_dask()
+    output: type  # a StackOutput: .create(...), .reopen(...)
+    description: str
+
+
+#: The on-disk formats, by the name ``output_format=`` / ``output.format`` takes.
+FORMATS: dict[str, StorageFormat] = {
+    "dense": StorageFormat("dense", DenseInput, DenseOutput, "a 3-D zarr array (n_images, H, W)"),
+    "csr": StorageFormat("csr", CSRInput, CSROutput,
+                         "an anndata csr_matrix group (n_images, H*W) with a frame_shape attribute"),
+}
+
+
+def is_input(obj: Any) -> bool:
+    """Whether ``obj`` is an opened input stack of one of the :data:`FORMATS`."""
+    return isinstance(obj, tuple(f.input for f in FORMATS.values()))
 
 
 def _list_members(node: zarr.Group, limit: int = 12) -> list[str]:
@@ -90,11 +120,10 @@ def _open_node(source: Any, array: str | None, storage_options: dict | None, nam
     return loc, node
 
 
-def _input_from_node(loc: Location, node: Any, name: str = "source", validate: bool = True) -> InputStack:
-    if isinstance(node, zarr.Array):
-        return DenseInput(loc, node)
-    if is_csr_group(node):
-        return CSRInput(loc, node, validate=validate)
+def _input_from_node(loc: Location, node: Any, name: str = "source") -> InputStack:
+    for fmt in FORMATS.values():
+        if fmt.input.detect(node):
+            return fmt.input(loc, node)
     enc = node.attrs.get("encoding-type")
     what = f"an anndata '{enc}' group" if enc else "a zarr group"
     raise ValueError(
@@ -141,7 +170,7 @@ def open_input(source: Any, array: str | None = None, storage_options: dict | No
     return _input_from_node(loc, node)
 
 
-def _check_target_writable(loc: Location, target: Any) -> None:
+def check_target_writable(loc: Location, target: Any) -> None:
     if loc.kind == "object":
         if loc.store.read_only:
             raise PermissionError(f"target {str(loc)!r} is a read-only zarr store; open it with mode='a' or 'w' to write to it")
@@ -206,7 +235,7 @@ def create_output(target: Any, fmt: str, n_images: int, out_shape: Sequence[int]
     -------
     DenseOutput or CSROutput
     """
-    fmt = check_choice("fmt", fmt, ("dense", "csr"))
+    fmt = check_choice("fmt", fmt, tuple(FORMATS))
     n_images = check_positive_int(n_images, "n_images")
     try:
         out_shape = tuple(int(v) for v in out_shape)
@@ -222,7 +251,7 @@ def create_output(target: Any, fmt: str, n_images: int, out_shape: Sequence[int]
         raise TypeError(f"attrs must be a dict or None; got {_short(attrs)}")
     resolve_compressors(compressor)  # validate early
     loc = resolve_location(target, array, storage_options, name="target")
-    _check_target_writable(loc, target)
+    check_target_writable(loc, target)
     exists = loc.exists()
     if exists and resume and not overwrite:
         return _reopen_for_resume(loc, target, fmt, n_images, out_shape, dtype, bounds, attrs)
@@ -232,9 +261,8 @@ def create_output(target: Any, fmt: str, n_images: int, out_shape: Sequence[int]
             + (", or resume=True to continue an incomplete run" if not resume else "")
         )
     try:
-        if fmt == "dense":
-            return DenseOutput.create(loc, n_images, out_shape, dtype, bounds, chunk_rows, compressor, attrs, overwrite)
-        return CSROutput.create(loc, n_images, out_shape, dtype, bounds, chunk_rows, chunk_nnz, compressor, attrs, overwrite)
+        return FORMATS[fmt].output.create(loc, n_images, out_shape, dtype, bounds, chunk_rows=chunk_rows,
+                                          chunk_nnz=chunk_nnz, compressor=compressor, attrs=attrs, overwrite=overwrite)
     except (PermissionError, OSError) as exc:
         raise PermissionError(f"target {str(loc)!r} is not writable ({type(exc).__name__}: {exc})") from exc
 
@@ -256,23 +284,14 @@ def _reopen_for_resume(loc, target, fmt, n_images, out_shape, dtype, bounds, att
         "block_rows": bounds[0][1] - bounds[0][0],
         "n_blocks": len(bounds),
     }
-    if fmt == "csr":  # an output of an older CSR layout is not resumed (it has no final arrays yet)
-        from .csr_store import CSR_LAYOUT
-
-        want["csr_layout"] = CSR_LAYOUT
+    want.update(FORMATS[fmt].output.RESUME_LAYOUT)
     want.update(progress._jsonable(dict(attrs or {})))
     diff = {k: (prov.get(k), v) for k, v in want.items() if prov.get(k) != v}
     if diff:
         text = ", ".join(f"{k}: stored {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ValueError(f"cannot resume {str(loc)!r}: it was written with different settings ({text}); "
                          "pass overwrite=True to start over")
-    if fmt == "dense":
-        out = DenseOutput(loc, n_images, out_shape, dtype, bounds, int(node.chunks[0]))
-    else:
-        out = CSROutput(loc, n_images, out_shape, dtype, bounds, int(prov.get("indptr_chunk", 0)) or None,
-                        int(prov.get("chunk_nnz", 0)) or None, prov.get("compressor", "default"))
-    out._node = node
-    return out
+    return FORMATS[fmt].output.reopen(loc, node, prov, n_images, out_shape, dtype, bounds)
 
 
 def _refuse_incomplete(loc: Location, node: Any, allow_incomplete: bool) -> None:
@@ -296,31 +315,9 @@ def open_stack(source: Any, array: str | None = None, storage_options: dict | No
     Outputs of this package that are not complete are refused unless
     ``allow_incomplete=True``; stores written by others open as they are.
     """
-    import dask.array as da
-    from dask.base import tokenize
-
     loc, node = _open_node(source, array, storage_options)
     _refuse_incomplete(loc, node, allow_incomplete)
-    src = _input_from_node(loc, node)
-    if isinstance(src, DenseInput):
-        return da.from_zarr(src.array)
-    rows = check_positive_int(rows_per_chunk, "rows_per_chunk", allow_none=True) or src.chunk_rows
-    bounds = [(a, min(a + rows, src.n_images)) for a in range(0, src.n_images, rows)] or [(0, 0)]
-    name = "csr-stack-" + tokenize(str(loc), src.n_images, src.nnz, rows, str(src.dtype))
-    dsk = {(name, i, 0): (src.read_block, a, b) for i, (a, b) in enumerate(bounds)}
-    meta = scipy.sparse.csr_matrix((0, 0), dtype=src.dtype)
-    chunks = (tuple(b - a for a, b in bounds), (src.shape[1],))
-    return da.Array(dsk, name, chunks=chunks, meta=meta)
-
-
-def _codec_text(arr: zarr.Array) -> str:
-    parts = []
-    try:
-        parts += [repr(c) for c in (arr.filters or ())]
-        parts += [repr(c) for c in (arr.compressors or ())]
-    except Exception:
-        pass
-    return ", ".join(parts) if parts else "none"
+    return _input_from_node(loc, node).to_dask(rows_per_chunk)
 
 
 def describe_stack(source: Any, array: str | None = None, storage_options: dict | None = None,
@@ -359,33 +356,5 @@ def describe_stack(source: Any, array: str | None = None, storage_options: dict 
         "provenance": progress.provenance(node),
         "complete": progress.is_complete(node),
     }
-    if isinstance(src, DenseInput):
-        arr = src.array
-        info.update(shape=list(arr.shape), chunks=list(arr.chunks), codec=_codec_text(arr),
-                    zarr_format=arr.metadata.zarr_format)
-        shards = getattr(arr, "shards", None)
-        if shards:
-            info["shards"] = list(shards)
-        c = src.chunk_rows
-        n_chunks = math.ceil(src.n_images / c) if src.n_images else 0
-        picks = sorted(set(np.linspace(0, n_chunks - 1, min(n_chunks, sample_chunks)).round().astype(int).tolist())) if n_chunks else []
-        seen = nz = 0
-        for j in picks:
-            block = src.read_dense_block(j * c, min((j + 1) * c, src.n_images))
-            seen += block.size
-            nz += int(np.count_nonzero(block))
-        exact = len(picks) == n_chunks
-        total = src.n_images * src.frame_shape[0] * src.frame_shape[1]
-        density = nz / seen if seen else 0.0
-        info.update(nnz=int(nz) if exact else int(round(density * total)), density=density, nnz_exact=exact,
-                    sampled_images=int(sum(min((j + 1) * c, src.n_images) - j * c for j in picks)))
-    else:
-        arrays = src.arrays
-        total = src.n_images * src.shape[1]
-        info.update(shape=list(src.shape), chunks={k: list(v.chunks) for k, v in arrays.items()},
-                    codec={k: _codec_text(v) for k, v in arrays.items()}, nnz=src.nnz,
-                    density=(src.nnz / total) if total else 0.0, nnz_exact=True,
-                    zarr_format=arrays["data"].metadata.zarr_format,
-                    index_dtypes={"indices": str(arrays["indices"].dtype), "indptr": str(arrays["indptr"].dtype)})
+    info.update(src.describe(sample_chunks))
     return info
-

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 import threading
 import zlib
@@ -49,15 +48,18 @@ from zarr.core.sync import sync
 
 from ..validation import _short
 from . import progress
+from ..engine.base import index_dtype
+from ..engine.threads import default_threads
 from .dense_store import (
     _create_kw,
+    codec_text,
     _layout,
     check_numeric_dtype,
     check_rows,
-    index_dtype_for,
     read_rows,
     resolve_compressors,
 )
+from .base import OutputBase, io_context
 from .location import Location, resolve_location
 
 __all__ = ["CSRInput", "CSROutput", "ConsolidationTask", "HeldBlock", "write_csr_stack", "is_csr_group", "CSR_ATTRS"]
@@ -269,7 +271,7 @@ class CSRInput:
                 pos = int(np.argmax(indices == bad)) + a
                 row = int(np.searchsorted(ip, pos, side="right")) - 1 + start
                 raise ValueError(f"{where}: column index {bad} out of range [0, {ncols}) (H*W) in {block}, at row {row}")
-        idt = index_dtype_for(ncols, b - a, stop - start)
+        idt = index_dtype(ncols, b - a, stop - start)
         out = scipy.sparse.csr_matrix(
             (data.astype(self.dtype, copy=False), indices.astype(idt, copy=False), (ip - a).astype(idt)),
             shape=(stop - start, ncols),
@@ -344,6 +346,36 @@ class CSRInput:
         """Rows ``[start, stop)`` as a dense ``(rows, H, W)`` array."""
         csr = self.read_block(start, stop)
         return csr.toarray().reshape((csr.shape[0],) + self.frame_shape)
+
+    @staticmethod
+    def detect(node: Any) -> bool:
+        return is_csr_group(node)
+
+    def to_dask(self, rows_per_chunk: int | None = None):
+        """A lazy ``(n, H*W)`` dask array of ``csr_matrix`` row blocks of
+        ``rows_per_chunk`` rows (default: ``chunk_rows``)."""
+        import dask.array as da
+        from dask.base import tokenize
+
+        from ..validation import check_positive_int
+
+        rows = check_positive_int(rows_per_chunk, "rows_per_chunk", allow_none=True) or self.chunk_rows
+        bounds = [(a, min(a + rows, self.n_images)) for a in range(0, self.n_images, rows)] or [(0, 0)]
+        name = "csr-stack-" + tokenize(str(self._loc), self.n_images, self.nnz, rows, str(self.dtype))
+        dsk = {(name, i, 0): (self.read_block, a, b) for i, (a, b) in enumerate(bounds)}
+        meta = scipy.sparse.csr_matrix((0, 0), dtype=self.dtype)
+        chunks = (tuple(b - a for a, b in bounds), (self.shape[1],))
+        return da.Array(dsk, name, chunks=chunks, meta=meta)
+
+    def describe(self, sample_chunks: int = 4) -> dict:
+        """Layout, codecs and the exact nnz (read from ``indptr``)."""
+        arrays = self.arrays
+        total = self.n_images * self.shape[1]
+        return dict(shape=list(self.shape), chunks={k: list(v.chunks) for k, v in arrays.items()},
+                    codec={k: codec_text(v) for k, v in arrays.items()}, nnz=self.nnz,
+                    density=(self.nnz / total) if total else 0.0, nnz_exact=True,
+                    zarr_format=arrays["data"].metadata.zarr_format,
+                    index_dtypes={"indices": str(arrays["indices"].dtype), "indptr": str(arrays["indptr"].dtype)})
 
     def __repr__(self) -> str:
         return f"CSRInput({self._loc}, n_images={self.n_images}, frame_shape={self.frame_shape}, nnz={self.nnz}, dtype={self.dtype})"
@@ -538,7 +570,7 @@ class _RawKey:
         return sync(self.get(length, start))
 
 
-class CSROutput:
+class CSROutput(OutputBase):
     """Writer for a CSR output group; see :func:`dask_sparseconv.storage.create_output`.
 
     Picklable (location and layout only); each process reopens the group on
@@ -546,47 +578,30 @@ class CSROutput:
     """
 
     format = "csr"
+    finish_label = "consolidate"
 
     def __init__(self, loc: Location, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
                  block_bounds: Sequence[tuple[int, int]], indptr_chunk: int | None, chunk_nnz: int | None,
                  compressor: Any = "default"):
-        self._loc = loc
-        self.n_images = n_images
-        self.out_shape = tuple(out_shape)
+        super().__init__(loc, n_images, out_shape, dtype, block_bounds)
         self.n_cols = self.out_shape[0] * self.out_shape[1]
-        self.dtype = np.dtype(dtype)
-        self.block_bounds = list(block_bounds)
         self.block_rows = self.block_bounds[0][1] - self.block_bounds[0][0]
         self.indptr_chunk = indptr_chunk or DEFAULT_INDPTR_CHUNK
         self.chunk_nnz = chunk_nnz or DEFAULT_CHUNK_NNZ
         self.compressor = compressor
-        self.index_dtype = index_dtype_for(self.n_cols)
-        self._node: zarr.Group | None = None
+        self.index_dtype = index_dtype(self.n_cols)
 
     # per-process cache (never pickled): the opened final arrays
     _CACHE_KEYS = ("_arrays",)
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_node"] = None
-        for k in self._CACHE_KEYS:
-            state.pop(k, None)
-        return state
-
-    @property
-    def location(self) -> str:
-        return self._loc.description
-
-    @property
-    def node(self) -> zarr.Group:
-        if self._node is None:
-            self._node = self._loc.open_group(mode="r+")
-        return self._node
+    def _open_node(self) -> zarr.Group:
+        return self._loc.open_group(mode="r+")
 
     @classmethod
     def create(cls, loc: Location, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
-               block_bounds: list[tuple[int, int]], chunk_rows: int | None, chunk_nnz: int | None, compressor: Any,
-               attrs: dict | None, overwrite: bool) -> "CSROutput":
+               block_bounds: list[tuple[int, int]], *, chunk_rows: int | None, chunk_nnz: int | None,
+               compressor: Any, attrs: dict | None, overwrite: bool) -> "CSROutput":
+        """A new CSR output; ``chunk_rows``: rows per ``indptr`` chunk, ``chunk_nnz``: values per ``data`` chunk."""
         out = cls(loc, n_images, out_shape, dtype, block_bounds, chunk_rows, chunk_nnz, compressor)
         comp = resolve_compressors(compressor)
         extra = _layout("csr", n_images, out_shape, dtype, block_bounds)
@@ -616,16 +631,22 @@ class CSROutput:
         # was created empty just above (~4 ms of a small job's set-up)
         sync(_gather(*(create_array(g.store_path, name=name, shape=shape, chunks=(c,), dtype=dt, fill_value=0,
                                     compressors=codecs, overwrite=True) for name, shape, c, dt, codecs in specs)))
-        out._node = g
+        out.attach(g)
+        return out
+
+    #: layout keys a resumed output must match besides the common ones (an
+    #: output of an older CSR layout has no final arrays yet)
+    RESUME_LAYOUT = {"csr_layout": CSR_LAYOUT}
+
+    @classmethod
+    def reopen(cls, loc: Location, node: Any, prov: dict, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
+               block_bounds: list[tuple[int, int]]) -> "CSROutput":
+        out = cls(loc, n_images, out_shape, dtype, block_bounds, int(prov.get("indptr_chunk", 0)) or None,
+                  int(prov.get("chunk_nnz", 0)) or None, prov.get("compressor", "default"))
+        out.attach(node)
         return out
 
     # -- block writes ------------------------------------------------------
-    def _check_block(self, i: int, start: int, stop: int) -> None:
-        if not 0 <= int(i) < len(self.block_bounds):
-            raise ValueError(f"block index {i} is out of range: the output {self._loc} has {len(self.block_bounds)} blocks")
-        if (int(start), int(stop)) != self.block_bounds[int(i)]:
-            raise ValueError(f"block {i} covers rows {self.block_bounds[int(i)]}; got start={start}, stop={stop}")
-
     def write_block(self, i: int, start: int, stop: int, result: Any, *, record: dict | None = None) -> int:
         """Write block ``i`` (rows ``[start, stop)``) to its own staging key
         (one store write), then mark it done. ``result``: CSR ``(rows,
@@ -672,14 +693,6 @@ class CSROutput:
         rec = _staging_record(bytes(raw), f"block {i} of {self._loc}")
         start, stop = self.block_bounds[int(i)]
         return rec if rec is not None and rec.get("rows") == [start, stop] else None
-
-    def done_blocks(self) -> set[int]:
-        """Blocks whose staging data and marker are written."""
-        return {i for i in progress.done_blocks(self.node) if i < len(self.block_bounds)}
-
-    @property
-    def complete(self) -> bool:
-        return bool(progress.is_complete(self.node))
 
     # -- consolidation -----------------------------------------------------
     # -- raw keys under the group --------------------------------------------
@@ -851,7 +864,7 @@ class CSROutput:
                 tasks = self.consolidation_tasks(block_nnz)
                 done = self.consolidated_tasks(block_nnz)
                 todo = [t for t in tasks if t.index not in done]
-                workers = max_workers or min(8, os.cpu_count() or 1)
+                workers = max_workers or min(8, default_threads())
                 if workers > 1 and len(todo) > 1:
                     with ThreadPoolExecutor(min(workers, len(todo))) as ex:
                         list(ex.map(lambda t: t(), todo))
@@ -875,8 +888,77 @@ class CSROutput:
         sync(_gather(*(g.store.delete_dir(prefix + name) for name in (STAGING, CONSOLIDATED))))
         progress.mark_complete(g, nnz=nnz)  # the encoding attributes were written with the group
 
+    # -- what the graph runs after the blocks ---------------------------------
+    def hold_limit(self, block_memory: int) -> int:
+        """Per-block cap for holding results in memory instead of staging
+        them: the whole output may take one block's memory budget, so a worker
+        (which fetches every held block for its consolidation part) holds at
+        most that on top of its block. Larger outputs stage every block."""
+        return int(block_memory) // max(1, len(self.block_bounds))
+
+    def finish_parts(self, threads: int) -> int:
+        """Consolidation tasks to run in parallel after the blocks: the number
+        of final chunks depends on the total nnz, known only then, so a fixed
+        number of parts each plan them (cheap, from the blocks' nnz) and write
+        a disjoint share of whole chunks."""
+        return max(1, min(2 * int(threads), 64))
+
+    def finish_part(self, part: int, n_parts: int, stats: Sequence[Any]) -> dict:
+        """Run share ``part`` of ``n_parts`` of the consolidation tasks, after
+        every block (``stats``: every block's, with the held ones' results).
+        Returns its seconds and where it ran."""
+        import time
+
+        p0 = time.perf_counter()
+        stats = sorted(stats, key=lambda s: s.index)
+        held = {s.index: s.held for s in stats if s.held is not None}
+        # every block's stats are here, so every block was written or held: no marker listing
+        tasks = self.consolidation_tasks([s.nnz_out for s in stats], require_written=False)
+        for task in share_tasks(tasks, n_parts)[part]:
+            # no consolidation marks: a resumed run plans and runs every task
+            # again (finalize then needs none), so they would only be written
+            try:
+                task(held, mark=False)
+            except OSError as exc:
+                raise io_context(exc, f"writing {task.kind} values {task.lo}-{task.hi - 1} of {self.location}") from exc
+        return {"seconds": time.perf_counter() - p0, "worker": _worker_address()}
+
+    def finish(self, stats: Sequence[Any], parts: Sequence[dict], resumed: bool) -> None:
+        """Shrink the final arrays, drop staging (if any block was staged) and
+        set the completion flag; the parts ran every consolidation task."""
+        staged = resumed or any(s.held is None for s in stats)
+        self.finalize(block_nnz=[s.nnz_out for s in stats], consolidated=True, staged=staged)
+
     def __repr__(self) -> str:
         return f"CSROutput({self._loc}, n_images={self.n_images}, frame_shape={self.out_shape}, dtype={self.dtype})"
+
+
+#: Relative cost per element of a consolidation task, by array: float data
+#: compresses slower than indices; indptr chunks are short (measured costs in
+#: docs/benchmarks.md).
+_CONSOLIDATION_COST = {"data": 1.4, "indices": 1.0, "indptr": 1.0}
+
+
+def share_tasks(tasks: list[ConsolidationTask], n_parts: int) -> list[list[ConsolidationTask]]:
+    """Deal consolidation tasks to ``n_parts`` parts, largest first, each to
+    the least loaded part (deterministic: every part computes the same split;
+    round-robin gave one part all the data chunks)."""
+    def cost(t: ConsolidationTask) -> float:
+        return (t.hi - t.lo) * _CONSOLIDATION_COST.get(t.kind, 1.0)
+
+    load = [0.0] * n_parts
+    shares: list[list[ConsolidationTask]] = [[] for _ in range(n_parts)]
+    for t in sorted(tasks, key=lambda t: (-cost(t), t.index)):
+        k = min(range(n_parts), key=lambda j: (load[j], j))
+        shares[k].append(t)
+        load[k] += cost(t)
+    return shares
+
+
+def _worker_address() -> str | None:
+    from ..runtime.cluster import worker_address
+
+    return worker_address()
 
 
 def write_csr_stack(target: Any, csr: Any, frame_shape: Sequence[int], storage_options: dict | None = None,

@@ -19,8 +19,10 @@ import numpy as np
 import scipy.sparse
 import zarr
 
+from ..engine.base import index_dtype
 from ..validation import _short
 from . import progress
+from .base import OutputBase
 from .location import Location
 
 __all__ = [
@@ -32,9 +34,6 @@ __all__ = [
     "write_dense_stack",
     "read_rows",
 ]
-
-INT32_MAX = np.iinfo(np.int32).max
-
 
 # --------------------------------------------------------------------------
 # helpers shared with csr_store
@@ -80,10 +79,6 @@ def read_rows(arr: zarr.Array, lo: int, hi: int, what: str, where: str) -> np.nd
             f"could not read {what} at {where}: {chunk} failed to decode while reading elements [{lo}, {hi}) "
             f"({type(exc).__name__}: {exc}); the store is corrupt or was written incompletely"
         ) from exc
-
-
-def index_dtype_for(*bounds: int) -> np.dtype:
-    return np.dtype(np.int32) if max(bounds, default=0) <= INT32_MAX else np.dtype(np.int64)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -132,7 +127,7 @@ def dense_to_csr(flat: np.ndarray) -> scipy.sparse.csr_matrix:
     mask = flat != 0
     counts = np.count_nonzero(mask, axis=1)
     nnz = int(counts.sum())
-    idt = index_dtype_for(ncols, nnz, rows)
+    idt = index_dtype(ncols, nnz, rows)
     indptr = np.zeros(rows + 1, dtype=idt)
     np.cumsum(counts, out=indptr[1:])
     lin = np.flatnonzero(mask)
@@ -146,7 +141,7 @@ def dense_to_csr(flat: np.ndarray) -> scipy.sparse.csr_matrix:
 
 def _dense_to_csr_compiled(flat: np.ndarray) -> scipy.sparse.csr_matrix:
     rows, ncols = flat.shape
-    idt = index_dtype_for(ncols, flat.size, rows)  # nnz <= size
+    idt = index_dtype(ncols, flat.size, rows)  # nnz <= size
     counts = np.empty(rows, dtype=np.int64)
     room = max(1024, int(flat.size * _GATHER_ROOM))
     indices, data = np.empty(room, dtype=idt), np.empty(room, dtype=flat.dtype)
@@ -156,7 +151,7 @@ def _dense_to_csr_compiled(flat: np.ndarray) -> scipy.sparse.csr_matrix:
         _gather_nonzeros(flat, counts, indices, data)
     elif nnz < room:  # keep only what the block holds
         indices, data = indices[:nnz].copy(), data[:nnz].copy()
-    idt = index_dtype_for(ncols, nnz, rows)
+    idt = index_dtype(ncols, nnz, rows)
     indptr = np.zeros(rows + 1, dtype=idt)
     np.cumsum(counts, out=indptr[1:])
     out = scipy.sparse.csr_matrix((data, indices.astype(idt, copy=False), indptr), shape=(rows, ncols), copy=False)
@@ -292,6 +287,44 @@ class DenseInput:
         H, W = self.frame_shape
         return dense_to_csr(dense.reshape(dense.shape[0], H * W))
 
+    def check_indices(self) -> None:
+        """Nothing to check: a dense array has no indices."""
+
+    @staticmethod
+    def detect(node: Any) -> bool:
+        return isinstance(node, zarr.Array)
+
+    def to_dask(self, rows_per_chunk: int | None = None):
+        """A lazy ``(n, H, W)`` dask array chunked like the zarr array."""
+        import dask.array as da
+
+        return da.from_zarr(self._arr)
+
+    def describe(self, sample_chunks: int = 4) -> dict:
+        """Layout and an nnz estimate from up to ``sample_chunks`` evenly spaced row chunks."""
+        import math
+
+        arr = self._arr
+        info: dict[str, Any] = dict(shape=list(arr.shape), chunks=list(arr.chunks), codec=codec_text(arr),
+                                    zarr_format=arr.metadata.zarr_format)
+        shards = getattr(arr, "shards", None)
+        if shards:
+            info["shards"] = list(shards)
+        c, n = self.chunk_rows, self.n_images
+        n_chunks = math.ceil(n / c) if n else 0
+        picks = sorted(set(np.linspace(0, n_chunks - 1, min(n_chunks, sample_chunks)).round().astype(int).tolist())) if n_chunks else []
+        seen = nz = 0
+        for j in picks:
+            block = self.read_dense_block(j * c, min((j + 1) * c, n))
+            seen += block.size
+            nz += int(np.count_nonzero(block))
+        exact = len(picks) == n_chunks
+        total = n * self.frame_shape[0] * self.frame_shape[1]
+        density = nz / seen if seen else 0.0
+        info.update(nnz=int(nz) if exact else int(round(density * total)), density=density, nnz_exact=exact,
+                    sampled_images=int(sum(min((j + 1) * c, n) - j * c for j in picks)))
+        return info
+
     def __repr__(self) -> str:
         return f"DenseInput({self._loc}, shape={self.shape}, dtype={self.dtype}, chunks={self.chunks})"
 
@@ -299,7 +332,7 @@ class DenseInput:
 # --------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------
-class DenseOutput:
+class DenseOutput(OutputBase):
     """Writer for a dense output stack; see :func:`dask_sparseconv.storage.create_output`.
 
     Picklable: dask tasks carry it and reopen the array (one metadata read)
@@ -310,33 +343,17 @@ class DenseOutput:
 
     def __init__(self, loc: Location, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
                  block_bounds: Sequence[tuple[int, int]], chunk_rows: int):
-        self._loc = loc
-        self.n_images = n_images
-        self.out_shape = tuple(out_shape)
-        self.dtype = np.dtype(dtype)
-        self.block_bounds = list(block_bounds)
+        super().__init__(loc, n_images, out_shape, dtype, block_bounds)
         self.chunk_rows = chunk_rows
-        self._node: zarr.Array | None = None
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_node"] = None
-        return state
-
-    @property
-    def location(self) -> str:
-        return self._loc.description
-
-    @property
-    def node(self) -> zarr.Array:
-        if self._node is None:
-            self._node = self._loc.open_array(mode="r+")
-        return self._node
+    def _open_node(self) -> zarr.Array:
+        return self._loc.open_array(mode="r+")
 
     @classmethod
     def create(cls, loc: Location, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
-               block_bounds: list[tuple[int, int]], chunk_rows: int | None, compressor: Any,
-               attrs: dict | None, overwrite: bool) -> "DenseOutput":
+               block_bounds: list[tuple[int, int]], *, chunk_rows: int | None, chunk_nnz: int | None,
+               compressor: Any, attrs: dict | None, overwrite: bool) -> "DenseOutput":
+        """A new dense output; ``chunk_rows`` must divide the block size (``chunk_nnz`` is for CSR)."""
         block_rows = block_bounds[0][1] - block_bounds[0][0]
         if chunk_rows is None:
             chunk_rows = block_rows
@@ -355,14 +372,8 @@ class DenseOutput:
         )
         progress.init_provenance(arr, attrs, _layout("dense", n_images, out_shape, dtype, block_bounds))
         out = cls(loc, n_images, tuple(out_shape), np.dtype(dtype), block_bounds, chunk_rows)
-        out._node = arr
+        out.attach(arr)
         return out
-
-    def _check_block(self, i: int, start: int, stop: int) -> None:
-        if not 0 <= int(i) < len(self.block_bounds):
-            raise ValueError(f"block index {i} is out of range: the output {self._loc} has {len(self.block_bounds)} blocks")
-        if (int(start), int(stop)) != self.block_bounds[int(i)]:
-            raise ValueError(f"block {i} covers rows {self.block_bounds[int(i)]}; got start={start}, stop={stop}")
 
     def write_block(self, i: int, start: int, stop: int, result: Any, *, record: dict | None = None) -> int:
         """Write rows ``[start, stop)`` (block ``i``) and then mark it done.
@@ -439,13 +450,12 @@ class DenseOutput:
             return None
         return rec
 
-    def done_blocks(self) -> set[int]:
-        """Blocks whose data and marker are written."""
-        return {i for i in progress.done_blocks(self.node) if i < len(self.block_bounds)}
-
-    @property
-    def complete(self) -> bool:
-        return bool(progress.is_complete(self.node))
+    @classmethod
+    def reopen(cls, loc: Location, node: Any, prov: dict, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
+               block_bounds: list[tuple[int, int]]) -> "DenseOutput":
+        out = cls(loc, n_images, out_shape, dtype, block_bounds, int(node.chunks[0]))
+        out.attach(node)
+        return out
 
     def finalize(self, block_nnz: Sequence[int] | None = None) -> None:
         """Check every block is done, then set ``complete: true`` (the last write)."""
@@ -460,6 +470,16 @@ class DenseOutput:
 
     def __repr__(self) -> str:
         return f"DenseOutput({self._loc}, shape={(self.n_images,) + self.out_shape}, dtype={self.dtype})"
+
+
+def codec_text(arr: zarr.Array) -> str:
+    parts = []
+    try:
+        parts += [repr(c) for c in (arr.filters or ())]
+        parts += [repr(c) for c in (arr.compressors or ())]
+    except Exception:
+        pass
+    return ", ".join(parts) if parts else "none"
 
 
 def _layout(fmt: str, n_images: int, out_shape, dtype, block_bounds) -> dict:

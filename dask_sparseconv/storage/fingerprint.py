@@ -219,7 +219,9 @@ def _content_digests(loc: Location, base: str, rows: list[tuple[str, int]], sche
     if total > PARALLEL_BYTES and loc.kind != "object":
         import dask
 
-        parts = _batches(rows, 4 * max(1, scheduler_threads or os.cpu_count() or 1))
+        from ..engine.threads import default_threads
+
+        parts = _batches(rows, 4 * max(1, scheduler_threads or default_threads()))
         tasks = [dask.delayed(_read_digests, pure=False)(loc, base, part) for part in parts]
         results = dask.compute(*tasks)
         return {k: d for part, res in zip(parts, results) for k, d in zip(part, res)}

@@ -1,7 +1,7 @@
 """One job on a mixed cluster: a `dask scheduler`, a "GPU" `dask worker`
 (started with --resources GPU=1 and DASK_SPARSECONV_GPU_DEVICE=cpu, so its
 accelerator is torch's CPU device — the simulation aid of
-dask_sparseconv.devices) and a plain CPU `dask worker`.
+dask_sparseconv.runtime.devices) and a plain CPU `dask worker`.
 
 Each worker resolves backend='auto' itself; routing is proven by the worker
 pids recorded in every block's stats. Every wait is bounded and the
@@ -21,7 +21,7 @@ import scipy.sparse
 
 from dask_processes import DaskProcesses
 from dask_sparseconv import convolve_zarr, open_stack
-from dask_sparseconv.devices import ENV_BUDGET, ENV_GPU_DEVICE, ENV_SHARE
+from dask_sparseconv.runtime.devices import ENV_BUDGET, ENV_GPU_DEVICE, ENV_SHARE
 from dask_sparseconv.storage import write_csr_stack, write_dense_stack
 
 pytestmark = pytest.mark.xdist_group("cluster")
@@ -132,10 +132,10 @@ def test_small_device_budget_falls_back_and_says_so_once(mixed_cluster, stack, t
     summary, by the CLI as a warning, and once in the worker's log."""
     from distributed import Client
 
-    from dask_sparseconv.devices import DEFAULT_WORKING_BYTES
+    from dask_sparseconv.runtime.devices import DEFAULT_WORKING_BYTES
 
     def set_budget(value):
-        from dask_sparseconv import devices
+        from dask_sparseconv.runtime import devices
 
         os.environ[devices.ENV_BUDGET] = value
         devices.clear_resolutions()

@@ -13,7 +13,7 @@ import scipy.sparse
 import zarr
 
 from dask_sparseconv import cache_stats, convolve, convolve_zarr, open_stack
-from dask_sparseconv.convolver_cache import clear_cache
+from dask_sparseconv.runtime.cache import clear_cache
 from dask_sparseconv.row_blocks import image_bytes
 from dask_sparseconv.storage import write_csr_stack, write_dense_stack
 from pipeline_support import EVEN_KERNEL, KERNEL, assert_matches, reference, sparse_stack
@@ -176,7 +176,7 @@ def test_thread_policy_counts_every_worker_process_on_the_host(client):
     """2 worker processes x 1 thread on one host: each process's engines get
     cores // 2 threads (the scheduler tells a worker its peers on the host),
     not the whole machine each, and the convolvers built there carry it."""
-    from dask_sparseconv.convolver_cache import concurrent_tasks, engine_threads, get_convolver
+    from dask_sparseconv.runtime.cache import concurrent_tasks, engine_threads, get_convolver
 
     def policy():
         conv = get_convolver((8, 8), KERNEL)

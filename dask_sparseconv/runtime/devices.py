@@ -3,7 +3,7 @@
 One job mixes CPU and GPU workers with one graph: the graph carries
 ``backend='auto'`` unchanged and every process resolves it when it builds
 its convolver (:func:`resolve_auto`, called by
-:func:`~dask_sparseconv.convolver_cache.get_convolver`):
+:func:`~dask_sparseconv.runtime.cache.get_convolver`):
 
 * **an accelerator is visible** (a CUDA device, see :func:`accelerator`):
   the torch ``precomputed`` engine on that device, when its Toeplitz matrix
@@ -52,7 +52,6 @@ environment of a running worker).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -64,7 +63,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .validation import check_choice, check_dtype, check_mode, module_available, resolve_method_backend
+from ..kernels import kernel_digest
+from ..validation import check_choice, check_dtype, check_mode, module_available, resolve_method_backend
 
 logger = logging.getLogger("dask_sparseconv")
 
@@ -279,14 +279,6 @@ def _log_once(res: Resolution, context: str) -> None:
         logger.info("dask_sparseconv [pid %d]: %s", os.getpid(), message)
 
 
-def _kernel_key(kernel: np.ndarray) -> str:
-    k = np.ascontiguousarray(kernel)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr((k.shape, k.dtype.str)).encode())
-    h.update(k.tobytes())
-    return h.hexdigest()
-
-
 def resolve_auto(
     frame_shape: tuple[int, int],
     kernel: Any,
@@ -324,7 +316,7 @@ def resolve_auto(
         engines. ``reason.startswith(FALLBACK)`` (``.fallback``) when an
         accelerator was there but what was asked for did not fit.
     """
-    from .validation import check_frame_shape, check_kernel
+    from ..validation import check_frame_shape, check_kernel
 
     frame_shape = check_frame_shape(frame_shape)
     kernel = np.asarray(kernel)
@@ -339,7 +331,7 @@ def resolve_auto(
     budget_set = budget_override(device_budget)
     share = memory_share(device_memory_share)
     working = _parse_bytes(working_bytes, "working_bytes")
-    key = (frame_shape, _kernel_key(kernel), dt.str, mode, method, setting, budget_set, share, working)
+    key = (frame_shape, kernel_digest(kernel), dt.str, mode, method, setting, budget_set, share, working)
     with _memo_lock:
         res = _memo.get(key)
     if res is not None:
@@ -367,7 +359,7 @@ def _resolve(frame_shape, kernel, dt, mode, method, setting, budget_arg, share_a
     budget, how = device_budget(dev, device_budget=budget_arg, device_memory_share=share_arg)
     want = "precomputed" if method == "auto" else method
     if want == "precomputed":
-        from .engine.torch_engines import PrecomputedTorch, estimate_toeplitz_bytes
+        from ..engine.torch_engines import PrecomputedTorch, estimate_toeplitz_bytes
 
         toeplitz = estimate_toeplitz_bytes(frame_shape, kernel, dt, mode)
         need = toeplitz + working

@@ -11,7 +11,7 @@ import scipy.sparse
 
 import dask
 import dask_sparseconv
-from dask_sparseconv import convolver_cache as cc
+from dask_sparseconv.runtime import cache as cc
 from dask_sparseconv.engine.threads import default_threads
 
 
@@ -178,7 +178,7 @@ def test_torch_cpu_convolver_caps_torch_threads_to_the_engine_share():
 
     code = (
         "import numpy as np, scipy.signal, scipy.sparse, torch\n"
-        "from dask_sparseconv.convolver_cache import get_convolver\n"
+        "from dask_sparseconv.runtime.cache import get_convolver\n"
         "torch.set_num_threads(2)\n"
         "k = np.arange(9.0).reshape(3, 3)\n"
         "conv = get_convolver((8, 8), k, 'same', 'precomputed', 'torch', None, 'cpu', 1)\n"

@@ -1,4 +1,4 @@
-"""Per-process resolution of backend='auto' (dask_sparseconv.devices), in one process.
+"""Per-process resolution of backend='auto' (dask_sparseconv.runtime.devices), in one process.
 
 There is no GPU here: the accelerator is simulated with torch's CPU device
 (gpu_device='cpu' / DASK_SPARSECONV_GPU_DEVICE=cpu) and the device budget is
@@ -18,9 +18,9 @@ import pytest
 import scipy.signal
 import scipy.sparse
 
-from dask_sparseconv import devices
-from dask_sparseconv.convolver_cache import clear_cache, get_convolver
-from dask_sparseconv.devices import DEFAULT_WORKING_BYTES, Resolution, resolve_auto
+from dask_sparseconv.runtime import devices
+from dask_sparseconv.runtime.cache import clear_cache, get_convolver
+from dask_sparseconv.runtime.devices import DEFAULT_WORKING_BYTES, Resolution, resolve_auto
 from dask_sparseconv.engine.torch_engines import estimate_toeplitz_bytes
 
 ENV_KEYS = (devices.ENV_GPU_DEVICE, devices.ENV_BUDGET, devices.ENV_SHARE)
@@ -67,8 +67,8 @@ def test_no_accelerator_is_the_cpu_default():
 def test_resolution_does_not_import_torch_on_a_cpu_build():
     code = (
         "import sys, numpy as np\n"
-        "from dask_sparseconv.devices import resolve_auto\n"
-        "from dask_sparseconv.convolver_cache import get_convolver\n"
+        "from dask_sparseconv.runtime.devices import resolve_auto\n"
+        "from dask_sparseconv.runtime.cache import get_convolver\n"
         "r = resolve_auto((16, 16), np.ones((3, 3)), 'float32', 'same')\n"
         "assert r[:3] == ('direct', 'numba', None), r\n"
         "get_convolver((16, 16), np.ones((3, 3)), 'same', 'auto', 'auto', 'float32')\n"

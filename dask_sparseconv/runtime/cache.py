@@ -49,7 +49,6 @@ per policy.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -57,9 +56,10 @@ from typing import Any
 
 import numpy as np
 
-from .convolver import Convolver
-from .engine.threads import default_threads
-from .validation import check_kernel, check_positive_int
+from ..convolver import Convolver
+from ..kernels import kernel_digest
+from ..engine.threads import default_threads
+from ..validation import check_kernel, check_positive_int
 
 _DEFAULT_SIZE = 8
 
@@ -94,17 +94,6 @@ def _current_worker():
         return get_worker()
     except ValueError:  # not inside a worker task
         return None
-
-
-def _local_pool_size() -> int:
-    import dask
-    from dask.system import CPU_COUNT
-
-    n = dask.config.get("num_workers", None)
-    try:
-        return max(1, int(n)) if n else max(1, int(CPU_COUNT))
-    except (TypeError, ValueError):
-        return max(1, int(CPU_COUNT))
 
 
 # A worker's peers on its host, from the scheduler: ``{worker address:
@@ -154,7 +143,9 @@ def concurrent_tasks() -> int:
         return max(1, int(own), int(_threads_on_host(worker) or 0))
     if threading.current_thread() is threading.main_thread():
         return 1
-    return _local_pool_size()
+    from .cluster import local_threads
+
+    return local_threads()
 
 
 def engine_threads(cores: int | None = None) -> int:
@@ -164,15 +155,6 @@ def engine_threads(cores: int | None = None) -> int:
 
 
 # -- keys ---------------------------------------------------------------------
-def kernel_digest(kernel: np.ndarray) -> str:
-    """A content hash of a kernel (shape, dtype and bytes)."""
-    k = np.ascontiguousarray(kernel)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr((k.shape, k.dtype.str)).encode())
-    h.update(k.tobytes())
-    return h.hexdigest()
-
-
 def cache_key(
     frame_shape: tuple[int, int],
     kernel: np.ndarray,
@@ -218,13 +200,13 @@ def get_convolver(
     the result.
 
     ``backend='auto'`` (or None) without a ``device`` is resolved *here, in
-    this process* by :func:`dask_sparseconv.devices.resolve_auto`: torch on
+    this process* by :func:`dask_sparseconv.runtime.devices.resolve_auto`: torch on
     this process's GPU when it has one and the engine fits, else the CPU
     default. The cache key holds the resolved method, backend and device.
     ``gpu_device`` is passed to the resolver (``'none'`` keeps this call on
-    the CPU; ``'cpu'`` simulates an accelerator, see :mod:`~dask_sparseconv.devices`).
+    the CPU; ``'cpu'`` simulates an accelerator, see :mod:`~dask_sparseconv.runtime.devices`).
     """
-    from .validation import check_dtype, check_mode, resolve_method_backend
+    from ..validation import check_dtype, check_mode, resolve_method_backend
 
     kernel = np.asarray(kernel)
     if kernel.dtype == object or kernel.ndim != 2:
@@ -343,7 +325,6 @@ __all__ = [
     "concurrent_tasks",
     "engine_threads",
     "get_convolver",
-    "kernel_digest",
     "reset_cache_stats",
     "set_cache_size",
 ]

@@ -1,0 +1,95 @@
+"""Estimates the planner sizes blocks by, sampled from the data on the
+client: nonzeros per image (dense stores) and output nonzeros per input
+nonzero (CSR outputs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse
+
+from ..geometry import output_support
+
+#: Safety factor on a sampled density (other chunks may be denser).
+_DENSITY_SAFETY = 2.0
+
+
+#: CSR output estimate: at most this many images are sampled, holding at most
+#: this many scatter positions (nonzeros x taps) and output pixels (bytes of
+#: the boolean map): ~1 ms on the client; and the safety factor on the
+#: sampled ratio (other parts of the stack may spread more).
+_EXPANSION_SAMPLE_IMAGES = 16
+_EXPANSION_MAX_POSITIONS = 1 << 16
+_EXPANSION_MAX_PIXELS = 1 << 23
+_EXPANSION_SAFETY = 2.0
+
+
+def sample_rows(n_images: int, geo) -> int:
+    """Images per sample of the output estimate (0: frames too large to sample)."""
+    return min(_EXPANSION_SAMPLE_IMAGES, n_images, _EXPANSION_MAX_PIXELS // max(1, geo.out_pixels))
+
+
+def sample_expansion(samples, kernel: np.ndarray, geo) -> float | None:
+    """Output nonzeros per input nonzero, estimated from the first sample
+    (CSR row blocks, taken lazily from ``samples``) that holds nonzeros,
+    times a safety factor and never above the kernel's tap count (the worst
+    case, right for scattered pixels; clustered ones reach far fewer output
+    pixels: ~2 per input pixel for the ROI benchmark's disks with 49 taps).
+
+    Only the first images of a sample that fit the limits above are used.
+    ``None`` when no sample holds nonzeros, or one image alone is over the
+    limits: the planner then assumes the worst case."""
+    taps = int(np.count_nonzero(kernel))
+    if taps == 0:
+        return None
+    for block in samples:
+        block = block[: sample_rows(block.shape[0], geo)]
+        if block.nnz == 0:
+            continue
+        fit = int(np.searchsorted(block.indptr, _EXPANSION_MAX_POSITIONS // taps, side="right")) - 1
+        if fit < 1:
+            return None
+        block = block[:fit]
+        if block.nnz:
+            return min(float(taps), _EXPANSION_SAFETY * output_support(block, kernel, geo) / block.nnz)
+    return None
+
+
+def sample_starts(n_images: int, rows: int) -> list[int]:
+    """Where the samples of a stack begin: its start, then its middle."""
+    return list(dict.fromkeys((0, max(0, min(n_images // 2, n_images - rows)))))
+
+
+def matrix_expansion(csr: scipy.sparse.csr_matrix, kernel: np.ndarray, geo) -> float | None:
+    """:func:`sample_expansion` of an in-memory CSR stack ``(n, H*W)``."""
+    n = int(csr.shape[0])
+    rows = sample_rows(n, geo)
+    return sample_expansion((csr[a:a + rows] for a in sample_starts(n, rows)), kernel, geo) if rows else None
+
+
+def source_estimates(src, kernel: np.ndarray, geo, out_format: str) -> tuple[float | None, float | None]:
+    """``(nonzeros per image, output nonzeros per input nonzero)`` of a store
+    source, for sizing its row blocks (either may be None: not needed, or
+    unknown).
+
+    CSR stores know their nonzeros; their sparsity pattern (``indptr`` and
+    ``indices``, no values) is sampled for the output estimate, which only
+    CSR outputs need. A dense store's nonzeros per image come from its first
+    and middle chunk (read on the client, times a safety factor: reading two
+    chunks is cheap next to the job, and far better than assuming every pixel
+    is nonzero, which would make blocks several times too small and split
+    input chunks needlessly); the output estimate reuses those chunks.
+    """
+    n = int(src.n_images)
+    if n == 0:
+        return None, None
+    rows = sample_rows(n, geo) if out_format == "csr" else 0
+    if src.nnz is not None:
+        if not rows:
+            return src.nnz / n, None
+        samples = (src.read_pattern(a, a + rows) for a in sample_starts(n, rows))
+        return src.nnz / n, sample_expansion(samples, kernel, geo)
+    c = max(1, int(src.chunk_rows))
+    blocks = [src.read_block(a, min(a + c, n)) for a in sorted({0, ((n // c) // 2) * c})]
+    rows_read = sum(blk.shape[0] for blk in blocks)
+    nnz_per_image = _DENSITY_SAFETY * sum(int(blk.nnz) for blk in blocks) / rows_read
+    return nnz_per_image, (sample_expansion(blocks, kernel, geo) if rows else None)

@@ -1,0 +1,254 @@
+"""Lazy convolution: :func:`convolve` returns a dask array, one task per row block.
+
+Keys are content tokens, so two identical calls build identical graphs and
+share work on a cluster; nothing is read until the array is computed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import scipy.sparse
+
+from ..convolver import compute_dtype
+from ..geometry import geometry
+from ..kernels import kernel_digest
+from ..row_blocks import RowBlocks
+from ..runtime.cluster import scheduler_threads
+from ..validation import check_frame_shape
+from .estimates import source_estimates
+from .graph import kernel_node
+from .plan import _blocks_for, plan_blocks, plan_matrix
+from .spec import BlockSpec, check_real, check_settings
+from .tasks import convolve_array_block, convolve_source_block
+
+
+def _is_store_like(x: Any) -> bool:
+    if isinstance(x, (str, os.PathLike)):
+        return True
+    mod = type(x).__module__ or ""
+    return mod.startswith("zarr")
+
+
+def convolve(
+    x: Any,
+    kernel: Any,
+    mode: str = "same",
+    *,
+    method: str = "auto",
+    backend: str | None = "auto",
+    dtype: Any = None,
+    output_format: str | None = None,
+    block_memory: Any = None,
+    frame_shape: tuple[int, int] | None = None,
+    array: str | None = None,
+    storage_options: dict | None = None,
+):
+    """Convolve every image of a stack with ``kernel``, lazily.
+
+    Semantics are those of ``scipy.signal.convolve2d(image, kernel, mode)``
+    applied to each image.
+
+    Parameters
+    ----------
+    x : str, os.PathLike, zarr.Array, zarr.Group, dask.array.Array, numpy.ndarray or scipy.sparse matrix
+        The stack: a zarr store (path or URL, dense ``(n, H, W)`` array or
+        anndata-style CSR group; ``array`` picks a member of a group), a dask
+        or numpy array ``(n, H, W)``, or a sparse matrix / 2-D dask array
+        ``(n, H*W)`` together with ``frame_shape``.
+    kernel : array_like
+        2-D, finite kernel.
+    mode : {'same', 'full', 'valid'}
+    method, backend, dtype
+        As for :class:`~dask_sparseconv.Convolver`.
+    output_format : {None, 'dense', 'csr'}
+        ``'dense'``: a ``(n, H_out, W_out)`` dask array of ndarrays.
+        ``'csr'``: a ``(n, H_out*W_out)`` dask array whose chunks are
+        ``scipy.sparse.csr_matrix`` (computing it gives one CSR matrix).
+        Default: the input's format (CSR stores and sparse matrices give CSR,
+        everything else dense).
+    block_memory : int or str, optional
+        Memory budget of one block task (default 64 MiB).
+    frame_shape : tuple of int, optional
+        ``(H, W)``, required for ``(n, H*W)`` inputs.
+    array, storage_options
+        Passed to the store opener for zarr inputs.
+
+    Returns
+    -------
+    dask.array.Array
+        Chunked by row block along the image axis.
+    """
+    import dask.array as da
+
+    settings = check_settings(kernel, mode, method, backend, dtype, output_format, block_memory)
+    kernel, mode, method, backend = settings.kernel, settings.mode, settings.method, settings.backend
+    if frame_shape is not None:
+        frame_shape = check_frame_shape(frame_shape)
+
+    if _is_store_like(x):
+        from ..storage import open_input
+
+        src = open_input(x, array=array, storage_options=storage_options)
+        fs = tuple(src.frame_shape)
+        if frame_shape is not None and frame_shape != fs:
+            raise ValueError(f"frame_shape={frame_shape} does not match the store's frame shape {fs}")
+        geo = geometry(fs, kernel.shape, mode)
+        out_dtype = compute_dtype(src.dtype, settings.dtype)
+        fmt = settings.output_format or src.format
+        nnz_per_image, expansion = source_estimates(src, kernel, geo, fmt)
+        blocks = _blocks_for(src, settings, geo, fmt, out_dtype, scheduler_threads(), nnz_per_image, expansion)
+        spec = BlockSpec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt)
+        return _source_array(src, kernel, blocks, spec)
+
+    if array is not None or storage_options is not None:
+        raise ValueError("array= and storage_options= apply only when x is a zarr store (path, URL or zarr object)")
+
+    if scipy.sparse.issparse(x):
+        if x.ndim != 2:
+            raise ValueError(f"a sparse x must be 2-D (n_images, H*W); got shape {x.shape}")
+        if frame_shape is None:
+            raise ValueError("frame_shape=(H, W) is required when x is a sparse matrix of shape (n_images, H*W)")
+        H, W = frame_shape
+        if x.shape[1] != H * W:
+            raise ValueError(f"x must have H*W = {H * W} columns for frame_shape={frame_shape}; got shape {x.shape}")
+        check_real(x.dtype)
+        geo = geometry(frame_shape, kernel.shape, mode)
+        out_dtype = compute_dtype(x.dtype, settings.dtype)
+        fmt = settings.output_format or "csr"
+        csr = scipy.sparse.csr_matrix(x)
+        blocks = plan_matrix(csr.shape[0], frame_shape, csr, settings, geo, x.dtype, out_dtype, fmt, scheduler_threads())
+        spec = BlockSpec(frame_shape, geo.out_shape, mode, method, backend, out_dtype.str, fmt)
+        return _sparse_array(csr, kernel, blocks, spec)
+
+    if isinstance(x, da.Array):
+        arr = x
+    elif isinstance(x, np.ndarray):
+        arr = None
+    elif hasattr(x, "__array__"):
+        x = np.asarray(x)
+        arr = None
+    else:
+        raise TypeError(
+            "x must be a zarr store (path, URL, zarr.Array/Group), a dask or numpy array (n, H, W), "
+            f"or a scipy.sparse matrix (n, H*W) with frame_shape; got {type(x).__name__}"
+        )
+    check_real(x.dtype)
+    if x.ndim == 3:
+        fs = (int(x.shape[1]), int(x.shape[2]))
+        if frame_shape is not None and frame_shape != fs:
+            raise ValueError(f"frame_shape={frame_shape} does not match x's frame shape {fs}")
+    elif x.ndim == 2 and frame_shape is not None:
+        fs = frame_shape
+        if x.shape[1] != fs[0] * fs[1]:
+            raise ValueError(f"x must have H*W = {fs[0] * fs[1]} columns for frame_shape={fs}; got shape {x.shape}")
+    else:
+        raise ValueError(
+            f"x must be a stack (n_images, H, W), or (n_images, H*W) with frame_shape; got shape {x.shape}"
+        )
+    fs = check_frame_shape(fs)
+    geo = geometry(fs, kernel.shape, mode)
+    out_dtype = compute_dtype(x.dtype, settings.dtype)
+    in_sparse = arr is not None and scipy.sparse.issparse(getattr(arr, "_meta", None))
+    fmt = settings.output_format or ("csr" if in_sparse else "dense")
+    n = int(x.shape[0])
+    if arr is None:
+        chunk_rows = 1
+        arr = da.from_array(x, chunks=(max(n, 1),) + x.shape[1:])
+    else:
+        chunk_rows = int(max(arr.chunks[0])) if arr.chunks[0] else 1
+    blocks = plan_blocks(n_images=n, chunk_rows=chunk_rows, frame_shape=fs, out_shape=geo.out_shape, in_dtype=x.dtype,
+                         out_dtype=out_dtype, in_format="csr" if in_sparse else "dense", out_format=fmt, kernel=kernel,
+                         block_memory=settings.block_memory, threads=scheduler_threads())
+    spec = BlockSpec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt)
+    arr = arr.rechunk((blocks.chunks,) + tuple((s,) for s in arr.shape[1:])) if n else arr
+    return _map_array(arr, kernel, blocks, spec)
+
+
+def _meta(spec: BlockSpec):
+    dt = np.dtype(spec.dtype)
+    if spec.out_format == "dense":
+        return np.empty((0, 0, 0), dtype=dt)
+    return scipy.sparse.csr_matrix((0, spec.out_shape[0] * spec.out_shape[1]), dtype=dt)
+
+
+def _out_block_shape(rows: int, spec: BlockSpec) -> tuple[int, ...]:
+    Ho, Wo = spec.out_shape
+    return (rows, Ho, Wo) if spec.out_format == "dense" else (rows, Ho * Wo)
+
+
+def _map_array(arr, kernel, blocks: RowBlocks, spec: BlockSpec):
+    from dask.base import tokenize
+
+    Ho, Wo = spec.out_shape
+    if spec.out_format == "dense":
+        chunks = (blocks.chunks or (0,), (Ho,), (Wo,))
+    else:
+        chunks = (blocks.chunks or (0,), (Ho * Wo,))
+    knode = kernel_node(kernel)
+    if arr.ndim == 3:
+        drop, new = ((), ()) if spec.out_format == "dense" else ((2,), ())
+    else:
+        drop, new = ((), (2,)) if spec.out_format == "dense" else ((), ())
+    return arr.map_blocks(
+        convolve_array_block,
+        knode,
+        spec,
+        chunks=chunks,
+        drop_axis=drop,
+        new_axis=new,
+        dtype=np.dtype(spec.dtype),
+        meta=_meta(spec),
+        # the name fully specifies the output keys: a fixed one made two
+        # convolve() calls of different arrays collide in one compute
+        name=f"sparseconv-{spec.mode}-{tokenize(arr.name, spec, kernel_digest(kernel))}",
+    )
+
+
+def _from_tasks(delayed_blocks, blocks: RowBlocks, spec: BlockSpec):
+    import dask.array as da
+
+    meta = _meta(spec)
+    if not delayed_blocks:
+        if spec.out_format == "dense":
+            return da.zeros((0,) + tuple(spec.out_shape), dtype=spec.dtype)
+        return da.from_array(scipy.sparse.csr_matrix(_out_block_shape(0, spec), dtype=spec.dtype), asarray=False)
+    parts = [
+        da.from_delayed(d, shape=_out_block_shape(stop - start, spec), dtype=np.dtype(spec.dtype), meta=meta)
+        for d, (start, stop) in zip(delayed_blocks, blocks.bounds)
+    ]
+    return da.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+def _source_array(src, kernel, blocks: RowBlocks, spec: BlockSpec):
+    from dask import delayed
+    from dask.base import tokenize
+
+    # a content token (where the stack is and what its layout says), as
+    # open_stack and da.from_zarr name theirs: identical calls share work
+    token = tokenize(str(src.location), src.format, src.n_images, tuple(src.frame_shape), str(src.dtype), src.nnz,
+                     src.chunk_rows, spec, kernel_digest(kernel), blocks.bounds)
+    knode = kernel_node(kernel)
+    src_node = delayed(src, name=f"sparseconv-source-{token}", traverse=False)
+    func = delayed(convolve_source_block, pure=True)
+    tasks = [func(src_node, knode, start, stop, spec, dask_key_name=f"sparseconv-block-{token}-{i}")
+             for i, (start, stop) in enumerate(blocks.bounds)]
+    return _from_tasks(tasks, blocks, spec)
+
+
+def _sparse_array(csr, kernel, blocks: RowBlocks, spec: BlockSpec):
+    from dask import delayed
+    from dask.base import tokenize
+
+    # by content (dask hashes numpy arrays' bytes at GB/s; a sparse matrix
+    # itself it tokenizes by identity): equal inputs, equal keys
+    token = tokenize(csr.shape, csr.data, csr.indices, csr.indptr, spec, kernel_digest(kernel), blocks.bounds)
+    knode = kernel_node(kernel)
+    func = delayed(convolve_array_block, pure=True)
+    tasks = []
+    for i, (start, stop) in enumerate(blocks.bounds):
+        part = delayed(csr[start:stop], name=f"sparseconv-input-{token}-{i}", traverse=False)
+        tasks.append(func(part, knode, spec, dask_key_name=f"sparseconv-block-{token}-{i}"))
+    return _from_tasks(tasks, blocks, spec)

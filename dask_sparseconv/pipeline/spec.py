@@ -1,0 +1,86 @@
+"""What a block task needs besides its data, and the argument checks shared
+by :func:`~dask_sparseconv.convolve`, :func:`~dask_sparseconv.convolve_zarr`
+and :func:`~dask_sparseconv.pipeline.plan_job`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..row_blocks import parse_block_memory
+from ..validation import check_choice, check_dtype, check_kernel, check_mode, resolve_method_backend
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Everything a block task needs besides its data: travels by value (tiny)."""
+
+    frame_shape: tuple[int, int]
+    out_shape: tuple[int, int]
+    mode: str
+    method: str
+    backend: str
+    dtype: str  # compute / output dtype
+    out_format: str
+    device: str | None = None
+    route: str = "any"  # 'cpu': resolve backend='auto' without an accelerator
+    hold_bytes: int = 0  # a block result up to this size is held in memory for the output's finishing parts
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The checked arguments of a convolution job."""
+
+    kernel: np.ndarray
+    mode: str
+    method: str
+    backend: str
+    dtype: np.dtype | None
+    output_format: str | None
+    block_memory: int
+
+
+def output_formats() -> tuple[str, ...]:
+    from ..storage import FORMATS
+
+    return tuple(FORMATS)
+
+
+def check_output_format(output_format: Any) -> str | None:
+    if output_format is None:
+        return None
+    return check_choice("output_format", output_format, output_formats())
+
+
+def check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return bool(value)
+
+
+def check_settings(kernel: Any, mode: Any, method: Any, backend: Any, dtype: Any, output_format: Any,
+                   block_memory: Any) -> Settings:
+    """Every argument that can be checked without touching storage."""
+    kernel = check_kernel(kernel)
+    mode = check_mode(mode)
+    method, backend = graph_engine(method, backend)
+    return Settings(kernel, mode, method, backend, check_dtype(dtype), check_output_format(output_format),
+                    parse_block_memory(block_memory))
+
+
+def graph_engine(method: Any, backend: Any) -> tuple[str, str]:
+    """Check ``(method, backend)`` here and return what the graph carries:
+    ``backend='auto'`` stays ``'auto'`` (with the method as asked) so that
+    each worker resolves it for its own device (:mod:`dask_sparseconv.runtime.devices`)."""
+    resolved = resolve_method_backend(method, backend)
+    if backend is None or backend == "auto":
+        return ("auto" if method in (None, "auto") else resolved[0]), "auto"
+    return resolved
+
+
+def check_real(dt: Any) -> None:
+    dt = np.dtype(dt)
+    if not (np.issubdtype(dt, np.number) or dt == np.bool_) or np.issubdtype(dt, np.complexfloating):
+        raise TypeError(f"x must hold real numbers; got dtype {dt}")

@@ -1,0 +1,166 @@
+"""The work of one block, as it runs on a worker: read -> convolve -> write.
+
+:func:`run_block` is the body of every block task of
+:func:`~dask_sparseconv.convolve_zarr`; the lazy :func:`~dask_sparseconv.convolve`
+uses :func:`convolve_array_block` and :func:`convolve_source_block`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse
+
+from ..runtime.cache import get_convolver
+from ..runtime.cluster import worker_address
+from ..storage.base import io_context
+from .spec import BlockSpec
+
+
+@dataclass
+class BlockStats:
+    """What a block task reports (small: it travels to the finishing tasks)."""
+
+    index: int
+    start: int
+    stop: int
+    nnz_in: int
+    nnz_out: int
+    t_start: float
+    read_s: float
+    convolve_s: float
+    write_s: float
+    pid: int
+    skipped: bool = False
+    engine: str = "?"
+    fallback: str | None = None
+    worker: str | None = None
+    held: Any = None  # the block's result when the output holds it in memory (see StackOutput.hold_limit)
+
+    # block tasks returned dicts before: code that reads ``stats["nnz_out"]`` keeps working
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+
+def block_convolver(spec: BlockSpec, kernel: np.ndarray):
+    # backend='auto' is resolved here, on the worker (GPU -> torch, else CPU)
+    return get_convolver(
+        spec.frame_shape, kernel, spec.mode, spec.method, spec.backend, spec.dtype, spec.device,
+        gpu_device="none" if spec.route == "cpu" else None,
+    )
+
+
+def engine_info(spec: BlockSpec, kernel: np.ndarray, conv) -> dict:
+    """Which engine ran a block, where, and the fallback that led there (if any)."""
+    reason = None
+    if spec.backend in (None, "auto") and spec.device is None:
+        from ..runtime.devices import resolve_auto
+
+        res = resolve_auto(spec.frame_shape, kernel, spec.dtype, spec.mode, method=spec.method,
+                           gpu_device="none" if spec.route == "cpu" else None)
+        reason = res.reason if res.fallback else None
+    label = "/".join(p for p in (conv.method, conv.backend, conv.device) if p)
+    return {"engine": label, "fallback": reason, "worker": worker_address()}
+
+
+#: A dense output block is computed as CSR (and scattered into zeros by the
+#: writer) when its output can hold at most this share of nonzero pixels
+#: (input nonzeros x taps, the worst case): the CSR result is cheap to make
+#: for sparse outputs, and the writer digests its nonzeros instead of every
+#: pixel (timings in docs/benchmarks.md).
+SPARSE_RESULT_SHARE = 1 / 8
+
+
+def apply(conv, csr: scipy.sparse.csr_matrix, spec: BlockSpec, sparse_ok: bool = False):
+    """Convolve a block. ``sparse_ok``: a dense output may come back as CSR
+    when it is sparse (for writers, which accept either)."""
+    n = csr.shape[0]
+    if spec.out_format == "dense":
+        Ho, Wo = spec.out_shape
+        taps = int(np.count_nonzero(conv.kernel))
+        if sparse_ok and csr.nnz * taps <= SPARSE_RESULT_SHARE * n * Ho * Wo:
+            return conv(csr, out="csr", batched=True)
+        res = conv(csr, out="dense", batched=True)
+        return np.ascontiguousarray(res).reshape((n,) + tuple(spec.out_shape))
+    return conv(csr, out="csr", batched=True)
+
+
+def to_csr_rows(block, spec: BlockSpec) -> scipy.sparse.csr_matrix:
+    """A block of images (dense (b,H,W)/(b,H*W), or sparse (b,H*W)) as (b, H*W) CSR."""
+    H, W = spec.frame_shape
+    if scipy.sparse.issparse(block):
+        return scipy.sparse.csr_matrix(block)
+    arr = np.asarray(block)
+    return scipy.sparse.csr_matrix(arr.reshape(arr.shape[0], H * W))
+
+
+def convolve_array_block(block, kernel, spec: BlockSpec):
+    """map_blocks body for in-memory / dask-array inputs."""
+    return apply(block_convolver(spec, kernel), to_csr_rows(block, spec), spec)
+
+
+def convolve_source_block(src, kernel, start: int, stop: int, spec: BlockSpec):
+    """Lazy-array body for store inputs: read a block and convolve it."""
+    return apply(block_convolver(spec, kernel), src.read_block(start, stop), spec)
+
+
+def result_bytes(res) -> int:
+    """Bytes a block's result takes held in memory; a dense result (a CSR
+    output fed by a dense-only engine) is never held."""
+    if not scipy.sparse.issparse(res):
+        return 1 << 62
+    return int(res.nnz) * (res.data.itemsize + res.indices.itemsize) + 8 * (res.shape[0] + 1)
+
+
+def run_block(job: tuple, kernel, index: int, start: int, stop: int, check: bool = False) -> BlockStats:
+    """convolve_zarr's block task: read -> convolve -> write one block.
+
+    ``job``: ``(source, output, spec)``, one graph node shared by every block
+    (passing them separately made dask traverse the spec for each block).
+
+    ``check`` (resume: the block's marker was set when the graph was built):
+    re-read the written block first and skip the work when it matches the
+    record stored with it (``verify_block`` of the output)."""
+    src, out, spec = job
+    t0 = time.time()
+    if check:
+        p0 = time.perf_counter()
+        rec = out.verify_block(index)
+        if rec is not None:
+            return BlockStats(index, start, stop, int(rec.get("nnz_in", 0)), int(rec["nnz"]), t0,
+                              time.perf_counter() - p0, 0.0, 0.0, os.getpid(), skipped=True,
+                              engine="skipped (verified)")
+    where = f"block {index} (images {start}-{stop - 1})"
+    p0 = time.perf_counter()
+    try:
+        csr = src.read_block(start, stop)
+    except OSError as exc:
+        raise io_context(exc, f"reading {where} of {src.location}") from exc
+    p1 = time.perf_counter()
+    conv = block_convolver(spec, kernel)
+    res = apply(conv, csr, spec, sparse_ok=True)
+    p2 = time.perf_counter()
+    engine = engine_info(spec, kernel, conv)
+    held = None
+    if spec.hold_bytes and result_bytes(res) <= spec.hold_bytes:
+        nnz_out, held = out.hold_block(index, start, stop, res)
+    else:
+        # the writer counts what it wrote (CSR: the staged nnz consolidation checks;
+        # dense: nonzero pixels, from the same pass as the block's digest)
+        try:
+            nnz_out = int(out.write_block(index, start, stop, res, record={"nnz_in": int(csr.nnz)}))
+        except OSError as exc:  # a full disk, a lost mount: say what was being written where
+            raise io_context(exc, f"writing {where} to {out.location}") from exc
+    p3 = time.perf_counter()
+    return BlockStats(index, start, stop, int(csr.nnz), nnz_out, t0, p1 - p0, p2 - p1, p3 - p2, os.getpid(),
+                      held=held, **engine)

@@ -1,0 +1,270 @@
+"""Store to store: :func:`convolve_zarr` checks its arguments, plans the
+job (:mod:`~dask_sparseconv.pipeline.plan`), takes the target's lock,
+creates or reopens the output and builds the graph
+(:mod:`~dask_sparseconv.pipeline.graph`); by default it also computes it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..kernels import kernel_digest
+from ..runtime.cluster import route_annotations, scheduler_threads, scheduler_workers
+from .graph import store_graph
+from .plan import JobPlan, _plan
+from .resume import check_target, resume_blocks
+from .spec import BlockSpec, check_bool, check_settings
+from .summary import ConvolveSummary, JobInfo, finish_consolidated
+
+
+def convolve_zarr(
+    source: Any,
+    kernel: Any,
+    target: Any,
+    mode: str = "same",
+    *,
+    output_format: str | None = None,
+    method: str = "auto",
+    backend: str | None = "auto",
+    dtype: Any = None,
+    block_memory: Any = None,
+    overwrite: bool = False,
+    resume: bool = True,
+    compute: bool = True,
+    array: str | None = None,
+    storage_options: dict | None = None,
+    target_storage_options: dict | None = None,
+    compressor: Any = "default",
+    route: str = "any",
+    lock: Any = True,
+    plan: JobPlan | None = None,
+) -> ConvolveSummary | Any:
+    """Convolve a zarr stack into a new zarr stack, out of core.
+
+    Parameters
+    ----------
+    source : str, os.PathLike, zarr.Array or zarr.Group
+        Input stack: a dense ``(n, H, W)`` array or an anndata ``csr_matrix``
+        group ``(n, H*W)``, local or any fsspec URL (``s3://``, ``memory://``).
+    kernel : array_like
+        2-D, finite kernel.
+    target : str, os.PathLike or zarr store
+        Where to write the output (local path, fsspec URL or zarr store). It
+        must not overlap the source.
+    mode : {'same', 'full', 'valid'}
+    output_format : {None, 'dense', 'csr'}
+        Default: the source's format. Dense output is computed by the
+        engines' dense path directly (no CSR in between).
+    method, backend, dtype
+        As for :class:`~dask_sparseconv.Convolver`.
+    block_memory : int or str, optional
+        Memory budget per block task, e.g. ``'64MiB'`` (the default).
+    overwrite : bool, default False
+        Replace an existing target. Without it an existing target is an
+        error, except an incomplete one when ``resume`` is on.
+    resume : bool, default True
+        When ``target`` holds an incomplete output of this package (an
+        interrupted or failed run) written by the same job -- same source,
+        kernel, mode, method, backend, output format, dtype and shapes, per
+        its provenance attribute -- continue it: every block whose done
+        marker is set is re-read and checked against the record written
+        with it (nnz and checksum of its values) and skipped if it matches;
+        the other blocks are computed. A different job's output is refused
+        (``ValueError`` listing the differences), and so is one whose input
+        changed since it was started (``InputChangedError``, a ValueError:
+        every job records a content fingerprint of its input, see
+        docs/reliability.md); a complete output is never modified
+        (``FileExistsError``) unless ``overwrite=True``.
+    compute : bool, default True
+        ``True``: run now on the current scheduler (the active
+        ``distributed.Client`` if any, else the threaded scheduler) and
+        return a :class:`ConvolveSummary`. ``False``: return the graph as a
+        :class:`dask.delayed.Delayed` whose result is that summary — e.g.
+        ``summary = client.compute(d).result()``. The target store is
+        created (empty, marked incomplete) when the graph is built.
+    array : str, optional
+        Member of ``source`` to read when it is a group holding several.
+    storage_options, target_storage_options : dict, optional
+        fsspec options for the source and the target.
+    compressor : 'default', None or a zarr codec
+        Codec of the output arrays.
+    route : {'any', 'gpu', 'cpu'}, default 'any'
+        Which workers run the block tasks: any; only workers that advertise
+        a GPU (``dask worker ... --resources GPU=1``; each block holds one
+        unit of it); or only workers that advertise none (their addresses are
+        read from the scheduler when the graph is built). With
+        ``backend='auto'`` every worker picks its engine itself (torch on its
+        GPU, numba on CPUs); ``'cpu'`` also keeps GPU-capable processes on
+        their CPU engines. See docs/gpu.md.
+    lock : bool or JobLock, default True
+        Take the target's lock (``<target>.lock`` beside it, created with an
+        if-absent condition) before writing, so that a second run of the
+        same job is refused at once (:class:`~dask_sparseconv.storage.job_lock.TargetLockedError`
+        naming the host, pid and start time of the run holding it) instead
+        of racing this one. It is renewed while this call computes and
+        deleted when it returns; with ``compute=False`` the graph's last
+        task deletes it. A :class:`~dask_sparseconv.storage.job_lock.JobLock`
+        already held for this target (the CLI's) is used as it is.
+        ``False`` takes no lock. A stale lock (its process gone, or not
+        renewed for 10 minutes on another host) is taken over with a
+        warning. See docs/reliability.md.
+    plan : JobPlan, optional
+        What :func:`~dask_sparseconv.pipeline.plan_job` returned for this
+        source and these settings: it is run as it is (re-cut only if the
+        scheduler has another number of threads than it was planned for)
+        instead of opening and sampling the input again. A plan made for
+        another source or other settings is refused (``ValueError``).
+
+    Returns
+    -------
+    ConvolveSummary or dask.delayed.Delayed
+
+    Raises
+    ------
+    ValueError, TypeError, FileNotFoundError, FileExistsError
+        For bad arguments, all checked before anything is written.
+    """
+    # 1. everything that can be checked without touching storage
+    settings = check_settings(kernel, mode, method, backend, dtype, output_format, block_memory)
+    overwrite = check_bool(overwrite, "overwrite")
+    compute = check_bool(compute, "compute")
+    resume = check_bool(resume, "resume")
+    annotations = route_annotations(route)
+    if target is None:
+        raise TypeError("target must be a local path, an fsspec URL or a zarr store; got None")
+    if plan is not None and not isinstance(plan, JobPlan):
+        raise TypeError(f"plan must be a JobPlan from plan_job() or None; got {type(plan).__name__}")
+    src_loc, tgt_loc = _resolve_locations(source, target, array, storage_options, target_storage_options)
+    check_target(tgt_loc, overwrite, resume)  # refuse a finished or foreign target before reading anything
+
+    # 2. open the source (read-only), check what depends on it, cut it into blocks
+    workers = scheduler_workers()
+    threads = scheduler_threads(workers)
+    if plan is None:
+        plan = _plan(source, settings, array=array, storage_options=storage_options, threads=threads)
+    else:
+        why = plan.mismatch(src_loc.key(), settings)
+        if why:
+            raise ValueError(f"plan= was made for another job (differs in: {why}); call plan_job() with this "
+                             "call's source and settings, or leave plan out")
+        plan = plan.with_threads(threads)
+
+    # 3. take the target's lock (the first write), then decide again what the
+    #    target is: a run that held the lock may have finished it meanwhile
+    from ..storage import check_target_writable
+
+    check_target_writable(tgt_loc, target)  # before the lock: a path under a file, a read-only folder
+    held, took_lock = _take_lock(lock, tgt_loc)
+    try:
+        resume_prov = check_target(tgt_loc, overwrite, resume)
+        graph = _build_job(plan, src_loc, tgt_loc, target, resume_prov, overwrite=overwrite, compressor=compressor,
+                           route=route, annotations=annotations, workers=workers,
+                           target_storage_options=target_storage_options, release=held if took_lock else None)
+    except BaseException:
+        if took_lock:
+            held.release()
+        raise
+    if not compute:
+        return graph  # its last task releases the lock this call took
+    import dask
+
+    t0 = time.perf_counter()
+    try:
+        if took_lock:
+            held.start_renewing()
+        (summary,) = dask.compute(graph)
+    finally:
+        if took_lock:
+            held.release()
+    summary.elapsed = time.perf_counter() - t0
+    return summary
+
+
+def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None, *, overwrite: bool, compressor,
+               route: str, annotations: dict, workers: dict[str, int] | None, target_storage_options: dict | None,
+               release):
+    """Fingerprint the input (refusing a resume whose input changed), create
+    or reopen the target, and build the graph."""
+    from ..storage import create_output
+    from ..storage.fingerprint import check_unchanged
+
+    src, settings, kernel, blocks = plan.input, plan.settings, plan.kernel, plan.blocks
+    fmt = plan.out_format
+    fp = plan.fingerprint(plan.threads)
+    if resume_prov is not None:
+        check_unchanged(resume_prov.get("source_fingerprint"), fp, str(src.location), str(tgt_loc))
+    attrs = {
+        "source": str(src.location),
+        "source_format": src.format,
+        "source_frame_shape": list(plan.frame_shape),
+        "mode": settings.mode,
+        "method": settings.method,
+        "backend": settings.backend,
+        "kernel_shape": list(kernel.shape),
+        "kernel_sha": kernel_digest(kernel),
+    }
+    if kernel.size <= 256:
+        attrs["kernel"] = kernel.tolist()
+    if resume_prov is not None:
+        blocks = resume_blocks(blocks, resume_prov)
+    else:
+        # recorded, not compared as a setting: a resume compares it with check_unchanged
+        attrs["source_fingerprint"] = fp.as_dict()
+    out = create_output(
+        target,
+        fmt,
+        src.n_images,
+        plan.out_shape,
+        plan.out_dtype,
+        blocks.bounds,
+        storage_options=target_storage_options,
+        overwrite=overwrite,
+        attrs=attrs,
+        # dense: one chunk per block; CSR: indptr in storage's default chunks (one
+        # chunk up to 262144 images) rather than one tiny chunk (and one
+        # consolidation task) per block
+        chunk_rows=blocks.block_rows if fmt == "dense" else None,
+        compressor=compressor,
+        resume=resume_prov is not None,  # reopens only the same job's output, else ValueError
+    )
+    info = JobInfo(str(tgt_loc), fmt, src.n_images, plan.frame_shape, plan.out_shape, plan.out_dtype.name,
+                   blocks.block_rows, resumed=resume_prov is not None,
+                   lock=None if release is None else (tgt_loc, release.token))
+    if resume_prov is not None and resume_prov.get("consolidated"):
+        from dask import delayed
+
+        return delayed(finish_consolidated, pure=False)(out, info, int(resume_prov.get("nnz", 0)))
+    done = out.done_blocks() if resume_prov is not None else set()
+    spec = BlockSpec(plan.frame_shape, plan.out_shape, settings.mode, settings.method, settings.backend,
+                     plan.out_dtype.str, fmt, route=route, hold_bytes=out.hold_limit(blocks.block_memory))
+    return store_graph(src, out, kernel, blocks, spec, info, annotations=annotations, done=done, workers=workers,
+                       threads=plan.threads)
+
+
+def _resolve_locations(source, target, array, storage_options, target_storage_options):
+    """The source and target locations; refuse a target that overlaps the source."""
+    from ..storage.location import resolve_location, stores_overlap
+
+    src_loc = resolve_location(source, array, storage_options, name="source")
+    tgt_loc = resolve_location(target, None, target_storage_options, name="target")
+    if stores_overlap(tgt_loc, src_loc):
+        raise ValueError(
+            f"target {tgt_loc} overlaps the source {src_loc} (one is the other or lies inside it); "
+            "writing there would modify the input: choose a separate target"
+        )
+    return src_loc, tgt_loc
+
+
+def _take_lock(lock, tgt_loc):
+    """``(the JobLock to hold, whether this call took it)`` for ``lock=``."""
+    from ..storage.job_lock import JobLock
+
+    if lock is False or lock is None:
+        return None, False
+    if isinstance(lock, JobLock):
+        if lock.target.key() != tgt_loc.key():
+            raise ValueError(f"lock= holds the lock of {lock.target}, not of the target {tgt_loc}")
+        return lock, False
+    if lock is not True:
+        raise TypeError(f"lock must be True, False or a JobLock held for the target; got {lock!r}")
+    return JobLock.acquire(tgt_loc, what="convolve_zarr"), True

@@ -1,0 +1,42 @@
+"""The only module that touches zarr internals.
+
+zarr-python 3 has no public API yet for three things this package needs:
+running its async store API from synchronous code (``zarr.core.sync.sync``),
+making buffers for raw key writes (``zarr.core.buffer``), and naming a chunk's
+key without reading the array's metadata. They live here, so that a zarr
+release that moves them breaks one file; pyproject pins ``zarr<4``, and CI
+tests the lower bound it declares.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, TypeVar
+
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync as _sync
+
+T = TypeVar("T")
+
+__all__ = ["sync", "prototype", "buffer", "default_chunk_key"]
+
+
+def sync(coro: Awaitable[T]) -> T:
+    """Run a zarr coroutine on zarr's own event loop and return its result."""
+    return _sync(coro)
+
+
+def prototype() -> Any:
+    """The default buffer prototype (for ``store.get``)."""
+    return default_buffer_prototype()
+
+
+def buffer(data: bytes) -> Any:
+    """A zarr buffer holding ``data`` (for ``store.set``)."""
+    return default_buffer_prototype().buffer.from_bytes(data)
+
+
+def default_chunk_key(*coords: int) -> str:
+    """The key of a chunk under the zarr format 3 default chunk key encoding
+    (``c/i/j``), for arrays this package created with that encoding: naming
+    it directly saves reading the array's metadata on every marker write."""
+    return "/".join(("c",) + tuple(str(int(c)) for c in coords))

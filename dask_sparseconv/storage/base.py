@@ -1,0 +1,172 @@
+"""What the pipeline needs of an on-disk format: the input and output
+interfaces (:class:`StackInput`, :class:`StackOutput`) and the parts every
+output shares (:class:`OutputBase`).
+
+The pipeline only ever talks to these; which format it has is decided once,
+by the registry in :mod:`dask_sparseconv.storage` (``FORMATS``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import scipy.sparse
+
+from . import progress
+from .location import Location
+
+
+@runtime_checkable
+class StackInput(Protocol):
+    """A read-only, picklable image stack (dense array or CSR group)."""
+
+    format: ClassVar[str]
+    n_images: int
+    frame_shape: tuple[int, int]
+    dtype: np.dtype
+    chunk_rows: int
+    nnz: int | None  # known without reading values (CSR), else None
+
+    @property
+    def location(self) -> str: ...
+
+    @property
+    def store_location(self) -> Location: ...
+
+    def read_block(self, start: int, stop: int) -> scipy.sparse.csr_matrix: ...
+
+    def read_dense_block(self, start: int, stop: int) -> np.ndarray: ...
+
+    def check_indices(self) -> None: ...
+
+    def describe(self, sample_chunks: int = 4) -> dict: ...
+
+
+@runtime_checkable
+class StackOutput(Protocol):
+    """A writer of row blocks, with done markers and a completion flag."""
+
+    format: ClassVar[str]
+    n_images: int
+    out_shape: tuple[int, int]
+    dtype: np.dtype
+    block_bounds: list[tuple[int, int]]
+
+    @property
+    def location(self) -> str: ...
+
+    def write_block(self, i: int, start: int, stop: int, result: Any, *, record: dict | None = None) -> int: ...
+
+    def verify_block(self, i: int) -> dict | None: ...
+
+    def done_blocks(self) -> set[int]: ...
+
+    def hold_limit(self, block_memory: int) -> int: ...
+
+    def finish_parts(self, threads: int) -> int: ...
+
+    def finish_part(self, part: int, n_parts: int, stats: Sequence[Any]) -> dict: ...
+
+    def finish(self, stats: Sequence[Any], parts: Sequence[dict], resumed: bool) -> None: ...
+
+
+class OutputBase:
+    """Location, layout, block checks, markers and pickling shared by every output.
+
+    Picklable: dask tasks carry an output by value (location and layout) and
+    reopen its node on first use in each process.
+    """
+
+    format: ClassVar[str]
+    #: what the finishing parts do, in their graph keys
+    finish_label: ClassVar[str] = "finish"
+    #: layout keys a resumed output must match besides the common ones
+    RESUME_LAYOUT: ClassVar[dict] = {}
+
+    def __init__(self, loc: Location, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
+                 block_bounds: Sequence[tuple[int, int]]):
+        self._loc = loc
+        self.n_images = n_images
+        self.out_shape = tuple(out_shape)
+        self.dtype = np.dtype(dtype)
+        self.block_bounds = list(block_bounds)
+        self._node: Any = None
+
+    #: attributes that are per-process caches (dropped when pickled)
+    _CACHE_KEYS: ClassVar[tuple[str, ...]] = ()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_node"] = None
+        for k in self._CACHE_KEYS:
+            state.pop(k, None)
+        return state
+
+    @property
+    def location(self) -> str:
+        return self._loc.description
+
+    @property
+    def store_location(self) -> Location:
+        return self._loc
+
+    def _open_node(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def node(self) -> Any:
+        if self._node is None:
+            self._node = self._open_node()
+        return self._node
+
+    def attach(self, node: Any) -> None:
+        """Use an already opened node (the creator or a resume has one)."""
+        self._node = node
+
+    def _check_block(self, i: int, start: int, stop: int) -> None:
+        if not 0 <= int(i) < len(self.block_bounds):
+            raise ValueError(f"block index {i} is out of range: the output {self._loc} has {len(self.block_bounds)} blocks")
+        if (int(start), int(stop)) != self.block_bounds[int(i)]:
+            raise ValueError(f"block {i} covers rows {self.block_bounds[int(i)]}; got start={start}, stop={stop}")
+
+    def done_blocks(self) -> set[int]:
+        """Blocks whose data and marker are written."""
+        return {i for i in progress.done_blocks(self.node) if i < len(self.block_bounds)}
+
+    @property
+    def complete(self) -> bool:
+        return bool(progress.is_complete(self.node))
+
+    # -- what the graph runs after the blocks (formats override) ---------------
+    def hold_limit(self, block_memory: int) -> int:
+        """Largest block result (bytes) kept in memory for :meth:`finish_part`
+        instead of written by its block task; 0: every block writes its own."""
+        return 0
+
+    def finish_parts(self, threads: int) -> int:
+        """How many parallel tasks the graph runs after every block and before
+        :meth:`finish` (CSR: consolidation); 0 for none."""
+        return 0
+
+    def finish_part(self, part: int, n_parts: int, stats: Sequence[Any]) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} has no finishing parts")
+
+    def finish(self, stats: Sequence[Any], parts: Sequence[dict], resumed: bool) -> None:
+        """The graph's last write: every block is in, set the completion flag."""
+        self.finalize(block_nnz=[s.nnz_out for s in stats])
+
+    def finalize(self, block_nnz: Sequence[int] | None = None) -> None:
+        raise NotImplementedError
+
+
+def io_context(exc: OSError, doing: str) -> OSError:
+    """``exc`` again (same class and errno) with what was being done when it
+    happened: an ``[Errno 28] No space left on device`` alone does not say
+    which store filled up."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    name = f": {exc.filename!r}" if exc.filename else ""
+    try:
+        return type(exc)(exc.errno, f"{text}{name} while {doing}") if exc.errno else type(exc)(f"{text} while {doing}")
+    except Exception:  # an OSError subclass with another constructor
+        return OSError(exc.errno, f"{text}{name} while {doing}")
