@@ -32,17 +32,13 @@ import numpy as np
 import scipy.sparse
 
 from .convolver import Convolver
+from .validation import VALID_BACKENDS as _VALID
 from .validation import module_available
 
 __all__ = ["Toeplitz_convolution2d", "ConvolutionArgumentError", "ConvolutionArgumentTypeError", "VALID_BACKENDS"]
 
-#: Valid (method -> backends), in the peer's order.
-VALID_BACKENDS = {
-    "precomputed": ("numpy", "numba", "torch"),
-    "lazy": ("numpy", "torch"),
-    "gather_scatter": ("numpy", "numba", "torch"),
-    "direct": ("numba",),
-}
+#: Valid (method -> backends), in the peer's order of methods (the cells are the engine registry's).
+VALID_BACKENDS = {m: _VALID[m] for m in ("precomputed", "lazy", "gather_scatter", "direct")}
 
 _MODES = ("full", "same", "valid")
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))

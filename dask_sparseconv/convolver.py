@@ -269,8 +269,6 @@ class Convolver:
         res = eng.to_csr(csr, mode)
         if layout == "single":
             res = scipy.sparse.csr_matrix(res.reshape(geo.out_shape))
-        elif layout == "stack":
-            raise ValueError("out='csr' needs a 2-D batch (n_images, H*W) or one image; got a 3-D stack (use out='dense')")
         return res
 
     def _layout(self, shape: tuple[int, ...], batched: bool | None) -> str:

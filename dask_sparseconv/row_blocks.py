@@ -24,11 +24,9 @@ chunks and no two tasks ever write the same chunk.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import numpy as np
 
 #: Default memory budget of one block (one task), in bytes.
 DEFAULT_BLOCK_MEMORY = 64 * 1024**2
@@ -48,24 +46,9 @@ def parse_block_memory(value: Any, name: str = "block_memory") -> int:
     """
     if value is None:
         return DEFAULT_BLOCK_MEMORY
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a number of bytes or a string such as '64MiB'; got {value!r}")
-    if isinstance(value, str):
-        from dask.utils import parse_bytes
+    from .validation import check_bytes
 
-        try:
-            nbytes = parse_bytes(value)
-        except (ValueError, TypeError, KeyError):
-            raise ValueError(f"{name} must be a number of bytes or a string such as '64MiB'; got {value!r}") from None
-    elif isinstance(value, numbers.Integral):
-        nbytes = int(value)
-    elif isinstance(value, numbers.Real) and float(value).is_integer():
-        nbytes = int(value)
-    else:
-        raise TypeError(f"{name} must be a number of bytes or a string such as '64MiB'; got {value!r}")
-    if nbytes < 1:
-        raise ValueError(f"{name} must be a positive number of bytes; got {value!r}")
-    return int(nbytes)
+    return check_bytes(value, name)
 
 
 def image_bytes(

@@ -14,15 +14,15 @@ import numpy as np
 
 from .geometry import MODES
 
-METHODS = ("direct", "precomputed", "lazy", "gather_scatter")
+from .engine import REGISTRY
+
+#: Methods and backends, in the order the engine registry lists them.
+METHODS = tuple(dict.fromkeys(m for m, _ in REGISTRY))
 BACKENDS = ("numpy", "numba", "torch")
 
-#: Which backends implement which method.
+#: Which backends implement which method (read from :data:`dask_sparseconv.engine.REGISTRY`).
 VALID_BACKENDS: dict[str, tuple[str, ...]] = {
-    "direct": ("numba",),
-    "precomputed": ("numpy", "numba", "torch"),
-    "lazy": ("numpy", "torch"),
-    "gather_scatter": ("numpy", "numba", "torch"),
+    m: tuple(b for b in BACKENDS if (m, b) in REGISTRY) for m in METHODS
 }
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -110,6 +110,35 @@ def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> in
     return int(value)
 
 
+def check_bytes(value: Any, name: str | None = None, *, minimum: int = 1, example: str = "64MiB") -> int:
+    """A size in bytes: an integer (or a whole float) or a string such as
+    ``'64MiB'``, ``'200 MB'`` (parsed by :func:`dask.utils.parse_bytes`).
+
+    ``TypeError`` for a value of the wrong type, ``ValueError`` for a string
+    that is no size or a size below ``minimum``; the message starts with
+    ``"<name> must be"`` (``"expected"`` without a name).
+    """
+    head = f"{name} must be" if name else "expected"
+    what = f"a number of bytes or a size such as {example!r}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (str, numbers.Real)):
+        raise TypeError(f"{head} {what}; got {_short(value)}")
+    if isinstance(value, str):
+        from dask.utils import parse_bytes
+
+        try:
+            n = parse_bytes(value)
+        except (ValueError, TypeError, KeyError):
+            raise ValueError(f"{head} {what}; got {value!r}") from None
+    elif isinstance(value, numbers.Integral) or float(value).is_integer():
+        n = int(value)
+    else:
+        raise TypeError(f"{head} a whole number of bytes or a size such as {example!r}; got {value!r}")
+    if n < minimum:
+        bound = "a positive" if minimum == 1 else f"at least {minimum} bytes, a"
+        raise ValueError(f"{head} {bound} number of bytes; got {value!r}")
+    return int(n)
+
+
 def module_available(name: str) -> bool:
     """Whether ``name`` can be imported, without importing it."""
     import importlib.util
@@ -140,7 +169,7 @@ def resolve_method_backend(method: Any, backend: Any) -> tuple[str, str]:
         raise ValueError(
             f"backend={backend!r} is not valid for method={method!r}; valid backends: {VALID_BACKENDS[method]}"
         )
-    if not module_available(backend if backend != "numpy" else "numpy"):
+    if not module_available(backend):
         raise ValueError(
             f"backend={backend!r} was asked for but {backend} is not installed; "
             + ("install the CPU build with `pip install torch==2.13.0` or a CUDA build" if backend == "torch" else f"install {backend}")

@@ -53,7 +53,8 @@ import numpy as np
 
 from . import kernels as _kernels
 from .geometry import MODES
-from .validation import BACKENDS, METHODS, check_kernel, resolve_method_backend
+from .runtime.devices import ROUTES
+from .validation import BACKENDS, METHODS, check_bytes, check_kernel, resolve_method_backend
 
 __all__ = [
     "WorkflowError",
@@ -73,7 +74,6 @@ __all__ = [
     "is_url",
 ]
 
-FORMATS = ("dense", "csr")
 DTYPES = ("float32", "float64")
 COMPRESSORS = ("default", "none")
 DEFAULT_BLOCK_MEMORY = 64 * 2**20
@@ -195,65 +195,46 @@ class Workflow:
 # ---------------------------------------------------------------------------
 # Small parsers shared with the CLI
 # ---------------------------------------------------------------------------
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
-
-
 def parse_bytes(value: Any) -> int:
-    """``64MiB``, ``1.5 GB``, ``4096`` -> bytes. Raises ValueError."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size such as 64MiB or a number of bytes; got {value!r}")
-    if isinstance(value, numbers.Real):
-        if not math.isfinite(value) or value <= 0 or int(value) != value:
-            raise ValueError(f"expected a positive whole number of bytes; got {value!r}")
-        return int(value)
-    if not isinstance(value, str):
-        raise ValueError(f"expected a size such as 64MiB or a number of bytes; got {value!r}")
-    m = _SIZE_RE.match(value)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise ValueError(f"expected a size such as 64MiB, 512MB or 4GiB; got {value!r}")
-    n = int(float(m.group(1)) * _UNITS[unit])
-    if n <= 0:
-        raise ValueError(f"expected a positive size; got {value!r}")
-    return n
+    """``64MiB``, ``1.5 GB``, ``4096`` -> bytes (:func:`dask.utils.parse_bytes`). Raises ValueError."""
+    try:
+        return check_bytes(value)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def format_bytes(n: int | float) -> str:
-    """Bytes -> ``'64.0 MiB'``."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
+    """Bytes -> ``'64.00 MiB'`` (:func:`dask.utils.format_bytes`)."""
+    from dask.utils import format_bytes as _format_bytes
 
-
-_TIME_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|sec|seconds?|m|min|minutes?)?\s*$")
+    return _format_bytes(int(n))
 
 
 def parse_seconds(value: Any) -> float:
-    """``10``, ``2.5``, ``'10s'``, ``'500ms'``, ``'1min'`` -> seconds. Raises ValueError."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration such as 10s, 500ms or a number of seconds; got {value!r}")
-    if isinstance(value, numbers.Real):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _TIME_RE.match(value)):
-        unit = (m.group(2) or "s").lower()
-        factor = 0.001 if unit == "ms" else 60.0 if unit.startswith("m") else 1.0
-        seconds = float(m.group(1)) * factor
-    else:
-        raise ValueError(f"expected a duration such as 10s, 500ms or a number of seconds; got {value!r}")
+    """``10``, ``2.5``, ``'10s'``, ``'500ms'``, ``'1min'`` -> seconds
+    (:func:`dask.utils.parse_timedelta`, which also takes ``'1m'``). Raises ValueError."""
+    from dask.utils import parse_timedelta
+
+    bad = f"expected a duration such as 10s, 500ms or a number of seconds; got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
+        raise ValueError(bad)
+    text = re.sub(r"(?i)min$", "m", value.strip()) if isinstance(value, str) else value
+    try:
+        seconds = float(parse_timedelta(text, default="seconds"))
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(bad) from None
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"expected a positive duration; got {value!r}")
     return seconds
 
 
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
+
+
+def _formats() -> tuple[str, ...]:
+    from .storage import FORMATS
+
+    return tuple(FORMATS)
 
 
 def is_url(path: str) -> bool:
@@ -380,7 +361,6 @@ KERNEL_REQUIRED = {"gaussian": ("sigma",), "box": ("size",), "disk": ("radius",)
 OUTPUT_KEYS = ("path", "format", "overwrite", "storage_options", "compressor")
 CLUSTER_KEYS = ("address", "n_workers", "threads_per_worker", "memory_limit", "dashboard_address", "timeout", "security",
                 "route")
-ROUTES = ("any", "gpu", "cpu")
 LOCAL_ONLY_KEYS = ("n_workers", "threads_per_worker", "memory_limit", "dashboard_address")
 SECURITY_KEYS = ("ca_file", "cert_file", "key_file")
 BLOCK_KEYS = ("memory",)
@@ -412,7 +392,7 @@ def _parse_sample(c: _Checker, raw: Any, path: str) -> SampleSpec | None:
     if "radius" in d:
         spec.radius = c.number(d["radius"], f"{path}.radius")
     if "format" in d:
-        spec.format = c.choice(d["format"], f"{path}.format", FORMATS)
+        spec.format = c.choice(d["format"], f"{path}.format", _formats())
     if "seed" in d:
         spec.seed = c.integer(d["seed"], f"{path}.seed", minimum=0)
     return spec
@@ -492,7 +472,7 @@ def _parse_output(c: _Checker, raw: Any, base_dir: Path) -> OutputSpec | None:
     if d is None:
         return None
     path = c.string(d.get("path"), "output.path") if "path" in d else _MISSING
-    fmt = c.choice(d.get("format"), "output.format", FORMATS, allow_none=True)
+    fmt = c.choice(d.get("format"), "output.format", _formats(), allow_none=True)
     overwrite = c.boolean(d.get("overwrite", False), "output.overwrite")
     so = c.options(d.get("storage_options"), "output.storage_options")
     comp = d.get("compressor", "default")
@@ -642,8 +622,6 @@ def parse_workflow(data: Any, base_dir: str | os.PathLike | None = None, source:
     block = _parse_block(c, d.get("block"))
     if inp is not None and out is not None and inp.path.rstrip("/") == out.path.rstrip("/"):
         c.add("output.path", f"must differ from input.path (both are {out.path!r})")
-    if inp is not None and out is not None and inp.sample is not None and out.format is None:
-        pass  # the output follows the sample's format; nothing to check
     if c.problems:
         raise WorkflowError(c.problems, source)
     assert inp is not None and kern is not None and out is not None

@@ -106,22 +106,9 @@ class Resolution(NamedTuple):
 
 # -- settings --------------------------------------------------------------------
 def _parse_bytes(value: Any, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a number of bytes or a size such as '2GiB'; got {value!r}")
-    if isinstance(value, str):
-        from dask.utils import parse_bytes
+    from ..validation import check_bytes
 
-        try:
-            value = parse_bytes(value)
-        except (ValueError, TypeError):
-            raise ValueError(f"{name} must be a number of bytes or a size such as '2GiB'; got {value!r}") from None
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number of bytes or a size such as '2GiB'; got {value!r}") from None
-    if n != value or n < 0:
-        raise ValueError(f"{name} must be a non-negative whole number of bytes; got {value!r}")
-    return n
+    return check_bytes(value, name, minimum=0, example="2GiB")
 
 
 def _setting(value: Any, env: str) -> Any:

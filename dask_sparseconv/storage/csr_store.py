@@ -43,8 +43,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 import scipy.sparse
 import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
+from ._zarr_compat import buffer, prototype, sync
 
 from ..validation import _short
 from . import progress
@@ -556,14 +555,14 @@ class _RawKey:
         self.path = store_path / key
 
     def set_sync(self, value: bytes) -> None:
-        sync(self.path.set(default_buffer_prototype().buffer.from_bytes(value)))
+        sync(self.path.set(buffer(value)))
 
     async def get(self, length: int | None = None, start: int = 0) -> bytes | None:
         """The value, or ``length`` bytes of it from ``start``; ``None`` if the key is missing."""
         from zarr.abc.store import RangeByteRequest
 
         rng = None if length is None else RangeByteRequest(int(start), int(start) + int(length))
-        buf = await self.path.get(prototype=default_buffer_prototype(), byte_range=rng)
+        buf = await self.path.get(prototype=prototype(), byte_range=rng)
         return None if buf is None else buf.to_bytes()
 
     def get_sync(self, length: int | None = None, start: int = 0) -> bytes | None:

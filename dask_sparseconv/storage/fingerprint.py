@@ -156,7 +156,7 @@ def _list(loc: Location) -> tuple[list[tuple[str, int, str | None]], str]:
                 continue
             rows.append((rel, int(info.get("size") or 0), _store_checksum(info)))
         return sorted(rows), base_s
-    from zarr.core.sync import sync  # zarr store objects: the store's own async API
+    from ._zarr_compat import sync  # zarr store objects: the store's own async API
 
     store = loc.store
     prefix = (loc.path + "/") if loc.path else ""
@@ -183,13 +183,12 @@ def _read_keys(loc: Location, base: str, keys: list[str]) -> dict[str, bytes]:
         fs, _ = _fsspec_fs(loc)
         blobs = fs.cat([f"{base}/{k}" for k in keys])  # concurrent on async filesystems
         return {k: bytes(blobs[f"{base}/{k}"]) for k in keys}
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
+    from ._zarr_compat import prototype, sync
 
     async def _get() -> dict[str, bytes]:
         res = {}
         for k in keys:
-            buf = await loc.store.get(base + k, prototype=default_buffer_prototype())
+            buf = await loc.store.get(base + k, prototype=prototype())
             res[k] = b"" if buf is None else buf.to_bytes()
         return res
 

@@ -145,10 +145,9 @@ class _Backend:
                     return False
                 self.fs.pipe_file(self.path, payload)
                 return self.read() == payload
-        from zarr.core.buffer import default_buffer_prototype
-        from zarr.core.sync import sync
+        from ._zarr_compat import buffer, sync
 
-        buf = default_buffer_prototype().buffer.from_bytes(payload)
+        buf = buffer(payload)
         sync(self.store.set_if_not_exists(self.path, buf))
         return self.read() == payload
 
@@ -161,10 +160,9 @@ class _Backend:
                 return bytes(self.fs.cat_file(self.path))
         except (FileNotFoundError, IsADirectoryError):
             return None
-        from zarr.core.buffer import default_buffer_prototype
-        from zarr.core.sync import sync
+        from ._zarr_compat import prototype, sync
 
-        buf = sync(self.store.get(self.path, prototype=default_buffer_prototype()))
+        buf = sync(self.store.get(self.path, prototype=prototype()))
         return None if buf is None else buf.to_bytes()
 
     def overwrite(self, payload: bytes) -> None:
@@ -176,10 +174,9 @@ class _Backend:
         elif self.kind == "fsspec":
             self.fs.pipe_file(self.path, payload)
         else:
-            from zarr.core.buffer import default_buffer_prototype
-            from zarr.core.sync import sync
+            from ._zarr_compat import buffer, sync
 
-            sync(self.store.set(self.path, default_buffer_prototype().buffer.from_bytes(payload)))
+            sync(self.store.set(self.path, buffer(payload)))
 
     def delete(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -188,7 +185,7 @@ class _Backend:
             elif self.kind == "fsspec":
                 self.fs.rm_file(self.path)
             else:
-                from zarr.core.sync import sync
+                from ._zarr_compat import sync
 
                 sync(self.store.delete(self.path))
 

@@ -157,7 +157,7 @@ class Location:
 
             fs, p = fsspec.core.url_to_fs(self.root, **(self.storage_options or {}))
             return bool(fs.exists(_join(p, self.path) if self.path else p))
-        from zarr.core.sync import sync
+        from ._zarr_compat import sync
 
         store = self.store
 

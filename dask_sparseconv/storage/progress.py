@@ -35,8 +35,7 @@ from typing import Any
 import numba
 import numpy as np
 import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
+from ._zarr_compat import buffer, default_chunk_key, prototype, sync
 
 ATTR = "dask_sparseconv"
 PROGRESS = "_progress"
@@ -51,7 +50,6 @@ __all__ = [
     "mark_complete",
     "mark_block_done",
     "done_blocks",
-    "clear_markers",
     "checksum",
     "read_block_record",
 ]
@@ -278,11 +276,11 @@ def mark_block_done(node: zarr.Array | zarr.Group, i: int, record: dict | None =
         # chunk i of ``_progress`` (uint8, chunk size 1, no codec: the encoded
         # chunk is the byte itself) written as its raw key: one store write
         # and no read of the array's metadata (~5 ms less per block, local disk)
-        buf = default_buffer_prototype().buffer.from_bytes(b"\x01")
-        sync((node.store_path / PROGRESS / "c" / str(int(i))).set(buf))
+        buf = buffer(b"\x01")
+        sync((node.store_path / PROGRESS / default_chunk_key(i)).set(buf))
     else:
         payload = b"\x01" if record is None else json.dumps(_jsonable(record)).encode()
-        buf = default_buffer_prototype().buffer.from_bytes(payload)
+        buf = buffer(payload)
         sync((node.store_path / PROGRESS / str(int(i))).set(buf))
 
 
@@ -296,7 +294,7 @@ def stored_chunks(node: zarr.Array, keys: list[str]) -> dict[str, list | None]:
     copy to ``bytes`` first, which costs more than the faster checksum saves."""
     import asyncio
 
-    proto = default_buffer_prototype()
+    proto = prototype()
 
     async def _one(key: str):
         buf = await (node.store_path / key).get(prototype=proto)
@@ -314,7 +312,7 @@ def stored_chunks(node: zarr.Array, keys: list[str]) -> dict[str, list | None]:
 def read_block_record(node: zarr.Array, i: int) -> dict | None:
     """The record stored in a dense array's marker for block ``i`` (None when
     there is no marker, or a marker without a record)."""
-    buf = sync((node.store_path / PROGRESS / str(int(i))).get(default_buffer_prototype()))
+    buf = sync((node.store_path / PROGRESS / str(int(i))).get(prototype()))
     if buf is None:
         return None
     try:
@@ -338,9 +336,3 @@ def done_blocks(node: zarr.Array | zarr.Group) -> set[int]:
         if last.isdigit():
             done.add(int(last))
     return done
-
-
-def clear_markers(node: zarr.Array | zarr.Group) -> None:
-    """Delete every block marker (used when an output is overwritten)."""
-    prefix = _prefix(node)
-    sync(node.store.delete_dir(prefix.rstrip("/")))
