@@ -382,7 +382,7 @@ def test_numba_errors_never_reach_the_user(monkeypatch, capsys):
     def boom(args):
         raise TypingError("Failed in nopython mode pipeline (step: nopython frontend)")
 
-    monkeypatch.setattr(cli_mod, "cmd_validate", boom)
+    monkeypatch.setitem(cli_mod.COMMANDS, "validate", boom)
     for extra in ([], ["--verbose"]):
         rc = cli_mod.main(["validate", "x.yaml", *extra])
         err = capsys.readouterr().err
@@ -397,7 +397,7 @@ def test_unexpected_errors_one_line_unless_verbose(monkeypatch, capsys):
     def boom(args):
         raise RuntimeError("disk on fire\nsecond line")
 
-    monkeypatch.setattr(cli_mod, "cmd_validate", boom)
+    monkeypatch.setitem(cli_mod.COMMANDS, "validate", boom)
     assert cli_mod.main(["validate", "x.yaml"]) == 1
     err = capsys.readouterr().err
     assert "error: RuntimeError: disk on fire" in err and "Traceback" not in err and "--verbose" in err

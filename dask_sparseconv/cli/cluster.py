@@ -1,0 +1,91 @@
+"""The cluster a run computes on (a local one or a scheduler address), and following the graph's block tasks."""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from typing import Any, Iterator
+
+from .errors import CLIError
+
+
+def _local_threads(cluster) -> int:
+    if cluster.address is not None:
+        return 1  # unknown until connected; see describe_cluster
+    n_workers = cluster.n_workers or _default_n_workers(cluster.threads_per_worker)
+    return n_workers * cluster.threads_per_worker
+
+
+def _default_n_workers(threads_per_worker: int) -> int:
+    from ..engine.threads import default_threads
+
+    return max(1, default_threads() // max(1, threads_per_worker))
+
+
+@contextlib.contextmanager
+def open_client(cluster, source: str | None = None) -> Iterator[Any]:
+    """A ``distributed.Client`` for the workflow's ``cluster`` section.
+
+    ``address`` connects to a running scheduler (failing after
+    ``cluster.timeout`` seconds with a clear message); otherwise a
+    ``LocalCluster`` of worker processes is started and closed afterwards.
+    """
+    from distributed import Client, LocalCluster
+
+    where = f" (cluster.address in {source})" if source else ""
+    if cluster.address is not None:
+        kwargs: dict[str, Any] = {"timeout": cluster.timeout, "set_as_default": True}
+        if cluster.security is not None:
+            from distributed.security import Security
+
+            kwargs["security"] = Security(
+                tls_ca_file=cluster.security.ca_file,
+                tls_client_cert=cluster.security.cert_file,
+                tls_client_key=cluster.security.key_file,
+                require_encryption=True,
+            )
+        try:
+            client = Client(cluster.address, **kwargs)
+        except ssl.SSLError as exc:
+            raise CLIError(
+                f"TLS setup for {cluster.address} failed{where}: {exc}; check the files in cluster.security"
+            ) from None
+        except (OSError, TimeoutError) as exc:
+            raise CLIError(
+                f"cannot reach the dask scheduler at {cluster.address} within {cluster.timeout:g} s{where}: {exc}. "
+                "Start one with `dask scheduler` and `dask worker <address>`, or remove cluster.address to use a "
+                "local cluster."
+            ) from None
+        except ValueError as exc:
+            raise CLIError(f"cannot connect to {cluster.address}{where}: {exc}") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    n_workers = cluster.n_workers or _default_n_workers(cluster.threads_per_worker)
+    kwargs = {
+        "n_workers": n_workers,
+        "threads_per_worker": cluster.threads_per_worker,
+        "memory_limit": cluster.memory_limit if cluster.memory_limit is not None else 0,
+        "processes": True,
+        "dashboard_address": cluster.dashboard_address,
+    }
+    try:
+        lc = LocalCluster(**kwargs)
+    except Exception as exc:
+        raise CLIError(f"could not start a local dask cluster ({n_workers} workers): {exc}") from exc
+    try:
+        with Client(lc, set_as_default=True) as client:
+            yield client
+    finally:
+        lc.close()
+
+
+def _dashboard(client) -> str:
+    from ..validation import module_available
+
+    if not module_available("bokeh"):
+        return "not available (pip install 'dask-sparseconv[dashboard]', i.e. bokeh>=3.1, to get one)"
+    link = getattr(client, "dashboard_link", None)
+    return link or "not available"

@@ -1,0 +1,211 @@
+"""The commands: ``run``, ``validate``, ``info``, ``preview``, registered by name in :data:`COMMANDS`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from typing import Any, Iterator
+
+from .cluster import _dashboard, open_client
+from .errors import _RUNNING, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, PROG, CLIError
+from .inspect import Plan, _ensure_input, _inspect, _load, _output_state, _path_exists
+from .progress import _run_graph
+from .report import (
+    _describe_cluster,
+    _err,
+    _int,
+    _out,
+    _print_plan,
+    _print_summary,
+    _shape,
+    _target_note,
+    describe_lines,
+)
+
+
+def cmd_validate(args) -> int:
+    wf = _load(args.workflow)
+    plan = _inspect(wf)
+    _out(f"OK: {args.workflow}")
+    src = f"{wf.input.path}" + (" (will be generated from input.sample)" if plan.sample_pending else "")
+    _out(f"  input:   {src}: {plan.in_format}, {_int(plan.n_images)} images of {_shape(plan.frame_shape)}, {plan.in_dtype}")
+    _out(f"  kernel:  {wf.kernel.description}, {_shape(wf.kernel.array.shape)}; mode {wf.mode}")
+    _out(f"  output:  {wf.output.path}: {plan.out_format}, {_shape(plan.out_shape)}, {plan.out_dtype}"
+         + _target_note(plan))
+    _out(f"  cluster: {_describe_cluster(wf.cluster)}")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    wf = _load(args.workflow)
+    overwrite = True if args.restart else None
+    plan = _inspect(wf, overwrite=overwrite, allow_complete=bool(args.dry_run))
+    if args.dry_run:
+        _print_plan(plan, f"dry run of {args.workflow} (nothing is computed or written):")
+        return EXIT_OK
+    # the lock first: a second run of this job is refused before it starts a cluster
+    with _job_lock(wf) as lock:
+        return _run_locked(args, wf, overwrite, plan, lock)
+
+
+@contextlib.contextmanager
+def _job_lock(wf) -> Iterator[Any]:
+    """Hold the output's lock (renewed in the background) while the run goes on."""
+    from ..storage import resolve_location
+    from ..storage.job_lock import JobLock, LockStaleWarning, TargetLockedError
+
+    loc = resolve_location(wf.output.path, None, wf.output.storage_options or None, name="target")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LockStaleWarning)
+        try:
+            lock = JobLock.acquire(loc, what=f"{PROG} run {wf.source}")
+        except TargetLockedError as exc:
+            raise CLIError(f"output.path: {exc}", EXIT_RUNTIME) from None
+        except OSError as exc:
+            raise CLIError(f"output.path: cannot create the lock beside {wf.output.path}: {exc}", EXIT_RUNTIME) from None
+    for w in caught:
+        if issubclass(w.category, LockStaleWarning):
+            _err(f"warning: {w.message}")
+    with lock:
+        yield lock
+
+
+def _run_locked(args, wf, overwrite, plan: Plan, lock) -> int:
+    plan = _ensure_input(plan, overwrite)
+    from ..pipeline import convolve_zarr
+
+    _print_plan(plan, f"running {args.workflow}:")
+    if not args.verbose:
+        # Local worker processes inherit these: their task-failure logs and
+        # warnings would otherwise print tracebacks on our stderr.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    _RUNNING["output"] = (wf.output.path, wf.output.storage_options)  # for the message if interrupted
+    with open_client(wf.cluster, wf.source) as client:
+        _out(f"dashboard: {_dashboard(client)}")
+        if not client.nthreads():
+            _out(f"waiting up to {wf.cluster.timeout:g} s for a worker to join the scheduler")
+            try:
+                client.wait_for_workers(1, timeout=wf.cluster.timeout)
+            except (TimeoutError, OSError):
+                raise CLIError(f"the scheduler at {wf.cluster.address} has no workers; start some with "
+                               f"`dask worker {wf.cluster.address}`") from None
+        info = client.nthreads()
+        _out(f"cluster: {len(info)} worker{'s' if len(info) != 1 else ''}, {sum(info.values())} threads")
+        t0 = time.perf_counter()
+        try:
+            graph = convolve_zarr(
+                wf.input.path,
+                wf.kernel.array,
+                wf.output.path,
+                wf.mode,
+                output_format=wf.output.format,
+                method=wf.method,
+                backend=wf.backend,
+                dtype=wf.dtype,
+                block_memory=wf.block.memory,
+                overwrite=bool(wf.output.overwrite or args.restart),
+                compute=False,
+                array=wf.input.array,
+                storage_options=wf.input.storage_options or None,
+                target_storage_options=wf.output.storage_options or None,
+                compressor=None if wf.output.compressor == "none" else "default",
+                route=wf.cluster.route,
+                lock=lock,
+                plan=plan.job,
+            )
+        except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as exc:
+            raise CLIError(f"{wf.source}: {exc}", EXIT_USAGE) from exc
+        try:
+            summary = _run_graph(client, graph, plan.blocks.n_blocks if plan.blocks else 0)
+        except Exception:
+            _err(f"note: {_output_state(wf.output.path, wf.output.storage_options)}")
+            raise
+        elapsed = time.perf_counter() - t0
+    _print_summary(summary, plan, elapsed)
+    return EXIT_OK
+
+
+def _parse_storage_options(items: list[str] | None) -> dict:
+    import yaml
+
+    opts: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise CLIError(f"--storage-option must look like key=value; got {item!r}", EXIT_USAGE)
+        key, value = item.split("=", 1)
+        if not key:
+            raise CLIError(f"--storage-option must look like key=value; got {item!r}", EXIT_USAGE)
+        try:
+            opts[key] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            opts[key] = value
+    return opts
+
+
+def cmd_info(args) -> int:
+    from ..storage import describe_stack
+
+    opts = _parse_storage_options(args.storage_option)
+    store = args.store
+    try:
+        exists = _path_exists(store, opts)
+    except Exception as exc:
+        raise CLIError(f"cannot check {store!r}: {exc}", EXIT_USAGE) from None
+    if not exists:
+        raise CLIError(f"{store} does not exist", EXIT_USAGE)
+    try:
+        d = describe_stack(store, array=args.array, storage_options=opts or None)
+    except Exception as exc:
+        raise CLIError(f"cannot open {store}: {exc}", EXIT_USAGE) from None
+    done = d["done_blocks"] if "done_blocks" in d else _done_blocks(store, args.array, opts, d)
+    for line in describe_lines(d, store, args.array, done):
+        _out(line)
+    return EXIT_OK
+
+
+def _done_blocks(store: str, array: str | None, opts: dict, d: dict) -> int | None:
+    """Blocks already written to an incomplete output of this package."""
+    if d.get("complete") is not False:
+        return None
+    try:
+        from ..storage import progress, resolve_location
+
+        node = resolve_location(store, array, opts or None).open(mode="r")
+        return len(progress.done_blocks(node))
+    except Exception:
+        return None
+
+
+def cmd_preview(args) -> int:
+    from ..preview import render_preview
+
+    wf = _load(args.workflow)
+    try:
+        images = [int(p) for p in args.images.split(",") if p.strip() != ""]
+    except ValueError:
+        raise CLIError(f"--images must be comma-separated image indices such as 0,1,2; got {args.images!r}", EXIT_USAGE) from None
+    if not images:
+        raise CLIError("--images needs at least one image index", EXIT_USAGE)
+    plan = _inspect(wf, overwrite=True)  # preview never writes the output
+    plan = _ensure_input(plan, True)
+    bad = [i for i in images if not -plan.n_images <= i < plan.n_images]
+    if bad:
+        raise CLIError(f"--images: {', '.join(map(str, bad))} out of range for a stack of {plan.n_images} images "
+                       f"(valid: 0..{plan.n_images - 1})", EXIT_USAGE)
+    images = [i % plan.n_images for i in images]
+    img = render_preview(plan.src, wf, images, scale=args.scale, labels=not args.no_labels)
+    out = args.output
+    try:
+        img.save(out, format="PNG")
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"cannot write {out}: {exc}") from None
+    _out(f"wrote {out}: {img.width} x {img.height} px, {len(images)} image{'s' if len(images) != 1 else ''} "
+         f"({', '.join(map(str, images))}), input left, {wf.mode} convolution right")
+    return EXIT_OK
+
+
+#: The commands, by name: ``main`` runs ``COMMANDS[args.command](args)``.
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "info": cmd_info, "preview": cmd_preview}

@@ -1,0 +1,132 @@
+"""Argument parsing and :func:`main`, which turns every failure into one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import traceback
+
+from .commands import COMMANDS
+from .errors import (
+    _RUNNING,
+    EXIT_RUNTIME,
+    EXIT_USAGE,
+    PROG,
+    CLIError,
+    Terminated,
+    _is_numba_error,
+    _quiet,
+    _sigterm_unwinds,
+    failure_line,
+)
+from .inspect import _interrupted_message
+from .report import _err
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors: exit 2, no traceback
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Out-of-core sparse 2D convolution of zarr image stacks on dask "
+        "(scipy.signal.convolve2d semantics).",
+        epilog="Exit codes: 0 success, 1 runtime failure, 2 usage or validation error. "
+        "See docs/cli.md and docs/workflow_reference.md.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def verbose(sp):
+        sp.add_argument("-v", "--verbose", action="store_true", help="log progress details and show full tracebacks on errors")
+
+    r = sub.add_parser("run", help="run a workflow", description="Run the convolution a workflow file describes.")
+    r.add_argument("workflow", metavar="WORKFLOW.yaml", help="workflow file")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the plan (input, density, row blocks, memory, output, cluster) without computing or writing")
+    r.add_argument("--restart", action="store_true",
+                   help="start over: replace an existing (complete or partial) output, as output.overwrite: true does. "
+                        "Without it an interrupted run's partial output is resumed (written blocks are verified and kept) "
+                        "and a complete output is refused")
+    verbose(r)
+    r
+
+    v = sub.add_parser("validate", help="check a workflow and the data it names",
+                       description="Check a workflow file and its input and output: every problem is reported at once.")
+    v.add_argument("workflow", metavar="WORKFLOW.yaml", help="workflow file")
+    verbose(v)
+    v
+
+    i = sub.add_parser("info", help="describe a zarr stack", description="Describe a dense or CSR zarr stack.")
+    i.add_argument("store", metavar="STORE", help="path or URL of the zarr store")
+    i.add_argument("--array", default=None, help="array or group inside the store")
+    i.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for URLs (repeatable); the value is read as YAML (true, 3, text)")
+    verbose(i)
+    i
+
+    pv = sub.add_parser("preview", help="render input frames beside their convolution into a PNG",
+                        description="Convolve a few images in this process and save them side by side as a PNG.")
+    pv.add_argument("workflow", metavar="WORKFLOW.yaml", help="workflow file")
+    pv.add_argument("--images", default="0", help="comma-separated image indices (default: 0); negative counts from the end")
+    pv.add_argument("-o", "--output", default="preview.png", help="PNG file to write (default: preview.png)")
+    pv.add_argument("--scale", type=int, default=1, choices=range(1, 9), metavar="N", help="enlarge each pixel N times (1-8)")
+    pv.add_argument("--no-labels", action="store_true", help="leave out the text labels")
+    verbose(pv)
+    pv
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    verbose = getattr(args, "verbose", False)
+    _RUNNING.clear()
+    try:
+        with _sigterm_unwinds(), _quiet(verbose):
+            return int(COMMANDS[args.command](args) or 0)
+    except CLIError as exc:
+        if verbose and exc.__cause__ is not None and not _is_numba_error(exc.__cause__):
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
+        _err(f"error: {exc.message}")
+        return exc.code
+    except BrokenPipeError:  # e.g. `dask-sparseconv info X | head`: stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_RUNTIME
+    except KeyboardInterrupt as exc:
+        try:
+            _err(f"error: {_interrupted_message(exc)}")
+        except KeyboardInterrupt:  # a second Ctrl-C while describing the output
+            _err("error: interrupted; the output is incomplete: run the same workflow again to resume")
+        return 143 if isinstance(exc, Terminated) else 130
+    except Exception as exc:  # a runtime failure: one message, traceback only when asked
+        if _is_numba_error(exc):
+            _err(
+                "error: the numba engine failed on this input "
+                f"({type(exc).__name__}); this is a bug in dask-sparseconv - please report it. "
+                "As a workaround set backend: numpy (and method: gather_scatter or precomputed) in the workflow."
+            )
+            return EXIT_RUNTIME
+        if verbose:
+            traceback.print_exc(file=sys.stderr)
+        _err(failure_line(exc, verbose))  # the cause, always the last line
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Following a running graph's block tasks: a redrawn bar on a terminal, plain periodic lines otherwise."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+from .report import _seconds
+
+
+class ProgressReporter:
+    """Block progress: a redrawn bar on a terminal, plain periodic lines otherwise."""
+
+    def __init__(self, total: int, stream=None, tty: bool | None = None, interval: float = 2.0, width: int = 30):
+        self.total = max(0, int(total))
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.interval = interval
+        self.width = width
+        self.t0 = time.perf_counter()
+        self._last_line = -math.inf
+        self._last_pct = -1
+        self.done = 0
+
+    def _text(self) -> str:
+        elapsed = time.perf_counter() - self.t0
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        eta = ""
+        if 0 < self.done < self.total:
+            eta = f", about {_seconds(elapsed / self.done * (self.total - self.done))} left"
+        return f"{self.done}/{self.total} blocks ({pct:.0f}%), {_seconds(elapsed)} elapsed{eta}"
+
+    def update(self, done: int) -> None:
+        self.done = int(done)
+        now = time.perf_counter()
+        if self.tty:
+            filled = int(round(self.width * self.done / self.total)) if self.total else self.width
+            bar = "#" * filled + "-" * (self.width - filled)
+            self.stream.write(f"\r[{bar}] {self._text()}\033[K")
+            self.stream.flush()
+            return
+        pct10 = int(10 * self.done / self.total) if self.total else 10
+        if self.done == self.total or now - self._last_line >= self.interval or pct10 > self._last_pct:
+            self.stream.write(f"progress: {self._text()}\n")
+            self.stream.flush()
+            self._last_line, self._last_pct = now, pct10
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _run_graph(client, graph, n_blocks: int) -> Any:
+    """Compute the pipeline's graph on ``client``, reporting block progress.
+
+    The block tasks (keys ``sparseconv-block-*``) are computed alongside the
+    final summary task so that each one's completion can be followed.
+    """
+    from dask.delayed import Delayed
+    from distributed import as_completed
+
+    hlg = graph.__dask_graph__()
+    block_keys = [k for k in hlg if isinstance(k, str) and k.startswith("sparseconv-block-")]
+    block_objs = [Delayed(k, hlg) for k in block_keys]
+    futures = client.compute([graph] + block_objs, optimize_graph=False)
+    final, blocks = futures[0], futures[1:]
+    progress = ProgressReporter(len(blocks) or n_blocks)
+    progress.update(0)
+    done = 0
+    try:
+        for fut in as_completed(blocks):
+            if fut.status == "error":
+                fut.result()  # raises the task's exception
+            done += 1
+            progress.update(done)
+        summary = final.result()
+    finally:
+        progress.close()
+        for f in futures:
+            f.release()
+    return summary
