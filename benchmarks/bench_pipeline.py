@@ -104,7 +104,6 @@ def _uniform_block(seed, rows, H, W, density):
 
 def write_dense_with_to_zarr(path, blocks, H, W, chunk):
     """Write a dense stack with dask's ``to_zarr`` from delayed (rows, H, W) blocks."""
-    import dask
     import dask.array as da
 
     parts = [da.from_delayed(d, shape=(rows, H, W), dtype=np.float32) for d, rows in blocks]
@@ -142,7 +141,6 @@ def _copy_array_like(src_arr, dst_path):
 
 def run_floor(our_output, target):
     """Plain dask copy of our output store: from_zarr -> store, same chunks/codecs."""
-    import dask
     import dask.array as da
     import zarr
 

@@ -184,9 +184,10 @@ def bench(name: str, folder: str, wf: str, shares: list[float], repeats: int) ->
 def bench_api(name: str, folder: str, src: str, kernel: np.ndarray, fmt: str, memory: str, shares: list[float],
               repeats: int) -> list[dict]:
     """The api view (see the module docs) on one LocalCluster of 2 workers x 1 thread."""
-    import dask_sparseconv as dsc
     from dask.delayed import Delayed
     from distributed import Client, LocalCluster
+
+    import dask_sparseconv as dsc
 
     out = os.path.join(folder, "out_api.zarr")
     clean_copy = os.path.join(folder, "clean_api.zarr")
@@ -233,7 +234,8 @@ def bench_api(name: str, folder: str, src: str, kernel: np.ndarray, fmt: str, me
 
 def print_table(rows: list[dict]) -> None:
     print()
-    print("| view | workload | interrupted at | blocks left | clean (s) | resumed (s) | resumed/clean | target (left + 0.15) | met | identical |")
+    print("| view | workload | interrupted at | blocks left | clean (s) | resumed (s) | resumed/clean | target (left "
+          "+ 0.15) | met | identical |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['view']} | {r['workload']} | {r['interrupt_at']:.0%} | {r['fraction_left']:.0%} of {r['blocks']} | "

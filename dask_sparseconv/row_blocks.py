@@ -27,7 +27,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-
 #: Default memory budget of one block (one task), in bytes.
 DEFAULT_BLOCK_MEMORY = 64 * 1024**2
 
@@ -88,6 +87,8 @@ def image_bytes(
     in_pixels, out_pixels = H * W, Ho * Wo
     nnz = float(in_pixels if nnz_per_image is None else min(max(nnz_per_image, 0.0), in_pixels))
     csr_in = nnz * (in_itemsize + 8) + 8
+    read: float
+    out: float
     if in_format == "dense":
         read = in_pixels * in_itemsize
     elif in_format == "csr":

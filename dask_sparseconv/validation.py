@@ -8,13 +8,12 @@ loader and the CLI all report bad input the same way.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal, overload
 
 import numpy as np
 
-from .geometry import MODES
-
 from .engine import REGISTRY
+from .geometry import MODES
 
 #: Methods and backends, in the order the engine registry lists them.
 METHODS = tuple(dict.fromkeys(m for m, _ in REGISTRY))
@@ -24,6 +23,8 @@ BACKENDS = ("numpy", "numba", "torch")
 VALID_BACKENDS: dict[str, tuple[str, ...]] = {
     m: tuple(b for b in BACKENDS if (m, b) in REGISTRY) for m in METHODS
 }
+
+TORCH_INSTALL_HINT = "install the CPU build with `pip install torch==2.13.0` or a CUDA build"
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -58,9 +59,9 @@ def check_frame_shape(frame_shape: Any, name: str = "frame_shape") -> tuple[int,
     for v in frame_shape:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (numbers.Integral, numbers.Real)):
             raise TypeError(f"{name} must be a pair of positive integers (H, W); got {_short(frame_shape)}")
-        if int(v) != v or int(v) < 1:
+        if not float(v).is_integer() or float(v) < 1:
             raise ValueError(f"{name} must be a pair of positive integers (H, W); got {_short(frame_shape)}")
-        out.append(int(v))
+        out.append(int(float(v)))
     return (out[0], out[1])
 
 
@@ -100,6 +101,10 @@ def check_dtype(dtype: Any, name: str = "dtype") -> np.dtype | None:
     return dt
 
 
+@overload
+def check_positive_int(value: Any, name: str, *, allow_none: Literal[False] = False) -> int: ...
+@overload
+def check_positive_int(value: Any, name: str, *, allow_none: bool) -> int | None: ...
 def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> int | None:
     """Validate a positive integer (or ``None`` when allowed)."""
     if value is None and allow_none:
@@ -129,8 +134,10 @@ def check_bytes(value: Any, name: str | None = None, *, minimum: int = 1, exampl
             n = parse_bytes(value)
         except (ValueError, TypeError, KeyError):
             raise ValueError(f"{head} {what}; got {value!r}") from None
-    elif isinstance(value, numbers.Integral) or float(value).is_integer():
+    elif isinstance(value, numbers.Integral):
         n = int(value)
+    elif float(value).is_integer():
+        n = int(float(value))
     else:
         raise TypeError(f"{head} a whole number of bytes or a size such as {example!r}; got {value!r}")
     if n < minimum:
@@ -161,7 +168,8 @@ def resolve_method_backend(method: Any, backend: Any) -> tuple[str, str]:
         if method in ("direct", "gather_scatter") and has_numba:
             backend = "numba"
         elif method == "direct":
-            raise ValueError("method='direct' requires numba, which is not installed; install numba or use method='gather_scatter'")
+            raise ValueError("method='direct' requires numba, which is not installed; install numba or use "
+                             "method='gather_scatter'")
         else:
             backend = "numpy"
     check_choice("backend", backend, ("auto",) + BACKENDS)
@@ -172,6 +180,6 @@ def resolve_method_backend(method: Any, backend: Any) -> tuple[str, str]:
     if not module_available(backend):
         raise ValueError(
             f"backend={backend!r} was asked for but {backend} is not installed; "
-            + ("install the CPU build with `pip install torch==2.13.0` or a CUDA build" if backend == "torch" else f"install {backend}")
+            + (TORCH_INSTALL_HINT if backend == "torch" else f"install {backend}")
         )
     return method, backend

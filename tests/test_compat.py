@@ -121,7 +121,7 @@ def test_outputs_match_peer(method, backend, dtype, kdtype):
         peer, ours = Peer((H, W), k, **kw), Toeplitz_convolution2d((H, W), k, **kw)
         x64, x32 = batch(rng), batch(rng, dtype=np.float32)
         cases = inputs(x64) + [c for c in inputs(x32) if c[0] in ("dense", "csr", "csr1")]
-        for i, (name, x, batching) in enumerate(cases):
+        for i, (_name, x, batching) in enumerate(cases):
             assert_same_result(ours(x, batching=batching), peer(x, batching=batching), scipy.sparse.issparse(x))
             if i % 3 == 0:  # the per-call mode override
                 other = "full" if mode != "full" else "same"
@@ -449,7 +449,7 @@ def test_concurrent_calls():
         expected = [Peer((H, W), k, method=method, backend=backend)(x).toarray() for x in xs]
         results = [None] * len(xs)
 
-        def work(i):
+        def work(i, results=results, ours=ours):
             results[i] = ours(xs[i]).toarray()
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]

@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 import scipy.signal
+import scipy.sparse
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import scipy.sparse
 
 from dask_sparseconv.geometry import geometry, output_support
 

@@ -1,9 +1,9 @@
 """Row-block planning: chunk alignment, memory budget, uniform blocks, errors."""
 
 import numpy as np
+import pytest
 import scipy.signal
 import scipy.sparse
-import pytest
 
 from dask_sparseconv.row_blocks import (
     DEFAULT_BLOCK_MEMORY,
@@ -18,7 +18,7 @@ MiB = 1024**2
 def _check_partition(blocks):
     bounds = blocks.bounds
     assert bounds[0][0] == 0 and bounds[-1][1] == blocks.n_images
-    for (a, b), (c, d) in zip(bounds[:-1], bounds[1:]):
+    for (a, b), (c, _) in zip(bounds[:-1], bounds[1:]):
         assert b == c and b - a == blocks.block_rows
     assert 0 < bounds[-1][1] - bounds[-1][0] <= blocks.block_rows
     assert sum(blocks.chunks) == blocks.n_images
@@ -142,7 +142,8 @@ def test_image_bytes_sampled_csr_output():
 
 def test_sampled_expansion_of_clustered_and_scattered_pixels():
     from dask_sparseconv.geometry import geometry
-    from dask_sparseconv.pipeline.estimates import _EXPANSION_SAFETY, matrix_expansion as _matrix_expansion
+    from dask_sparseconv.pipeline.estimates import _EXPANSION_SAFETY
+    from dask_sparseconv.pipeline.estimates import matrix_expansion as _matrix_expansion
 
     k = np.ones((7, 7))
     geo = geometry((64, 64), k.shape, "same")

@@ -60,13 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "Without it an interrupted run's partial output is resumed (written blocks are verified and kept) "
                         "and a complete output is refused")
     verbose(r)
-    r
 
     v = sub.add_parser("validate", help="check a workflow and the data it names",
                        description="Check a workflow file and its input and output: every problem is reported at once.")
     v.add_argument("workflow", metavar="WORKFLOW.yaml", help="workflow file")
     verbose(v)
-    v
 
     i = sub.add_parser("info", help="describe a zarr stack", description="Describe a dense or CSR zarr stack.")
     i.add_argument("store", metavar="STORE", help="path or URL of the zarr store")
@@ -74,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                    help="fsspec option for URLs (repeatable); the value is read as YAML (true, 3, text)")
     verbose(i)
-    i
 
     pv = sub.add_parser("preview", help="render input frames beside their convolution into a PNG",
                         description="Convolve a few images in this process and save them side by side as a PNG.")
@@ -84,7 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--scale", type=int, default=1, choices=range(1, 9), metavar="N", help="enlarge each pixel N times (1-8)")
     pv.add_argument("--no-labels", action="store_true", help="leave out the text labels")
     verbose(pv)
-    pv
     return p
 
 

@@ -49,7 +49,8 @@ def _print_plan(plan: Plan, header: str) -> None:
     if dens is None:
         dens_txt = "unknown"
     else:
-        dens_txt = f"{dens * 100:.3g}% ({_int(plan.nnz)} nonzeros, {'exact' if plan.nnz_exact else 'estimated from a sample of chunks'})"
+        how = "exact" if plan.nnz_exact else "estimated from a sample of chunks"
+        dens_txt = f"{dens * 100:.3g}% ({_int(plan.nnz)} nonzeros, {how})"
     src_note = " (to be generated from input.sample)" if plan.sample_pending else ""
     _out(header)
     _out(f"  input:        {wf.input.path}{src_note}")

@@ -71,12 +71,10 @@ from .base import Engine, canonical_csr, dense_out, empty_csr, index_dtype
 from .threads import run_ranges, split_ranges
 
 #: Below this estimated number of elementary operations (see
-#: ``_upper_bounds``; about 1-1.5 ns each, so ~0.5 ms) a call runs in the
-#: calling thread. A threaded call pays ~80 us before the first range starts
-#: (range split, pool hand-off) and ~50 us after, plus a staging copy in the
-#: backward range: on the project's 2-vCPU VM, 10 images of 100x100 at
-#: density 0.1 (~350k operations) took 0.37 ms serially and 0.39-0.41 ms on
-#: two threads. See docs/engine.md.
+#: ``_upper_bounds``) a call runs in the calling thread: a threaded call pays
+#: a fixed cost before the first range starts (range split, pool hand-off)
+#: and after, plus a staging copy in the backward range, which a call this
+#: small does not win back (figures: docs/benchmarks.md, "Figures behind the code"). See docs/engine.md.
 SERIAL_WORK = 500_000
 
 #: Sparse images use the bit map while its words over their output rows

@@ -173,7 +173,7 @@ class LazyNumpy(Engine):
             return res
         flat = res.reshape(-1)
         img_all = image_of_entry(x.indptr, n)
-        for a, b, s, e in self._entry_chunks(x.indptr, n):
+        for _a, _b, s, e in self._entry_chunks(x.indptr, n):
             ri, q, v = self._products(geo, img_all[s:e], x.indices[s:e], x.data[s:e])
             np.add.at(flat, ri * n_out + q, v)
         return res

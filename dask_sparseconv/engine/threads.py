@@ -54,7 +54,7 @@ def split_ranges(weights: Sequence[int] | None, n_items: int, n_chunks: int) -> 
         import numpy as np
 
         # integer arithmetic and one searchsorted: this runs on every threaded
-        # engine call, where linspace & co. cost ~25 us of a ~300 us call
+        # engine call, where linspace & co. cost a tenth of a small call
         cum = np.asarray(weights, dtype=np.int64) + np.arange(n_items + 1, dtype=np.int64)  # +1 per item: empty rows still cost
         lo, total = int(cum[0]), int(cum[-1]) - int(cum[0])
         targets = [lo + (total * i + n_chunks - 1) // n_chunks for i in range(1, n_chunks)]
@@ -73,8 +73,8 @@ def run_ranges(func: Callable[[int, int], T], ranges: list[tuple[int, int]]) -> 
     free is taken back and run here: on a busy machine a woken pool thread
     can wait milliseconds for a core, and the call should then cost no
     more than running serially. (This thread should get the slowest range:
-    waiting for a pool thread's result costs a wake-up, ~50-100 us on a
-    small VM, while a finished pool range is picked up at once.)
+    waiting for a pool thread's result costs a wake-up, while a finished
+    pool range is picked up at once.)
     """
     if len(ranges) == 1:
         return [func(*ranges[0])]

@@ -15,7 +15,7 @@ _DENSITY_SAFETY = 2.0
 
 #: CSR output estimate: at most this many images are sampled, holding at most
 #: this many scatter positions (nonzeros x taps) and output pixels (bytes of
-#: the boolean map): ~1 ms on the client; and the safety factor on the
+#: the boolean map), so sampling stays a small cost on the client; and the safety factor on the
 #: sampled ratio (other parts of the stack may spread more).
 _EXPANSION_SAMPLE_IMAGES = 16
 _EXPANSION_MAX_POSITIONS = 1 << 16

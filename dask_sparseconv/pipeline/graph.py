@@ -71,7 +71,8 @@ def store_graph(src, out, kernel: np.ndarray, blocks: RowBlocks, spec: BlockSpec
     for k, where in enumerate(spread_placement(n_parts, workers)):
         with dask.annotate(**where):
             # stats go as separate arguments: dask unpacks Delayed arguments
-            # cheaply, but optimises a list of them (~60 ms per call at 200 blocks)
+            # cheaply, but optimises a list of them, at a cost that grows with
+            # the blocks (figures: docs/benchmarks.md, "Figures behind the code")
             parts.append(part(out_node, k, n_parts, *stats, dask_key_name=f"{PREFIX}-{out.finish_label}-{token}-{k}"))
     return delayed(finish_job, pure=False)(out_node, info, len(stats), *stats, *parts,
                                            dask_key_name=f"{PREFIX}-finish-{token}")

@@ -92,7 +92,7 @@ def convolve(
         from ..storage import open_input
 
         src = open_input(x, array=array, storage_options=storage_options)
-        fs = tuple(src.frame_shape)
+        fs = (int(src.frame_shape[0]), int(src.frame_shape[1]))
         if frame_shape is not None and frame_shape != fs:
             raise ValueError(f"frame_shape={frame_shape} does not match the store's frame shape {fs}")
         geo = geometry(fs, kernel.shape, mode)
@@ -183,11 +183,14 @@ def _map_array(arr, kernel, blocks: RowBlocks, spec: BlockSpec):
     from dask.base import tokenize
 
     Ho, Wo = spec.out_shape
+    chunks: tuple[tuple[int, ...], ...]
     if spec.out_format == "dense":
         chunks = (blocks.chunks or (0,), (Ho,), (Wo,))
     else:
         chunks = (blocks.chunks or (0,), (Ho * Wo,))
     knode = kernel_node(kernel)
+    drop: tuple[int, ...]
+    new: tuple[int, ...]
     if arr.ndim == 3:
         drop, new = ((), ()) if spec.out_format == "dense" else ((2,), ())
     else:

@@ -4,7 +4,6 @@ by each block task: ``verify_block`` of the output.)"""
 
 from __future__ import annotations
 
-
 from ..row_blocks import RowBlocks
 
 

@@ -8,7 +8,20 @@ from typing import Any, Sequence
 
 
 @dataclass
-class ConvolveSummary:
+class JobLayout:
+    """Where a job writes and the shape of what it writes (shared by the
+    summary and the graph's job description)."""
+
+    target: str
+    format: str
+    n_images: int
+    frame_shape: tuple[int, int]
+    out_shape: tuple[int, int]
+    dtype: str
+
+
+@dataclass
+class ConvolveSummary(JobLayout):
     """What :func:`convolve_zarr` did.
 
     Attributes
@@ -48,12 +61,6 @@ class ConvolveSummary:
         Whether this run continued an incomplete output.
     """
 
-    target: str
-    format: str
-    n_images: int
-    frame_shape: tuple[int, int]
-    out_shape: tuple[int, int]
-    dtype: str
     nnz_in: int
     nnz_out: int
     blocks: int
@@ -73,15 +80,9 @@ class ConvolveSummary:
 
 
 @dataclass
-class JobInfo:
+class JobInfo(JobLayout):
     """What the graph's last task needs to summarise a job (travels in the graph)."""
 
-    target: str
-    format: str
-    n_images: int
-    frame_shape: tuple[int, int]
-    out_shape: tuple[int, int]
-    dtype: str
     block_rows: int
     resumed: bool = False
     lock: tuple | None = None  # (target location, token): released by the last task when the builder took it
@@ -103,8 +104,8 @@ def summarize(out: Any, info: JobInfo, stats: Sequence[Any], parts: Sequence[dic
         target=str(out.location),
         format=info.format,
         n_images=info.n_images,
-        frame_shape=tuple(info.frame_shape),
-        out_shape=tuple(info.out_shape),
+        frame_shape=info.frame_shape,
+        out_shape=info.out_shape,
         dtype=info.dtype,
         nnz_in=int(sum(s.nnz_in for s in stats)),
         nnz_out=int(sum(s.nnz_out for s in stats)),
@@ -132,7 +133,7 @@ def finish_consolidated(out: Any, info: JobInfo, nnz: int) -> ConvolveSummary:
     n_blocks = len(out.block_bounds)
     summary = ConvolveSummary(
         target=str(out.location), format=info.format, n_images=info.n_images,
-        frame_shape=tuple(info.frame_shape), out_shape=tuple(info.out_shape), dtype=info.dtype,
+        frame_shape=info.frame_shape, out_shape=info.out_shape, dtype=info.dtype,
         nnz_in=0, nnz_out=int(nnz), blocks=n_blocks, block_rows=info.block_rows, elapsed=0.0,
         finalize_s=time.perf_counter() - p0, blocks_computed=0, blocks_skipped=n_blocks, resumed=True,
     )

@@ -57,8 +57,8 @@ from typing import Any
 import numpy as np
 
 from ..convolver import Convolver
-from ..kernels import kernel_digest
 from ..engine.threads import default_threads
+from ..kernels import kernel_digest
 from ..validation import check_kernel, check_positive_int
 
 _DEFAULT_SIZE = 8
@@ -106,7 +106,7 @@ _host_threads: dict[str, tuple[float, int]] = {}
 def _threads_on_host(worker) -> int | None:
     """Dask threads of every worker on this worker's host (None if unknown).
 
-    One ``identity`` call to the scheduler (~2 ms), cached per process: a
+    One ``identity`` call to the scheduler, cached per process: a
     LocalCluster of 2 processes x 1 thread on 2 cores must give each
     process's engines 1 thread, not the 2 cores it sees.
     """

@@ -25,7 +25,7 @@ from zarr.errors import NodeNotFoundError
 from ..validation import _short, check_choice, check_positive_int
 from . import progress
 from .base import OutputBase, StackInput, StackOutput
-from .csr_store import CSRInput, CSROutput, ConsolidationTask, write_csr_stack
+from .csr_store import ConsolidationTask, CSRInput, CSROutput, write_csr_stack
 from .dense_store import (
     DenseInput,
     DenseOutput,
@@ -71,8 +71,8 @@ class StorageFormat:
     """One on-disk encoding: how to recognise it, read it and write it."""
 
     name: str
-    input: type  # a StackInput: .detect(node), (loc, node) constructor, .describe(), .to_dask()
-    output: type  # a StackOutput: .create(...), .reopen(...)
+    input: Any  # a StackInput class: .detect(node), (loc, node) constructor, .describe(), .to_dask()
+    output: Any  # a StackOutput class: .create(...), .reopen(...)
     description: str
 
 
@@ -176,8 +176,8 @@ def check_target_writable(loc: Location, target: Any) -> None:
             raise PermissionError(f"target {str(loc)!r} is a read-only zarr store; open it with mode='a' or 'w' to write to it")
         return
     if loc.kind == "local":
-        p = loc.root if not loc.path else os.path.join(loc.root, loc.path)
-        probe = p
+        root = str(loc.root)
+        probe = root if not loc.path else os.path.join(root, loc.path)
         while not os.path.exists(probe):
             parent = os.path.dirname(probe)
             if parent == probe:
@@ -342,7 +342,8 @@ def describe_stack(source: Any, array: str | None = None, storage_options: dict 
         return {
             "location": str(loc), "format": prov.get("format"), "n_images": prov.get("n_images"),
             "frame_shape": prov.get("frame_shape"), "dtype": prov.get("dtype"),
-            "shape": shape if prov.get("format") == "dense" else [prov.get("n_images"), int(np.prod(prov.get("frame_shape") or [0]))],
+            "shape": shape if prov.get("format") == "dense"
+            else [prov.get("n_images"), int(np.prod(prov.get("frame_shape") or [0]))],
             "provenance": prov, "complete": False, "n_blocks": n_blocks, "done_blocks": done,
             "nnz": None, "density": None, "nnz_exact": False,
         }

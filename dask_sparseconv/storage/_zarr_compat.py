@@ -17,7 +17,7 @@ from zarr.core.sync import sync as _sync
 
 T = TypeVar("T")
 
-__all__ = ["sync", "prototype", "buffer", "default_chunk_key"]
+__all__ = ["sync", "prototype", "buffer", "default_chunk_key", "shrink_metadata"]
 
 
 def sync(coro: Awaitable[T]) -> T:
@@ -40,3 +40,11 @@ def default_chunk_key(*coords: int) -> str:
     (``c/i/j``), for arrays this package created with that encoding: naming
     it directly saves reading the array's metadata on every marker write."""
     return "/".join(("c",) + tuple(str(int(c)) for c in coords))
+
+
+def shrink_metadata(arr: Any, length: int) -> Awaitable[Any]:
+    """A coroutine that resizes a 1-D array to ``length`` by rewriting its
+    metadata only: no chunk beyond it is listed or deleted (listing the chunk
+    grid of a capacity-sized array to delete nothing would be unbounded).
+    ``delete_outside_chunks`` of the async array, zarr >= 3.1.4."""
+    return arr.async_array.resize((int(length),), delete_outside_chunks=False)

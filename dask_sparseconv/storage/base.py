@@ -71,6 +71,21 @@ class StackOutput(Protocol):
     def finish(self, stats: Sequence[Any], parts: Sequence[dict], resumed: bool) -> None: ...
 
 
+class InputBase:
+    """Where an input stack is, shared by every input (``self._loc`` is set by the format's constructor)."""
+
+    _loc: Location
+
+    @property
+    def store_location(self) -> Location:
+        """Where the stack is (for fingerprints and overlap checks)."""
+        return self._loc
+
+    @property
+    def location(self) -> str:
+        return self._loc.description
+
+
 class OutputBase:
     """Location, layout, block checks, markers and pickling shared by every output.
 

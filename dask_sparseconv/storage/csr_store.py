@@ -43,22 +43,22 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 import scipy.sparse
 import zarr
-from ._zarr_compat import buffer, prototype, sync
 
-from ..validation import _short
-from . import progress
 from ..engine.base import index_dtype
 from ..engine.threads import default_threads
+from ..validation import _short
+from . import progress
+from ._zarr_compat import buffer, prototype, shrink_metadata, sync
+from .base import InputBase, OutputBase, io_context
 from .dense_store import (
     _create_kw,
-    codec_text,
     _layout,
     check_numeric_dtype,
     check_rows,
+    codec_text,
     read_rows,
     resolve_compressors,
 )
-from .base import OutputBase, io_context
 from .location import Location, resolve_location
 
 __all__ = ["CSRInput", "CSROutput", "ConsolidationTask", "HeldBlock", "write_csr_stack", "is_csr_group", "CSR_ATTRS"]
@@ -102,7 +102,7 @@ def csr_chunk_rows(n_images: int, nnz: int, data_chunk: int, indptr_chunk: int) 
     return int(max(1, min(n_images or 1, by_data, indptr_chunk)))
 
 
-class CSRInput:
+class CSRInput(InputBase):
     """A read-only CSR stack (anndata ``csr_matrix`` encoding) in a zarr group.
 
     Opening validates the attributes, the array lengths and that ``indptr``
@@ -122,7 +122,8 @@ class CSRInput:
             raise ValueError(f"{where} has encoding-version {version!r}; only anndata's csr_matrix encoding 0.1.0 is supported")
         shape = _int_pair(attrs.get("shape"))
         if shape is None or shape[0] < 0 or shape[1] < 1:
-            raise ValueError(f"{where} needs a 'shape' attribute [n_images, H*W] of non-negative integers; got {_short(attrs.get('shape'))}")
+            raise ValueError(f"{where} needs a 'shape' attribute [n_images, H*W] of non-negative integers; got "
+                             f"{_short(attrs.get('shape'))}")
         if "frame_shape" not in attrs:
             raise ValueError(f"{where} has no 'frame_shape' attribute; set it to [H, W] (with H*W == shape[1] == {shape[1]}), "
                              "e.g. group.attrs['frame_shape'] = [H, W]")
@@ -157,14 +158,15 @@ class CSRInput:
             raise ValueError(f"{where}: indptr has length {self._indptr.shape[0]} but shape[0] = {self.n_images} needs "
                              f"n_images + 1 = {self.n_images + 1}")
         if self._indices.shape[0] != self.nnz:
-            raise ValueError(f"{where}: indices has length {self._indices.shape[0]} but data has length {self.nnz}; they must match")
+            raise ValueError(f"{where}: indices has length {self._indices.shape[0]} but data has length {self.nnz}; "
+                             "they must match")
         if validate:
             self._validate_indptr()
         self.chunk_rows = csr_chunk_rows(self.n_images, self.nnz, self._data.chunks[0], self._indptr.chunks[0])
 
     # Up to this many bytes of ``indices`` are scanned in this process: a dask
-    # reduction costs a scheduler round trip (~40 ms on a LocalCluster, a
-    # quarter of a small job) while reading 64 MiB here takes ~0.1 s.
+    # reduction costs a scheduler round trip, a large share of a small job,
+    # while reading this much here is about as fast (figures: docs/benchmarks.md, "Figures behind the code").
     _LOCAL_CHECK_BYTES = 64 << 20
 
     def check_indices(self) -> None:
@@ -215,7 +217,8 @@ class CSRInput:
             if lo == 0 and piece[0] != 0:
                 raise ValueError(f"{where}: indptr[0] is {piece[0]}; it must be 0")
             if prev is not None and piece[0] < prev:
-                raise ValueError(f"{where}: indptr is not monotonic (non-decreasing): indptr[{lo}] = {piece[0]} < indptr[{lo - 1}] = {prev}")
+                raise ValueError(f"{where}: indptr is not monotonic (non-decreasing): indptr[{lo}] = {piece[0]} < "
+                                 f"indptr[{lo - 1}] = {prev}")
             d = np.diff(piece)
             if d.size and d.min() < 0:
                 k = int(np.argmax(d < 0))
@@ -224,15 +227,6 @@ class CSRInput:
             prev = piece[-1]
         if prev != self.nnz:
             raise ValueError(f"{where}: indptr[-1] = {prev} but data and indices have length {self.nnz}; they must match")
-
-    @property
-    def store_location(self) -> Location:
-        """Where the stack is (for fingerprints and overlap checks)."""
-        return self._loc
-
-    @property
-    def location(self) -> str:
-        return self._loc.description
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -298,8 +292,7 @@ class CSRInput:
     # default chunk holds 1M values, often a whole stack of small frames);
     # zarr decodes the whole chunk for every slice, so each block would
     # decompress it again. The reader keeps the last decoded chunks of each
-    # array (per process, per reader object, never pickled): on the 2000-frame
-    # ROI stack with 16 blocks this cuts the read stage from ~18 to ~2 ms a block.
+    # array (per process, per reader object, never pickled) (figures: docs/benchmarks.md, "Figures behind the code").
     _CHUNK_CACHE = 2  # chunks kept per array
     _CHUNK_CACHE_MAX_BYTES = 64 << 20  # larger chunks are not kept
 
@@ -377,7 +370,8 @@ class CSRInput:
                     index_dtypes={"indices": str(arrays["indices"].dtype), "indptr": str(arrays["indptr"].dtype)})
 
     def __repr__(self) -> str:
-        return f"CSRInput({self._loc}, n_images={self.n_images}, frame_shape={self.frame_shape}, nnz={self.nnz}, dtype={self.dtype})"
+        return (f"CSRInput({self._loc}, n_images={self.n_images}, frame_shape={self.frame_shape}, nnz={self.nnz}, "
+                f"dtype={self.dtype})")
 
 
 # --------------------------------------------------------------------------
@@ -414,12 +408,11 @@ def _canonical_csr(result: Any, rows: int, ncols: int, dtype: np.dtype, i: int) 
 #                             the bytes before it, and the writer's keys
 #
 # One store write per block instead of three zarr arrays (three metadata
-# documents, their parent groups and chunks): ~2 ms instead of ~25 ms per
-# block on local disk, and one key to delete per block; the record rides in
-# the same key (it was a second key: one more write and delete per block).
-# Uncompressed on purpose: staging is written once and read once; zstd-1
-# saves ~30 % of its bytes on convolved ROI data but costs ~10 ms per
-# MB-sized block.
+# documents, their parent groups and chunks), and one key to delete per
+# block; the record rides in the same key (it was a second key: one more
+# write and delete per block). Uncompressed on purpose: staging is written
+# once and read once, and compressing it cost more time than the bytes it
+# saved (figures: docs/benchmarks.md, "Figures behind the code").
 _STAGING_MAGIC = b"DSCSTG2\0"
 _STAGING_HEAD = struct.Struct("<8sqq8s8s")
 
@@ -625,9 +618,9 @@ class CSROutput(OutputBase):
 
         from zarr.api.asynchronous import create_array
 
-        # four metadata documents written concurrently (~2 ms instead of ~6 one by one);
+        # four metadata documents written concurrently, not one by one;
         # overwrite=True only skips zarr's probes for an existing node: the group
-        # was created empty just above (~4 ms of a small job's set-up)
+        # was created empty just above (figures: docs/benchmarks.md, "Figures behind the code")
         sync(_gather(*(create_array(g.store_path, name=name, shape=shape, chunks=(c,), dtype=dt, fill_value=0,
                                     compressors=codecs, overwrite=True) for name, shape, c, dt, codecs in specs)))
         out.attach(g)
@@ -788,7 +781,8 @@ class CSROutput(OutputBase):
         n_blocks = len(self.block_bounds)
         missing = sorted(set(range(n_blocks)) - self.done_blocks()) if require_written else []
         if missing:
-            raise ValueError(f"cannot consolidate {self._loc}: {len(missing)} block(s) are not written yet (first: {missing[:10]})")
+            raise ValueError(f"cannot consolidate {self._loc}: {len(missing)} block(s) are not written yet (first: "
+                             f"{missing[:10]})")
         offsets, block_nnz, plan = self._offsets(block_nnz)
         nnz = int(offsets[-1])
         capacity = self._final("data").shape[0]
@@ -873,8 +867,7 @@ class CSROutput(OutputBase):
             nnz = int(offsets[-1])
             # metadata only: no chunk lies beyond nnz, and listing the
             # capacity's chunk grid to delete them would be unbounded
-            sync(_gather(*(self._final(name).async_array.resize((nnz,), delete_outside_chunks=False)
-                           for name in ("data", "indices"))))
+            sync(_gather(*(shrink_metadata(self._final(name), nnz) for name in ("data", "indices"))))
             if not staged:  # nothing to clean up: done in one attribute write
                 progress.mark_complete(g, nnz=nnz)
                 return

@@ -22,7 +22,7 @@ import zarr
 from ..engine.base import index_dtype
 from ..validation import _short
 from . import progress
-from .base import OutputBase
+from .base import InputBase, OutputBase
 from .location import Location
 
 __all__ = [
@@ -225,7 +225,7 @@ def check_numeric_dtype(dtype: Any, name: str) -> np.dtype:
 # --------------------------------------------------------------------------
 # input
 # --------------------------------------------------------------------------
-class DenseInput:
+class DenseInput(InputBase):
     """A read-only dense stack ``(n_images, H, W)`` in a zarr array.
 
     Picklable and light: it holds the location and the opened zarr array
@@ -252,15 +252,6 @@ class DenseInput:
         shards = getattr(arr, "shards", None)
         self.chunk_rows = int((shards or arr.chunks)[0])
         self.chunks = tuple(int(c) for c in arr.chunks)
-
-    @property
-    def store_location(self) -> Location:
-        """Where the stack is (for fingerprints and overlap checks)."""
-        return self._loc
-
-    @property
-    def location(self) -> str:
-        return self._loc.description
 
     @property
     def array(self) -> zarr.Array:
@@ -312,7 +303,8 @@ class DenseInput:
             info["shards"] = list(shards)
         c, n = self.chunk_rows, self.n_images
         n_chunks = math.ceil(n / c) if n else 0
-        picks = sorted(set(np.linspace(0, n_chunks - 1, min(n_chunks, sample_chunks)).round().astype(int).tolist())) if n_chunks else []
+        evenly = np.linspace(0, n_chunks - 1, min(n_chunks, sample_chunks)).round().astype(int) if n_chunks else []
+        picks = sorted(set(int(j) for j in evenly))
         seen = nz = 0
         for j in picks:
             block = self.read_dense_block(j * c, min((j + 1) * c, n))
@@ -414,7 +406,7 @@ class DenseOutput(OutputBase):
                "chunks": progress.stored_chunks(self.node, self._chunk_keys(start, stop))}
         progress.mark_block_done(self.node, i, rec)
         # the count is made here anyway (for the record): hand it back so the
-        # caller need not make a second pass over the block (~3 ms / 16 MiB)
+        # caller need not make a second pass over the block
         return nnz if nnz is not None else nonzero
 
     def _chunk_keys(self, start: int, stop: int) -> list[str]:

@@ -189,11 +189,13 @@ def resolve_location(source: Any, array: str | None = None, storage_options: dic
         return source.child(inner) if inner else source
     if isinstance(source, (zarr.Array, zarr.Group)):
         if storage_options:
-            raise TypeError(f"storage_options are only used with a URL {name}; got a zarr object and storage_options={_short(storage_options)}")
+            raise TypeError(f"storage_options are only used with a URL {name}; got a zarr object and "
+                            f"storage_options={_short(storage_options)}")
         return Location("object", None, _join(source.path, inner), None, source.store)
     if isinstance(source, Store):
         if storage_options:
-            raise TypeError(f"storage_options are only used with a URL {name}; got a zarr store and storage_options={_short(storage_options)}")
+            raise TypeError(f"storage_options are only used with a URL {name}; got a zarr store and "
+                            f"storage_options={_short(storage_options)}")
         return Location("object", None, inner, None, source)
     if isinstance(source, os.PathLike):
         source = os.fspath(source)

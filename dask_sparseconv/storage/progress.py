@@ -35,6 +35,7 @@ from typing import Any
 import numba
 import numpy as np
 import zarr
+
 from ._zarr_compat import buffer, default_chunk_key, prototype, sync
 
 ATTR = "dask_sparseconv"
@@ -209,8 +210,7 @@ def nonzero_digest(positions: np.ndarray, values: np.ndarray) -> tuple[int, str]
     :func:`verify_digest` recomputes it from the dense block read back), but
     costs ``O(nnz)`` instead of a pass over every pixel: a block written from
     a sparse result (the engine's CSR, scattered into zeros for the store)
-    is digested from that result (16 ROI frames of 512 x 512: ~0.05 ms
-    instead of ~5 ms)."""
+    is digested from that result (figures: docs/benchmarks.md, "Figures behind the code")."""
     values = np.ascontiguousarray(values)
     if values.dtype.kind != "f" or values.dtype.itemsize not in _FLOAT_MASKS:
         return None
@@ -254,8 +254,8 @@ def _may_hold_negative_zero(a: np.ndarray) -> bool:
 
     Compares the bit patterns with the sign-bit-only pattern (one pass, a
     boolean temporary): much cheaper than the normalising copy, which is then
-    made only for the rare arrays that need it (a 16 MiB float32 block: ~1 ms
-    instead of ~15 ms). Unusual layouts (non-native byte order, long double)
+    made only for the rare arrays that need it
+    (figures: docs/benchmarks.md, "Figures behind the code"). Unusual layouts (non-native byte order, long double)
     answer True, i.e. take the copy.
     """
     flt = a if a.dtype.kind == "f" else a.view(np.dtype(f"f{a.dtype.itemsize // 2}"))
@@ -275,7 +275,7 @@ def mark_block_done(node: zarr.Array | zarr.Group, i: int, record: dict | None =
     if isinstance(node, zarr.Group):
         # chunk i of ``_progress`` (uint8, chunk size 1, no codec: the encoded
         # chunk is the byte itself) written as its raw key: one store write
-        # and no read of the array's metadata (~5 ms less per block, local disk)
+        # and no read of the array's metadata
         buf = buffer(b"\x01")
         sync((node.store_path / PROGRESS / default_chunk_key(i)).set(buf))
     else:

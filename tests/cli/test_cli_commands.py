@@ -318,7 +318,8 @@ def test_preview_png(tmp_path, dense_store):
 
     from dask_sparseconv.preview import preview_size
 
-    wf = write(tmp_path / "wf.yaml", "input: {path: dense.zarr}\nkernel: {gaussian: {sigma: 1}}\nmode: full\noutput: {path: o.zarr}\n")
+    wf = write(tmp_path / "wf.yaml", "input: {path: dense.zarr}\nkernel: {gaussian: {sigma: 1}}\nmode: full\noutput: "
+        "{path: o.zarr}\n")
     png = tmp_path / "p.png"
     res = cli("preview", wf, "--images", "0,2,-1", "-o", png, "--scale", "2")
     assert res.returncode == 0, res.stderr

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.signal
-import scipy.sparse
 import yaml
-
 from dask_processes import DaskProcesses
+from scipy_oracle import convolve_stack
+
 from dask_sparseconv.workflow import load_workflow
 
 pytestmark = pytest.mark.xdist_group("cluster")
@@ -65,7 +64,7 @@ def copy_workflow(name: str, tmp_path: Path, **replace) -> Path:
 
 
 def reference(frames: np.ndarray, kernel: np.ndarray, mode: str) -> np.ndarray:
-    return np.stack([scipy.signal.convolve2d(f.astype(np.float64), kernel, mode=mode) for f in frames])
+    return convolve_stack(frames, kernel, mode)
 
 
 def check_against_scipy(wf_path: Path, picks) -> None:

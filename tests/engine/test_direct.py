@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import scipy.signal
 import scipy.sparse
+from engine_support import check_csr, random_csr, reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +23,6 @@ from dask_sparseconv import Convolver
 from dask_sparseconv.engine import engine_class
 from dask_sparseconv.engine.direct import DirectNumba
 from dask_sparseconv.geometry import geometry
-from engine_support import check_csr, random_csr, reference
 
 MODES = ("full", "same", "valid")
 TOL = {np.dtype(np.float32): dict(rtol=1e-5, atol=1e-5), np.dtype(np.float64): dict(rtol=1e-10, atol=1e-12)}
@@ -474,7 +474,7 @@ def test_tight_bounds_for_blobs_in_large_frames(monkeypatch):
     rng = np.random.default_rng(23)
     kernel = rng.standard_normal((5, 5))
     rows = []
-    for i in range(30):
+    for _ in range(30):
         img = np.zeros((300, 300))
         r0, c0 = rng.integers(0, 290, 2)
         img[r0 : r0 + 10, c0 : c0 + 10] = rng.standard_normal((10, 10))

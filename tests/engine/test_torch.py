@@ -18,20 +18,19 @@ import pytest
 import scipy.signal
 import scipy.sparse
 import torch  # CI installs the CPU build: these tests are never skipped
+from engine_support import check_csr, random_csr, reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dask_sparseconv import Convolver
 from dask_sparseconv.engine import engine_class
-from dask_sparseconv.geometry import geometry
-from engine_support import check_csr, random_csr, reference
-
 from dask_sparseconv.engine.torch_engines import (
     GatherScatterTorch,
     LazyTorch,
     PrecomputedTorch,
     estimate_toeplitz_bytes,
 )
+from dask_sparseconv.geometry import geometry
 
 ENGINES = (PrecomputedTorch, LazyTorch, GatherScatterTorch)
 MODES = ("full", "same", "valid")

@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 import scipy.sparse
+from dask_processes import START_TIMEOUT, DaskProcesses
+from pipeline_support import KERNEL, assert_matches, reference, sparse_stack
 
 from dask_sparseconv import cache_stats, convolve_zarr, open_stack
 from dask_sparseconv.storage import write_csr_stack, write_dense_stack
-from dask_processes import START_TIMEOUT, DaskProcesses
-from pipeline_support import KERNEL, assert_matches, reference, sparse_stack
 
 pytestmark = pytest.mark.xdist_group("cluster")
 

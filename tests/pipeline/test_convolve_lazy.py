@@ -6,11 +6,10 @@ import dask.array as da
 import numpy as np
 import pytest
 import scipy.sparse
+from pipeline_support import EVEN_KERNEL, KERNEL, assert_matches, reference, sparse_stack
 
 from dask_sparseconv import convolve
 from dask_sparseconv.pipeline import ConvolveSummary  # noqa: F401  (public name exists)
-
-from pipeline_support import EVEN_KERNEL, KERNEL, assert_matches, reference, sparse_stack
 
 MODES = ["same", "full", "valid"]
 

@@ -12,11 +12,11 @@ import pytest
 import scipy.sparse
 import zarr
 from dask.delayed import Delayed
+from pipeline_support import EVEN_KERNEL, KERNEL, assert_matches, reference, sparse_stack
 
 from dask_sparseconv import convolve, convolve_zarr, open_stack
 from dask_sparseconv.pipeline import ConvolveSummary
 from dask_sparseconv.storage import write_csr_stack, write_dense_stack
-from pipeline_support import EVEN_KERNEL, KERNEL, assert_matches, reference, sparse_stack
 
 N, H, W = 37, 18, 15
 

@@ -11,12 +11,12 @@ import psutil
 import pytest
 import scipy.sparse
 import zarr
+from pipeline_support import EVEN_KERNEL, KERNEL, assert_matches, reference, sparse_stack
 
 from dask_sparseconv import cache_stats, convolve, convolve_zarr, open_stack
-from dask_sparseconv.runtime.cache import clear_cache
 from dask_sparseconv.row_blocks import image_bytes
+from dask_sparseconv.runtime.cache import clear_cache
 from dask_sparseconv.storage import write_csr_stack, write_dense_stack
-from pipeline_support import EVEN_KERNEL, KERNEL, assert_matches, reference, sparse_stack
 
 pytestmark = pytest.mark.xdist_group("cluster")
 

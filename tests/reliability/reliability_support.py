@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse
 import zarr
-
 from dask_processes import base_env as env
 
 RUN_TIMEOUT = 180  # seconds: one CLI run in a subprocess

@@ -19,10 +19,10 @@ import pytest
 import scipy.sparse
 import yaml
 import zarr
+from reliability_support import cli, env, one_line_error, provenance, tree_digest
 
 from dask_sparseconv import convolve, convolve_zarr, open_stack
 from dask_sparseconv.storage import write_csr_stack, write_dense_stack
-from reliability_support import cli, env, one_line_error, provenance, tree_digest
 
 N, H, W = 8, 10, 12
 K = np.ones((3, 3), dtype=np.float32)

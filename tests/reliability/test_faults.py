@@ -11,13 +11,9 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
-
-from dask_sparseconv import convolve_zarr, open_stack
-from dask_sparseconv.storage import describe_stack
 from reliability_support import (
     assert_identical,
     cli,
@@ -30,6 +26,9 @@ from reliability_support import (
     wait_for_blocks,
     write_inputs,
 )
+
+from dask_sparseconv import convolve_zarr, open_stack
+from dask_sparseconv.storage import describe_stack
 
 pytestmark = pytest.mark.xdist_group("cluster")
 

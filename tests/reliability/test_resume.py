@@ -17,9 +17,6 @@ import dask
 import numpy as np
 import pytest
 import zarr
-
-from dask_sparseconv import convolve_zarr, open_stack
-from dask_sparseconv.workflow import load_workflow
 from reliability_support import (
     assert_identical,
     cli,
@@ -33,6 +30,9 @@ from reliability_support import (
     wait_for_blocks,
     write_inputs,
 )
+
+from dask_sparseconv import convolve_zarr, open_stack
+from dask_sparseconv.workflow import load_workflow
 
 N, H, W = 480, 32, 32
 KERNEL = np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=np.float32)

@@ -12,11 +12,11 @@ import textwrap
 
 import numpy as np
 import pytest
+from reliability_support import assert_identical, cli, stack, tree_digest, write_inputs
 
 from dask_sparseconv import convolve_zarr
 from dask_sparseconv.kernels import load_kernel_file
 from dask_sparseconv.workflow import WorkflowError, load_workflow
-from reliability_support import assert_identical, cli, stack, tree_digest, write_inputs
 
 
 class _Payload:

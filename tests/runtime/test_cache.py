@@ -4,15 +4,15 @@ under concurrency, and the engine thread policy."""
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import dask
 import numpy as np
 import pytest
 import scipy.signal
 import scipy.sparse
 
-import dask
 import dask_sparseconv
-from dask_sparseconv.runtime import cache as cc
 from dask_sparseconv.engine.threads import default_threads
+from dask_sparseconv.runtime import cache as cc
 
 
 @pytest.fixture(autouse=True)

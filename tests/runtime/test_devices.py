@@ -18,10 +18,10 @@ import pytest
 import scipy.signal
 import scipy.sparse
 
+from dask_sparseconv.engine.torch_engines import estimate_toeplitz_bytes
 from dask_sparseconv.runtime import devices
 from dask_sparseconv.runtime.cache import clear_cache, get_convolver
 from dask_sparseconv.runtime.devices import DEFAULT_WORKING_BYTES, Resolution, resolve_auto
-from dask_sparseconv.engine.torch_engines import estimate_toeplitz_bytes
 
 ENV_KEYS = (devices.ENV_GPU_DEVICE, devices.ENV_BUDGET, devices.ENV_SHARE)
 K5 = np.arange(25, dtype=np.float64).reshape(5, 5) / 25.0 - 0.3

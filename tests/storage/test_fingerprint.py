@@ -10,8 +10,8 @@ import pytest
 import scipy.sparse
 import zarr
 
-from dask_sparseconv.storage import resolve_location, write_csr_stack, write_dense_stack
 from dask_sparseconv.storage import fingerprint as fpmod
+from dask_sparseconv.storage import resolve_location, write_csr_stack, write_dense_stack
 from dask_sparseconv.storage.fingerprint import InputChangedError, check_unchanged, fingerprint
 
 

@@ -236,7 +236,8 @@ def test_valid_raw_csr_reads(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, exc, pattern",
     [
-        ({"indptr": np.array([0, 2, 4], np.int64)}, ValueError, r"indptr has length 3 but shape\[0\] = 3 needs n_images \+ 1 = 4"),
+        ({"indptr": np.array([0, 2, 4], np.int64)}, ValueError, r"indptr has length 3 but shape\[0\] = 3 needs "
+            r"n_images \+ 1 = 4"),
         ({"indptr": np.array([0, 3, 2, 4], np.int64)}, ValueError, r"indptr is not monotonic.*indptr\[2\] = 2 < indptr\[1\] = 3"),
         ({"indptr": np.array([0, 2, 2, 3], np.int64)}, ValueError, r"indptr\[-1\] = 3 but data and indices have length 4"),
         ({"indptr": np.array([1, 2, 2, 4], np.int64)}, ValueError, r"indptr\[0\] is 1; it must be 0"),
@@ -329,7 +330,6 @@ def test_corrupt_chunk_names_array_and_chunk(tmp_path):
     write_csr_stack(cpath, c, (6, 5), chunk_size=50)
     (cpath / "data" / "c" / "2").write_bytes(b"\x00\x01junk")
     src = open_input(cpath)
-    a = int(c.indptr[0])
     assert (src.read_block(0, 2) != c[0:2]).nnz == 0
     with pytest.raises(ValueError, match=r"could not read data at .*corrupt_csr.zarr.*chunk 2 along axis 0 \(elements 100-149\)"):
         src.read_block(0, 12)
