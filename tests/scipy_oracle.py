@@ -12,7 +12,7 @@ def convolve_stack(frames, kernel, mode: str = "same") -> np.ndarray:
     """``(n, H, W)`` frames -> ``(n, H_out, W_out)`` float64, one convolve2d per frame."""
     k = np.asarray(kernel, dtype=np.float64)
     frames = [np.asarray(f, dtype=np.float64) for f in frames]
-    if not frames:
+    if not frames:  # no images: shape (0, 0, 0); callers reshape with the geometry's output size
         return np.zeros((0, 0, 0))
     return np.stack([scipy.signal.convolve2d(f, k, mode=mode) for f in frames])
 

@@ -6,6 +6,7 @@ Commands::
     dask-sparseconv validate WORKFLOW.yaml
     dask-sparseconv info STORE [--array A] [--storage-option k=v ...]
     dask-sparseconv preview WORKFLOW.yaml --images 0,1,2 -o preview.png
+    dask-sparseconv schema [-o workflow.schema.json]
 
 Exit codes: 0 success, 1 runtime failure (a task failed, the scheduler could
 not be reached, ...), 2 usage or validation error (bad arguments, a workflow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import warnings
 from typing import Any, Iterator
@@ -208,4 +209,23 @@ def cmd_preview(args) -> int:
 
 
 #: The commands, by name: ``main`` runs ``COMMANDS[args.command](args)``.
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "info": cmd_info, "preview": cmd_preview}
+def cmd_schema(args) -> int:
+    """Print the JSON schema of a workflow file (or write it to ``--output``)."""
+    import json
+
+    from ..workflow import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.output:
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:
+            raise CLIError(f"cannot write {args.output}: {exc}", EXIT_USAGE) from None
+        _out(f"wrote the workflow schema to {args.output}")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "info": cmd_info, "preview": cmd_preview, "schema": cmd_schema}

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fsspec option for URLs (repeatable); the value is read as YAML (true, 3, text)")
     verbose(i)
 
+    sc = sub.add_parser("schema", help="print the JSON schema of a workflow file",
+                        description="Print the JSON schema (draft 2020-12) of a workflow file, for editors and validators.")
+    sc.add_argument("-o", "--output", default=None, help="write it to this file instead of standard output")
+
     pv = sub.add_parser("preview", help="render input frames beside their convolution into a PNG",
                         description="Convolve a few images in this process and save them side by side as a PNG.")
     pv.add_argument("workflow", metavar="WORKFLOW.yaml", help="workflow file")

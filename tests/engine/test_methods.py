@@ -45,9 +45,9 @@ def cell_kwargs(cell):
 
 def reference(x, frame_shape, kernel, mode):
     """(convolve2d(image, kernel), convolve2d(|image|, |kernel|)) per image, float64, flattened."""
-    n = x.shape[0]
-    ref = convolve_rows(x, frame_shape, kernel, mode).reshape(n, -1)
-    bound = convolve_rows(abs(x), frame_shape, np.abs(kernel), mode).reshape(n, -1)
+    n, out_pixels = x.shape[0], geometry(frame_shape, kernel.shape, mode).out_pixels
+    ref = convolve_rows(x, frame_shape, kernel, mode).reshape(n, out_pixels)
+    bound = convolve_rows(abs(x), frame_shape, np.abs(kernel), mode).reshape(n, out_pixels)
     return ref, bound
 
 
