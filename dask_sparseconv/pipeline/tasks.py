@@ -56,8 +56,21 @@ def block_convolver(spec: BlockSpec, kernel: np.ndarray):
     # backend='auto' is resolved here, on the worker (GPU -> torch, else CPU)
     return get_convolver(
         spec.frame_shape, kernel, spec.mode, spec.method, spec.backend, spec.dtype, spec.device,
-        gpu_device="none" if spec.route == "cpu" else None,
+        n_threads=_engine_threads(spec), gpu_device="none" if spec.route == "cpu" else None,
     )
+
+
+def _engine_threads(spec: BlockSpec) -> int | None:
+    """Engine threads from the per-host thread counts the job carries (None:
+    unknown here, the cache's policy asks the scheduler)."""
+    address = worker_address()
+    if not spec.host_threads or address is None:
+        return None
+    from ..runtime.cache import engine_threads
+    from ..runtime.cluster import host_of
+
+    n = dict(spec.host_threads).get(host_of(address))
+    return engine_threads(concurrent=n) if n else None
 
 
 def engine_info(spec: BlockSpec, kernel: np.ndarray, conv) -> dict:

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from ..kernels import kernel_digest
-from ..runtime.cluster import route_annotations, scheduler_threads, scheduler_workers
+from ..runtime.cluster import host_threads, route_annotations, scheduler_threads, scheduler_workers
 from .graph import store_graph
 from .plan import JobPlan, _plan
 from .resume import check_target, resume_blocks
@@ -236,7 +236,8 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
         return delayed(finish_consolidated, pure=False)(out, info, int(resume_prov.get("nnz", 0)))
     done = out.done_blocks() if resume_prov is not None else set()
     spec = BlockSpec(plan.frame_shape, plan.out_shape, settings.mode, settings.method, settings.backend,
-                     plan.out_dtype.str, fmt, route=route, hold_bytes=out.hold_limit(blocks.block_memory))
+                     plan.out_dtype.str, fmt, route=route, hold_bytes=out.hold_limit(blocks.block_memory),
+                     host_threads=host_threads(workers))
     return store_graph(src, out, kernel, blocks, spec, info, annotations=annotations, done=done, workers=workers,
                        threads=plan.threads)
 

@@ -148,10 +148,14 @@ def concurrent_tasks() -> int:
     return local_threads()
 
 
-def engine_threads(cores: int | None = None) -> int:
-    """Threads one engine call may use here: ``max(1, cores // concurrent_tasks())``."""
+def engine_threads(cores: int | None = None, concurrent: int | None = None) -> int:
+    """Threads one engine call may use here: ``max(1, cores // concurrent)``.
+
+    ``concurrent``: block tasks running at once on this host, when the caller
+    knows it (a job carries its cluster's per-host thread counts); default
+    :func:`concurrent_tasks`, which may ask the scheduler."""
     cores = default_threads() if cores is None else max(1, int(cores))
-    return max(1, cores // concurrent_tasks())
+    return max(1, cores // (max(1, int(concurrent)) if concurrent else concurrent_tasks()))
 
 
 # -- keys ---------------------------------------------------------------------

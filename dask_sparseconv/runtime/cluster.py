@@ -60,6 +60,27 @@ def scheduler_threads(workers: dict[str, int] | None = None) -> int:
     return local_threads()
 
 
+def host_of(address: str) -> str:
+    """The host part of a worker address (``tcp://10.0.0.5:40123`` -> ``10.0.0.5``)."""
+    try:
+        from distributed.comm import get_address_host
+
+        return str(get_address_host(address))
+    except Exception:  # an address distributed cannot parse: the text before the port
+        return address.split("://", 1)[-1].rsplit(":", 1)[0]
+
+
+def host_threads(workers: dict[str, int] | None) -> tuple[tuple[str, int], ...]:
+    """``((host, dask threads of every worker on it), ...)`` of a cluster, for
+    the job to carry: each worker then sizes its engines' threads from it
+    instead of asking the scheduler itself (see :mod:`dask_sparseconv.runtime.cache`)."""
+    per_host: dict[str, int] = {}
+    for address, n in (workers or {}).items():
+        host = host_of(address)
+        per_host[host] = per_host.get(host, 0) + max(0, int(n))
+    return tuple(sorted(per_host.items()))
+
+
 def worker_address() -> str | None:
     """The distributed worker running this task, or None (local schedulers)."""
     try:

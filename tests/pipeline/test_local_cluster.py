@@ -186,3 +186,29 @@ def test_thread_policy_counts_every_worker_process_on_the_host(client):
     for tasks, of_eight, threads, built, cores in client.gather(futures):
         assert tasks == 2 and of_eight == 4
         assert threads == built == max(1, cores // 2)
+
+
+def test_job_carries_per_host_threads_so_workers_do_not_ask_the_scheduler(client, tmp_path):
+    """convolve_zarr puts the cluster's per-host thread counts in the job: each
+    worker sizes its engines from them (cores // 2 here), with no scheduler
+    round trip of its own (its host-thread cache stays empty)."""
+    from dask_sparseconv.runtime import cache
+
+    def reset():
+        cache.clear_cache()
+        cache._host_threads.clear()
+
+    def seen():
+        return len(cache._host_threads), sorted({c.n_threads for c in cache._entries.values()}), len(os.sched_getaffinity(0))
+
+    client.run(reset)
+    n, H, W = 40, 16, 16
+    x = sparse_stack(n, H, W, density=0.05, seed=31)
+    src = str(tmp_path / "in.zarr")
+    write_csr_stack(src, scipy.sparse.csr_matrix(x.reshape(n, -1)), (H, W))
+    summary = convolve_zarr(src, KERNEL, str(tmp_path / "out.zarr"), block_memory=4000)
+    assert summary.blocks > 2
+    for asked, threads, cores in client.run(seen).values():
+        assert asked == 0
+        assert threads in ([], [max(1, cores // 2)])
+    assert_matches(open_stack(str(tmp_path / "out.zarr")).compute(), reference(x, KERNEL, "same"))
