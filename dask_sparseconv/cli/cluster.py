@@ -9,14 +9,14 @@ from typing import Any, Iterator
 from .errors import CLIError
 
 
-def _local_threads(cluster) -> int:
+def local_threads(cluster) -> int:
     if cluster.address is not None:
         return 1  # unknown until connected; see describe_cluster
-    n_workers = cluster.n_workers or _default_n_workers(cluster.threads_per_worker)
+    n_workers = cluster.n_workers or default_n_workers(cluster.threads_per_worker)
     return n_workers * cluster.threads_per_worker
 
 
-def _default_n_workers(threads_per_worker: int) -> int:
+def default_n_workers(threads_per_worker: int) -> int:
     from ..engine.threads import default_threads
 
     return max(1, default_threads() // max(1, threads_per_worker))
@@ -63,7 +63,7 @@ def open_client(cluster, source: str | None = None) -> Iterator[Any]:
         finally:
             client.close()
         return
-    n_workers = cluster.n_workers or _default_n_workers(cluster.threads_per_worker)
+    n_workers = cluster.n_workers or default_n_workers(cluster.threads_per_worker)
     kwargs = {
         "n_workers": n_workers,
         "threads_per_worker": cluster.threads_per_worker,
@@ -82,7 +82,7 @@ def open_client(cluster, source: str | None = None) -> Iterator[Any]:
         lc.close()
 
 
-def _dashboard(client) -> str:
+def dashboard_text(client) -> str:
     from ..validation import module_available
 
     if not module_available("bokeh"):

@@ -9,42 +9,42 @@ import time
 import warnings
 from typing import Any, Iterator
 
-from .cluster import _dashboard, open_client
-from .errors import _RUNNING, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, PROG, CLIError
-from .inspect import Plan, _ensure_input, _inspect, _load, _output_state, _path_exists
-from .progress import _run_graph
+from .cluster import dashboard_text, open_client
+from .errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, PROG, RUNNING, CLIError
+from .inspect import Plan, ensure_input, inspect_or_exit, load_or_exit, output_state, path_exists
+from .progress import run_graph
 from .report import (
-    _describe_cluster,
-    _err,
-    _int,
-    _out,
-    _print_plan,
-    _print_summary,
-    _shape,
-    _target_note,
+    describe_cluster,
     describe_lines,
+    fmt_int,
+    fmt_shape,
+    print_plan,
+    print_summary,
+    say,
+    say_err,
+    target_note,
 )
 
 
 def cmd_validate(args) -> int:
-    wf = _load(args.workflow)
-    plan = _inspect(wf)
-    _out(f"OK: {args.workflow}")
+    wf = load_or_exit(args.workflow)
+    plan = inspect_or_exit(wf)
+    say(f"OK: {args.workflow}")
     src = f"{wf.input.path}" + (" (will be generated from input.sample)" if plan.sample_pending else "")
-    _out(f"  input:   {src}: {plan.in_format}, {_int(plan.n_images)} images of {_shape(plan.frame_shape)}, {plan.in_dtype}")
-    _out(f"  kernel:  {wf.kernel.description}, {_shape(wf.kernel.array.shape)}; mode {wf.mode}")
-    _out(f"  output:  {wf.output.path}: {plan.out_format}, {_shape(plan.out_shape)}, {plan.out_dtype}"
-         + _target_note(plan))
-    _out(f"  cluster: {_describe_cluster(wf.cluster)}")
+    say(f"  input:   {src}: {plan.in_format}, {fmt_int(plan.n_images)} images of {fmt_shape(plan.frame_shape)}, {plan.in_dtype}")
+    say(f"  kernel:  {wf.kernel.description}, {fmt_shape(wf.kernel.array.shape)}; mode {wf.mode}")
+    say(f"  output:  {wf.output.path}: {plan.out_format}, {fmt_shape(plan.out_shape)}, {plan.out_dtype}"
+         + target_note(plan))
+    say(f"  cluster: {describe_cluster(wf.cluster)}")
     return EXIT_OK
 
 
 def cmd_run(args) -> int:
-    wf = _load(args.workflow)
+    wf = load_or_exit(args.workflow)
     overwrite = True if args.restart else None
-    plan = _inspect(wf, overwrite=overwrite, allow_complete=bool(args.dry_run))
+    plan = inspect_or_exit(wf, overwrite=overwrite, allow_complete=bool(args.dry_run))
     if args.dry_run:
-        _print_plan(plan, f"dry run of {args.workflow} (nothing is computed or written):")
+        print_plan(plan, f"dry run of {args.workflow} (nothing is computed or written):")
         return EXIT_OK
     # the lock first: a second run of this job is refused before it starts a cluster
     with _job_lock(wf) as lock:
@@ -68,33 +68,33 @@ def _job_lock(wf) -> Iterator[Any]:
             raise CLIError(f"output.path: cannot create the lock beside {wf.output.path}: {exc}", EXIT_RUNTIME) from None
     for w in caught:
         if issubclass(w.category, LockStaleWarning):
-            _err(f"warning: {w.message}")
+            say_err(f"warning: {w.message}")
     with lock:
         yield lock
 
 
 def _run_locked(args, wf, overwrite, plan: Plan, lock) -> int:
-    plan = _ensure_input(plan, overwrite)
+    plan = ensure_input(plan, overwrite)
     from ..pipeline import convolve_zarr
 
-    _print_plan(plan, f"running {args.workflow}:")
+    print_plan(plan, f"running {args.workflow}:")
     if not args.verbose:
         # Local worker processes inherit these: their task-failure logs and
         # warnings would otherwise print tracebacks on our stderr.
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    _RUNNING["output"] = (wf.output.path, wf.output.storage_options)  # for the message if interrupted
+    RUNNING["output"] = (wf.output.path, wf.output.storage_options)  # for the message if interrupted
     with open_client(wf.cluster, wf.source) as client:
-        _out(f"dashboard: {_dashboard(client)}")
+        say(f"dashboard: {dashboard_text(client)}")
         if not client.nthreads():
-            _out(f"waiting up to {wf.cluster.timeout:g} s for a worker to join the scheduler")
+            say(f"waiting up to {wf.cluster.timeout:g} s for a worker to join the scheduler")
             try:
                 client.wait_for_workers(1, timeout=wf.cluster.timeout)
             except (TimeoutError, OSError):
                 raise CLIError(f"the scheduler at {wf.cluster.address} has no workers; start some with "
                                f"`dask worker {wf.cluster.address}`") from None
         info = client.nthreads()
-        _out(f"cluster: {len(info)} worker{'s' if len(info) != 1 else ''}, {sum(info.values())} threads")
+        say(f"cluster: {len(info)} worker{'s' if len(info) != 1 else ''}, {sum(info.values())} threads")
         t0 = time.perf_counter()
         try:
             graph = convolve_zarr(
@@ -120,12 +120,12 @@ def _run_locked(args, wf, overwrite, plan: Plan, lock) -> int:
         except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as exc:
             raise CLIError(f"{wf.source}: {exc}", EXIT_USAGE) from exc
         try:
-            summary = _run_graph(client, graph, plan.blocks.n_blocks if plan.blocks else 0)
+            summary = run_graph(client, graph, plan.blocks.n_blocks if plan.blocks else 0)
         except Exception:
-            _err(f"note: {_output_state(wf.output.path, wf.output.storage_options)}")
+            say_err(f"note: {output_state(wf.output.path, wf.output.storage_options)}")
             raise
         elapsed = time.perf_counter() - t0
-    _print_summary(summary, plan, elapsed)
+    print_summary(summary, plan, elapsed)
     return EXIT_OK
 
 
@@ -152,7 +152,7 @@ def cmd_info(args) -> int:
     opts = _parse_storage_options(args.storage_option)
     store = args.store
     try:
-        exists = _path_exists(store, opts)
+        exists = path_exists(store, opts)
     except Exception as exc:
         raise CLIError(f"cannot check {store!r}: {exc}", EXIT_USAGE) from None
     if not exists:
@@ -163,7 +163,7 @@ def cmd_info(args) -> int:
         raise CLIError(f"cannot open {store}: {exc}", EXIT_USAGE) from None
     done = d["done_blocks"] if "done_blocks" in d else _done_blocks(store, args.array, opts, d)
     for line in describe_lines(d, store, args.array, done):
-        _out(line)
+        say(line)
     return EXIT_OK
 
 
@@ -183,15 +183,15 @@ def _done_blocks(store: str, array: str | None, opts: dict, d: dict) -> int | No
 def cmd_preview(args) -> int:
     from ..preview import render_preview
 
-    wf = _load(args.workflow)
+    wf = load_or_exit(args.workflow)
     try:
         images = [int(p) for p in args.images.split(",") if p.strip() != ""]
     except ValueError:
         raise CLIError(f"--images must be comma-separated image indices such as 0,1,2; got {args.images!r}", EXIT_USAGE) from None
     if not images:
         raise CLIError("--images needs at least one image index", EXIT_USAGE)
-    plan = _inspect(wf, overwrite=True)  # preview never writes the output
-    plan = _ensure_input(plan, True)
+    plan = inspect_or_exit(wf, overwrite=True)  # preview never writes the output
+    plan = ensure_input(plan, True)
     bad = [i for i in images if not -plan.n_images <= i < plan.n_images]
     if bad:
         raise CLIError(f"--images: {', '.join(map(str, bad))} out of range for a stack of {plan.n_images} images "
@@ -203,7 +203,7 @@ def cmd_preview(args) -> int:
         img.save(out, format="PNG")
     except (OSError, ValueError) as exc:
         raise CLIError(f"cannot write {out}: {exc}") from None
-    _out(f"wrote {out}: {img.width} x {img.height} px, {len(images)} image{'s' if len(images) != 1 else ''} "
+    say(f"wrote {out}: {img.width} x {img.height} px, {len(images)} image{'s' if len(images) != 1 else ''} "
          f"({', '.join(map(str, images))}), input left, {wf.mode} convolution right")
     return EXIT_OK
 
@@ -222,7 +222,7 @@ def cmd_schema(args) -> int:
                 f.write(text)
         except OSError as exc:
             raise CLIError(f"cannot write {args.output}: {exc}", EXIT_USAGE) from None
-        _out(f"wrote the workflow schema to {args.output}")
+        say(f"wrote the workflow schema to {args.output}")
     else:
         sys.stdout.write(text)
     return EXIT_OK

@@ -24,7 +24,7 @@ class CLIError(Exception):
 
 
 #: what ``run`` is writing, for the message after an interruption
-_RUNNING: dict[str, Any] = {}
+RUNNING: dict[str, Any] = {}
 
 
 class Terminated(KeyboardInterrupt):
@@ -36,7 +36,7 @@ def _on_sigterm(signum, frame):
 
 
 @contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
+def sigterm_unwinds() -> Iterator[None]:
     """While a command runs, SIGTERM unwinds it like Ctrl-C (clients and local
     clusters are closed by their ``with`` blocks) instead of killing it mid-write."""
     import signal
@@ -52,7 +52,7 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _is_numba_error(exc: BaseException) -> bool:
+def is_numba_error(exc: BaseException) -> bool:
     for cls in type(exc).__mro__:
         if (cls.__module__ or "").startswith("numba"):
             return True
@@ -60,7 +60,7 @@ def _is_numba_error(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet(verbose: bool) -> Iterator[None]:
+def quiet(verbose: bool) -> Iterator[None]:
     """Hide library warnings and dask/distributed log chatter unless --verbose."""
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

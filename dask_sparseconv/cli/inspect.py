@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .cluster import _local_threads
-from .errors import _RUNNING, EXIT_USAGE, CLIError, Terminated
-from .report import _int, _out, _shape
+from .cluster import local_threads
+from .errors import EXIT_USAGE, RUNNING, CLIError, Terminated
+from .report import fmt_int, fmt_shape, say
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Plan:
         return None if self.nnz is None or not px else self.nnz / px
 
 
-def _load(path: str):
+def load_or_exit(path: str):
     """Load a workflow; schema problems become a usage error (exit 2)."""
     from ..workflow import WorkflowError, load_workflow
 
@@ -55,7 +55,7 @@ def _load(path: str):
         raise CLIError(str(exc), EXIT_USAGE) from None
 
 
-def _path_exists(path: str, storage_options: dict) -> bool:
+def path_exists(path: str, storage_options: dict) -> bool:
     from ..workflow import is_url
 
     if not is_url(path) or path.startswith("file://"):
@@ -92,7 +92,7 @@ def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool 
     frame_shape = (1, 1)
     in_dtype, in_format, chunk_rows, nnz, exact = np.dtype(np.float32), "dense", 1, None, False
     try:
-        exists = _path_exists(inp.path, inp.storage_options)
+        exists = path_exists(inp.path, inp.storage_options)
     except Exception as exc:  # bad storage options, unknown protocol, ...
         problems.append(("input.path", f"cannot check {inp.path!r}: {exc}"))
         exists = None
@@ -141,10 +141,10 @@ def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool 
             out_shape = geometry(frame_shape, wf.kernel.array.shape, wf.mode).out_shape
         except ValueError:
             problems.append(
-                ("kernel", f"kernel of shape {_shape(wf.kernel.array.shape)} is larger than the {_shape(frame_shape)} "
+                ("kernel", f"kernel of shape {fmt_shape(wf.kernel.array.shape)} is larger than the {fmt_shape(frame_shape)} "
                            "frames; mode: valid needs a kernel no larger than the frame (use mode: same or full)")
             )
-    threads = _local_threads(wf.cluster)
+    threads = local_threads(wf.cluster)
     job = None
     if have_input and not any(k == "kernel" for k, _ in problems):
         # the planner the run uses, with the estimates it makes (sampled from the data): the plan shown is the plan run
@@ -158,7 +158,7 @@ def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool 
         except ValueError as exc:
             problems.append(("block.memory", str(exc).replace("block_memory=", "").replace("block_memory", "block.memory")))
     try:
-        target_exists = _path_exists(wf.output.path, wf.output.storage_options)
+        target_exists = path_exists(wf.output.path, wf.output.storage_options)
     except Exception as exc:
         problems.append(("output.path", f"cannot check {wf.output.path!r}: {exc}"))
         target_exists = False
@@ -295,7 +295,7 @@ def _resumable(path: str, storage_options: dict) -> dict | None:
     return {"done": done, "n_blocks": prov.get("n_blocks"), "provenance": prov}
 
 
-def _inspect(wf, **kw) -> Plan:
+def inspect_or_exit(wf, **kw) -> Plan:
     from ..workflow import WorkflowError
 
     try:
@@ -304,7 +304,7 @@ def _inspect(wf, **kw) -> Plan:
         raise CLIError(str(exc), EXIT_USAGE) from None
 
 
-def _ensure_input(plan: Plan, overwrite: bool | None) -> Plan:
+def ensure_input(plan: Plan, overwrite: bool | None) -> Plan:
     """Generate the sample stack the workflow asks for, then reopen the input."""
     if not plan.sample_pending:
         return plan
@@ -312,16 +312,16 @@ def _ensure_input(plan: Plan, overwrite: bool | None) -> Plan:
 
     wf = plan.wf
     s = wf.input.sample
-    _out(f"input {wf.input.path} does not exist: generating the sample stack "
-         f"({_int(s.n_images)} images of {_shape(s.frame_shape)}, {s.format})")
+    say(f"input {wf.input.path} does not exist: generating the sample stack "
+         f"({fmt_int(s.n_images)} images of {fmt_shape(s.frame_shape)}, {s.format})")
     try:
         ensure_sample(wf.input.path, s)
     except Exception as exc:
         raise CLIError(f"could not write the sample stack to {wf.input.path}: {exc}") from exc
-    return _inspect(wf, overwrite=overwrite)
+    return inspect_or_exit(wf, overwrite=overwrite)
 
 
-def _output_state(path: str, opts: dict) -> str:
+def output_state(path: str, opts: dict) -> str:
     """What a failed or interrupted run left at ``path``, and what to do next."""
     prov = _target_prov(path, opts)
     if prov is None:
@@ -334,9 +334,9 @@ def _output_state(path: str, opts: dict) -> str:
             "workflow again to resume (written blocks are verified and kept), or with --restart to start over")
 
 
-def _interrupted_message(exc: KeyboardInterrupt) -> str:
+def interrupted_message(exc: KeyboardInterrupt) -> str:
     what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-    out = _RUNNING.get("output")
+    out = RUNNING.get("output")
     if out is None:
         return f"{what}; nothing was left half-done"
     path, opts = out

@@ -10,19 +10,19 @@ import traceback
 
 from .commands import COMMANDS
 from .errors import (
-    _RUNNING,
     EXIT_RUNTIME,
     EXIT_USAGE,
     PROG,
+    RUNNING,
     CLIError,
     Terminated,
-    _is_numba_error,
-    _quiet,
-    _sigterm_unwinds,
     failure_line,
+    is_numba_error,
+    quiet,
+    sigterm_unwinds,
 )
-from .inspect import _interrupted_message
-from .report import _err
+from .inspect import interrupted_message
+from .report import say_err
 
 
 def _version() -> str:
@@ -95,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     verbose = getattr(args, "verbose", False)
-    _RUNNING.clear()
+    RUNNING.clear()
     try:
-        with _sigterm_unwinds(), _quiet(verbose):
+        with sigterm_unwinds(), quiet(verbose):
             return int(COMMANDS[args.command](args) or 0)
     except CLIError as exc:
-        if verbose and exc.__cause__ is not None and not _is_numba_error(exc.__cause__):
+        if verbose and exc.__cause__ is not None and not is_numba_error(exc.__cause__):
             traceback.print_exception(exc.__cause__, file=sys.stderr)
-        _err(f"error: {exc.message}")
+        say_err(f"error: {exc.message}")
         return exc.code
     except BrokenPipeError:  # e.g. `dask-sparseconv info X | head`: stop quietly
         with contextlib.suppress(OSError):
@@ -110,13 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RUNTIME
     except KeyboardInterrupt as exc:
         try:
-            _err(f"error: {_interrupted_message(exc)}")
+            say_err(f"error: {interrupted_message(exc)}")
         except KeyboardInterrupt:  # a second Ctrl-C while describing the output
-            _err("error: interrupted; the output is incomplete: run the same workflow again to resume")
+            say_err("error: interrupted; the output is incomplete: run the same workflow again to resume")
         return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:  # a runtime failure: one message, traceback only when asked
-        if _is_numba_error(exc):
-            _err(
+        if is_numba_error(exc):
+            say_err(
                 "error: the numba engine failed on this input "
                 f"({type(exc).__name__}); this is a bug in dask-sparseconv - please report it. "
                 "As a workaround set backend: numpy (and method: gather_scatter or precomputed) in the workflow."
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_RUNTIME
         if verbose:
             traceback.print_exc(file=sys.stderr)
-        _err(failure_line(exc, verbose))  # the cause, always the last line
+        say_err(failure_line(exc, verbose))  # the cause, always the last line
         return EXIT_RUNTIME
 
 

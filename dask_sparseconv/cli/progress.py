@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from .report import _seconds
+from .report import fmt_seconds
 
 
 class ProgressReporter:
@@ -29,8 +29,8 @@ class ProgressReporter:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         eta = ""
         if 0 < self.done < self.total:
-            eta = f", about {_seconds(elapsed / self.done * (self.total - self.done))} left"
-        return f"{self.done}/{self.total} blocks ({pct:.0f}%), {_seconds(elapsed)} elapsed{eta}"
+            eta = f", about {fmt_seconds(elapsed / self.done * (self.total - self.done))} left"
+        return f"{self.done}/{self.total} blocks ({pct:.0f}%), {fmt_seconds(elapsed)} elapsed{eta}"
 
     def update(self, done: int) -> None:
         self.done = int(done)
@@ -53,7 +53,7 @@ class ProgressReporter:
             self.stream.flush()
 
 
-def _run_graph(client, graph, n_blocks: int) -> Any:
+def run_graph(client, graph, n_blocks: int) -> Any:
     """Compute the pipeline's graph on ``client``, reporting block progress.
 
     The block tasks (keys ``sparseconv-block-*``) are computed alongside the

@@ -285,7 +285,7 @@ def _reopen_for_resume(loc, target, fmt, n_images, out_shape, dtype, bounds, att
         "n_blocks": len(bounds),
     }
     want.update(FORMATS[fmt].output.RESUME_LAYOUT)
-    want.update(progress._jsonable(dict(attrs or {})))
+    want.update(progress.jsonable(dict(attrs or {})))
     diff = {k: (prov.get(k), v) for k, v in want.items() if prov.get(k) != v}
     if diff:
         text = ", ".join(f"{k}: stored {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))

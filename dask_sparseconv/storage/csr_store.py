@@ -51,11 +51,11 @@ from . import progress
 from ._zarr_compat import buffer, prototype, shrink_metadata, sync
 from .base import InputBase, OutputBase, io_context
 from .dense_store import (
-    _create_kw,
-    _layout,
     check_numeric_dtype,
     check_rows,
     codec_text,
+    create_kwargs,
+    layout_attrs,
     read_rows,
     resolve_compressors,
 )
@@ -429,7 +429,7 @@ def _pack_staging(csr: scipy.sparse.csr_matrix, dtype: np.dtype, index_dtype: np
     for part in parts:
         crc = zlib.crc32(part, crc)
     rec = {**record, "nnz": nnz, "crc32": crc}
-    return b"".join((*parts, json.dumps(progress._jsonable(rec)).encode())), rec
+    return b"".join((*parts, json.dumps(progress.jsonable(rec)).encode())), rec
 
 
 def _unpack_head(raw: bytes, where: str) -> tuple[int, int, np.dtype, np.dtype]:
@@ -596,12 +596,12 @@ class CSROutput(OutputBase):
         """A new CSR output; ``chunk_rows``: rows per ``indptr`` chunk, ``chunk_nnz``: values per ``data`` chunk."""
         out = cls(loc, n_images, out_shape, dtype, block_bounds, chunk_rows, chunk_nnz, compressor)
         comp = resolve_compressors(compressor)
-        extra = _layout("csr", n_images, out_shape, dtype, block_bounds)
+        extra = layout_attrs("csr", n_images, out_shape, dtype, block_bounds)
         extra.update(chunk_nnz=out.chunk_nnz, indptr_chunk=out.indptr_chunk, csr_layout=CSR_LAYOUT,
                      compressor=compressor if isinstance(compressor, str) or compressor is None else repr(compressor))
         group_attrs = {**CSR_ATTRS, "shape": [int(n_images), out.n_cols], "frame_shape": [int(v) for v in out_shape],
                        progress.ATTR: progress.new_provenance(attrs, extra)}
-        kw = _create_kw(loc)
+        kw = create_kwargs(loc)
         kw["path"] = kw.pop("name")
         g = zarr.create_group(zarr_format=3, overwrite=overwrite, attributes=group_attrs, **kw)
         # The final arrays exist from the start, data/indices at a capacity no
@@ -974,7 +974,7 @@ def write_csr_stack(target: Any, csr: Any, frame_shape: Sequence[int], storage_o
         m = m.copy()
         m.sum_duplicates()
     loc = resolve_location(target, array_path, storage_options, name="target")
-    kw = _create_kw(loc)
+    kw = create_kwargs(loc)
     kw["path"] = kw.pop("name")
     g = zarr.create_group(zarr_format=zarr_format, overwrite=overwrite, **kw)
     g.attrs.update({**CSR_ATTRS, "shape": [int(m.shape[0]), int(m.shape[1])], "frame_shape": list(fs)})

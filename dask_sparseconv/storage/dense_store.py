@@ -360,9 +360,9 @@ class DenseOutput(OutputBase):
             fill_value=0,
             zarr_format=3,
             overwrite=overwrite,
-            **_create_kw(loc),
+            **create_kwargs(loc),
         )
-        progress.init_provenance(arr, attrs, _layout("dense", n_images, out_shape, dtype, block_bounds))
+        progress.init_provenance(arr, attrs, layout_attrs("dense", n_images, out_shape, dtype, block_bounds))
         out = cls(loc, n_images, tuple(out_shape), np.dtype(dtype), block_bounds, chunk_rows)
         out.attach(arr)
         return out
@@ -474,7 +474,7 @@ def codec_text(arr: zarr.Array) -> str:
     return ", ".join(parts) if parts else "none"
 
 
-def _layout(fmt: str, n_images: int, out_shape, dtype, block_bounds) -> dict:
+def layout_attrs(fmt: str, n_images: int, out_shape, dtype, block_bounds) -> dict:
     return {
         "format": fmt,
         "n_images": int(n_images),
@@ -485,7 +485,7 @@ def _layout(fmt: str, n_images: int, out_shape, dtype, block_bounds) -> dict:
     }
 
 
-def _create_kw(loc: Location) -> dict:
+def create_kwargs(loc: Location) -> dict:
     if loc.kind == "object":
         return {"store": loc.store, "name": loc.path or None}
     kw: dict[str, Any] = {"store": loc.root, "name": loc.path or None}
@@ -520,6 +520,6 @@ def write_dense_stack(target: Any, array: Any, chunks: Any = "auto", storage_opt
     if zarr_format == 3:
         kw["compressors"] = resolve_compressors(compressor)
     z = zarr.create_array(shape=arr.shape, chunks=tuple(chunks), dtype=arr.dtype, zarr_format=zarr_format,
-                          fill_value=0, overwrite=overwrite, **kw, **_create_kw(loc))
+                          fill_value=0, overwrite=overwrite, **kw, **create_kwargs(loc))
     z[:] = arr
     return z

@@ -70,14 +70,14 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Make ``value`` JSON-serialisable (ndarrays -> lists, numpy scalars -> Python)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, float) and not np.isfinite(value):
@@ -105,8 +105,8 @@ def is_complete(node: zarr.Array | zarr.Group) -> bool | None:
 def new_provenance(attrs: dict | None, extra: dict) -> dict:
     """The provenance record of a new output, with ``complete: false``."""
     prov: dict[str, Any] = {"version": package_version()}
-    prov.update(_jsonable(dict(attrs or {})))
-    prov.update(_jsonable(extra))
+    prov.update(jsonable(dict(attrs or {})))
+    prov.update(jsonable(extra))
     prov["created"] = _now()
     prov["complete"] = False
     return prov
@@ -122,7 +122,7 @@ def init_provenance(node: zarr.Array | zarr.Group, attrs: dict | None, extra: di
 def mark_complete(node: zarr.Array | zarr.Group, **updates: Any) -> dict:
     """Set ``complete: true`` (plus ``updates``). Call it as the last write."""
     prov = provenance(node) or {"version": package_version()}
-    prov.update(_jsonable(updates))
+    prov.update(jsonable(updates))
     prov["completed"] = _now()
     prov["complete"] = True
     node.attrs[ATTR] = prov
@@ -279,7 +279,7 @@ def mark_block_done(node: zarr.Array | zarr.Group, i: int, record: dict | None =
         buf = buffer(b"\x01")
         sync((node.store_path / PROGRESS / default_chunk_key(i)).set(buf))
     else:
-        payload = b"\x01" if record is None else json.dumps(_jsonable(record)).encode()
+        payload = b"\x01" if record is None else json.dumps(jsonable(record)).encode()
         buf = buffer(payload)
         sync((node.store_path / PROGRESS / str(int(i))).set(buf))
 
