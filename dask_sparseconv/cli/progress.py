@@ -56,14 +56,16 @@ class ProgressReporter:
 def run_graph(client, graph, n_blocks: int) -> Any:
     """Compute the pipeline's graph on ``client``, reporting block progress.
 
-    The block tasks (keys ``sparseconv-block-*``) are computed alongside the
+    The block tasks (:func:`dask_sparseconv.pipeline.graph.block_keys`) are computed alongside the
     final summary task so that each one's completion can be followed.
     """
     from dask.delayed import Delayed
     from distributed import as_completed
 
+    from ..pipeline.graph import block_keys as graph_block_keys
+
     hlg = graph.__dask_graph__()
-    block_keys = [k for k in hlg if isinstance(k, str) and k.startswith("sparseconv-block-")]
+    block_keys = graph_block_keys(graph)
     block_objs = [Delayed(k, hlg) for k in block_keys]
     futures = client.compute([graph] + block_objs, optimize_graph=False)
     final, blocks = futures[0], futures[1:]

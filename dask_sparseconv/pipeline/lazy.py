@@ -19,7 +19,7 @@ from ..row_blocks import RowBlocks
 from ..runtime.cluster import scheduler_threads
 from ..validation import check_frame_shape
 from .estimates import source_estimates
-from .graph import kernel_node
+from .graph import block_key, kernel_node
 from .plan import _blocks_for, plan_blocks, plan_matrix
 from .spec import BlockSpec, check_real, check_settings
 from .tasks import convolve_array_block, convolve_source_block
@@ -236,7 +236,7 @@ def _source_array(src, kernel, blocks: RowBlocks, spec: BlockSpec):
     knode = kernel_node(kernel)
     src_node = delayed(src, name=f"sparseconv-source-{token}", traverse=False)
     func = delayed(convolve_source_block, pure=True)
-    tasks = [func(src_node, knode, start, stop, spec, dask_key_name=f"sparseconv-block-{token}-{i}")
+    tasks = [func(src_node, knode, start, stop, spec, dask_key_name=block_key(token, i))
              for i, (start, stop) in enumerate(blocks.bounds)]
     return _from_tasks(tasks, blocks, spec)
 
@@ -253,5 +253,5 @@ def _sparse_array(csr, kernel, blocks: RowBlocks, spec: BlockSpec):
     tasks = []
     for i, (start, stop) in enumerate(blocks.bounds):
         part = delayed(csr[start:stop], name=f"sparseconv-input-{token}-{i}", traverse=False)
-        tasks.append(func(part, knode, spec, dask_key_name=f"sparseconv-block-{token}-{i}"))
+        tasks.append(func(part, knode, spec, dask_key_name=block_key(token, i)))
     return _from_tasks(tasks, blocks, spec)
