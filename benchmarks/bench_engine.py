@@ -20,6 +20,7 @@ a batch of 10 images depended on what it had seen before (0.37 ms after a
     python benchmarks/bench_engine.py --sweep density --sweep kernel
     python benchmarks/bench_engine.py --markdown results.md
     python benchmarks/bench_engine.py --threads 1       # both single-threaded
+    python benchmarks/bench_engine.py --init            # construction + call, one process (the seed's total time)
 """
 
 from __future__ import annotations
@@ -169,6 +170,49 @@ def run_config(cfg: Config, dtype, quick: bool, threads: int | None = None) -> d
     return dict(cfg=cfg, ours=t_o * 1e3, peer=t_p * 1e3, speedup=t_p / t_o, nnz=x.nnz, problem=problem)
 
 
+def run_init(configs: list[Config], dtype, runs: int) -> list[dict]:
+    """Init + call, the way the seed's grid search and a notebook see it: build
+    the drop-in ``Toeplitz_convolution2d(x_shape, k, mode='same')`` and call it
+    once on the batch, every configuration in this one process. ``runs``
+    interleaved rounds (ours then the peer, then the other way round), after a
+    warm-up round that compiles both; the median of each is reported."""
+    from sparse_convolution import Toeplitz_convolution2d as Peer
+
+    from dask_sparseconv import Toeplitz_convolution2d as Ours
+
+    rng = np.random.default_rng(1)
+    cases = []
+    for cfg in configs:
+        kernel = rng.uniform(-1.0, 1.0, (cfg.k, cfg.k)).astype(dtype)
+        cases.append((cfg, kernel, make_input(cfg, dtype)))
+
+    def ours(kernel, x, cfg):
+        return Ours((cfg.H, cfg.W), kernel, mode="same")(x, batching=True)
+
+    def peer(kernel, x, cfg):
+        return Peer(x_shape=(cfg.H, cfg.W), k=kernel, mode="same", method="direct", backend="numba")(x, batching=True)
+
+    problems = {cfg: same_result(ours(k, x, cfg), peer(k, x, cfg), dtype) for cfg, k, x in cases}  # warm-up + check
+    times: dict[Config, dict[str, list[float]]] = {cfg: {"ours": [], "peer": []} for cfg, _, _ in cases}
+    for r in range(runs):
+        gc.collect()
+        gc.disable()  # a collection inside a sub-millisecond call would be timed as the call
+        try:
+            for cfg, k, x in cases:
+                order = (("ours", ours), ("peer", peer)) if r % 2 == 0 else (("peer", peer), ("ours", ours))
+                for name, f in order:
+                    t0 = time.perf_counter()
+                    f(k, x, cfg)
+                    times[cfg][name].append(time.perf_counter() - t0)
+        finally:
+            gc.enable()
+    rows = []
+    for cfg, _, x in cases:
+        t_o, t_p = statistics.median(times[cfg]["ours"]), statistics.median(times[cfg]["peer"])
+        rows.append(dict(cfg=cfg, ours=t_o * 1e3, peer=t_p * 1e3, speedup=t_p / t_o, nnz=x.nnz, problem=problems[cfg]))
+    return rows
+
+
 def format_table(rows: list[dict], markdown: bool) -> str:
     head = ("sweep", "config", "ours (ms)", "peer (ms)", "speedup", "check")
     body = [
@@ -213,6 +257,10 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--in-process", action="store_true",
                     help="run every configuration in this process (faster; see the module docstring for why not)")
+    ap.add_argument("--init", action="store_true",
+                    help="time construction plus one call of the drop-in class, every configuration in one process "
+                         "(the seed's total time), medians of --runs interleaved rounds")
+    ap.add_argument("--runs", type=int, default=7, help="rounds for --init (default 7)")
     ap.add_argument("--one", metavar="SWEEP:INDEX", help=argparse.SUPPRESS)  # a child process: one config, JSON out
     args = ap.parse_args(argv)
     if args.threads is not None:
@@ -229,7 +277,12 @@ def main(argv=None) -> int:
         r = run_config(SWEEPS[name][int(index)], dtype, args.quick, args.threads)
         print(json.dumps({k: v for k, v in r.items() if k != "cfg"}))
         return 0
-    for name in names:
+    if args.init:
+        rows = run_init([cfg for name in names for cfg in SWEEPS[name]], dtype, args.runs)
+        for r in rows:
+            print(f"  {r['cfg'].sweep:12s} {r['cfg'].label:32s} ours {r['ours']:9.3f} ms  peer {r['peer']:9.3f} ms  "
+                  f"{r['speedup']:5.2f}x  {r['problem'] or 'ok'}", file=sys.stderr, flush=True)
+    for name in names if not args.init else ():
         for index, cfg in enumerate(SWEEPS[name]):
             if args.in_process:
                 r = run_config(cfg, dtype, args.quick, args.threads)
@@ -243,7 +296,9 @@ def main(argv=None) -> int:
                 flush=True,
             )
     threads = args.threads or "default"
-    print(f"# dtype={dtype}, mode='same', CSR in/out, {os.cpu_count()} CPUs, threads={threads}, {time.perf_counter() - t_start:.0f} s")
+    what = f"init + call, one process, medians of {args.runs} interleaved runs" if args.init else "call only"
+    print(f"# {what}; dtype={dtype}, mode='same', CSR in/out, {os.cpu_count()} CPUs, threads={threads}, "
+          f"{time.perf_counter() - t_start:.0f} s")
     print(format_table(rows, markdown=False))
     if args.markdown:
         with open(args.markdown, "w") as fh:

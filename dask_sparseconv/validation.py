@@ -7,6 +7,7 @@ loader and the CLI all report bad input the same way.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any, Iterable, Literal, overload
 
@@ -146,8 +147,12 @@ def check_bytes(value: Any, name: str | None = None, *, minimum: int = 1, exampl
     return int(n)
 
 
+@functools.cache
 def module_available(name: str) -> bool:
-    """Whether ``name`` can be imported, without importing it."""
+    """Whether ``name`` can be imported, without importing it.
+
+    Asked once per process and name: ``find_spec`` walks ``sys.path`` (tens of
+    microseconds), and every new convolver asks for numba and torch."""
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
