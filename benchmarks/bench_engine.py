@@ -186,11 +186,19 @@ def run_init(configs: list[Config], dtype, runs: int) -> list[dict]:
         kernel = rng.uniform(-1.0, 1.0, (cfg.k, cfg.k)).astype(dtype)
         cases.append((cfg, kernel, make_input(cfg, dtype)))
 
+    split: dict[tuple, list[float]] = {}  # (side, cfg, 'init' | 'call') -> seconds
+
     def ours(kernel, x, cfg):
-        return Ours((cfg.H, cfg.W), kernel, mode="same")(x, batching=True)
+        t0 = time.perf_counter()
+        conv = Ours((cfg.H, cfg.W), kernel, mode="same")
+        split.setdefault(("ours", cfg, "init"), []).append(time.perf_counter() - t0)
+        return conv(x, batching=True)
 
     def peer(kernel, x, cfg):
-        return Peer(x_shape=(cfg.H, cfg.W), k=kernel, mode="same", method="direct", backend="numba")(x, batching=True)
+        t0 = time.perf_counter()
+        conv = Peer(x_shape=(cfg.H, cfg.W), k=kernel, mode="same", method="direct", backend="numba")
+        split.setdefault(("peer", cfg, "init"), []).append(time.perf_counter() - t0)
+        return conv(x, batching=True)
 
     problems = {cfg: same_result(ours(k, x, cfg), peer(k, x, cfg), dtype) for cfg, k, x in cases}  # warm-up + check
     times: dict[Config, dict[str, list[float]]] = {cfg: {"ours": [], "peer": []} for cfg, _, _ in cases}
@@ -209,14 +217,21 @@ def run_init(configs: list[Config], dtype, runs: int) -> list[dict]:
     rows = []
     for cfg, _, x in cases:
         t_o, t_p = statistics.median(times[cfg]["ours"]), statistics.median(times[cfg]["peer"])
-        rows.append(dict(cfg=cfg, ours=t_o * 1e3, peer=t_p * 1e3, speedup=t_p / t_o, nnz=x.nnz, problem=problems[cfg]))
+        # construction alone (the first entry of each list is the warm-up round's)
+        i_o = statistics.median(split[("ours", cfg, "init")][1:]) * 1e3
+        i_p = statistics.median(split[("peer", cfg, "init")][1:]) * 1e3
+        rows.append(dict(cfg=cfg, ours=t_o * 1e3, peer=t_p * 1e3, speedup=t_p / t_o, nnz=x.nnz, problem=problems[cfg],
+                         ours_init=i_o, peer_init=i_p))
     return rows
 
 
 def format_table(rows: list[dict], markdown: bool) -> str:
-    head = ("sweep", "config", "ours (ms)", "peer (ms)", "speedup", "check")
+    split = bool(rows) and "ours_init" in rows[0]
+    head = ("sweep", "config", "ours (ms)", "peer (ms)", "speedup", "check") + (
+        ("ours init (ms)", "peer init (ms)") if split else ())
     body = [
         (r["cfg"].sweep, r["cfg"].label, f"{r['ours']:.3f}", f"{r['peer']:.3f}", f"{r['speedup']:.2f}x", r["problem"] or "ok")
+        + ((f"{r['ours_init']:.3f}", f"{r['peer_init']:.3f}") if split else ())
         for r in rows
     ]
     geo = math.exp(sum(math.log(r["speedup"]) for r in rows) / len(rows)) if rows else float("nan")
