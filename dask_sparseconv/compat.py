@@ -42,6 +42,7 @@ VALID_BACKENDS = {m: _VALID[m] for m in ("precomputed", "lazy", "gather_scatter"
 
 _MODES = ("full", "same", "valid")
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_SHAPE_NUMBERS = (int, float, np.integer, np.floating)
 
 
 class ConvolutionArgumentError(ValueError, AssertionError):
@@ -117,12 +118,14 @@ class Toeplitz_convolution2d:
         # -- the peer's checks, in the peer's order, with the peer's texts --
         if not isinstance(x_shape, (tuple, list)):
             _fail(f"x_shape must be a tuple. Found: {type(x_shape)}", True)
-        if not all(isinstance(s, (int, float, np.integer, np.floating)) and not isinstance(s, bool) for s in x_shape):
-            _fail(f"x_shape must be a tuple of integers. Found: {[type(s) for s in x_shape]}", True)
+        for s in x_shape:
+            if not isinstance(s, _SHAPE_NUMBERS) or isinstance(s, bool):
+                _fail(f"x_shape must be a tuple of integers. Found: {[type(s) for s in x_shape]}", True)
         if len(x_shape) != 2:
             _fail(f"x_shape must be a tuple of integers of length 2 (H, W). Found: {tuple(x_shape)!r}")
-        if not all(np.isfinite(s) and float(s) == int(s) and int(s) >= 1 for s in x_shape):
-            _fail(f"x_shape must be a tuple of integers >= 1. Found: {tuple(x_shape)!r}")
+        for s in x_shape:
+            if not (s >= 1 and float(s).is_integer()):  # NaN fails the first test, inf the second
+                _fail(f"x_shape must be a tuple of integers >= 1. Found: {tuple(x_shape)!r}")
         x_shape = (int(x_shape[0]), int(x_shape[1]))
 
         if not isinstance(k, np.ndarray):
@@ -297,9 +300,7 @@ class Toeplitz_convolution2d:
                 raise ConvolutionArgumentTypeError(
                     f"x must be a numpy array or a scipy.sparse matrix; got {type(x).__name__}"
                 ) from exc
-        if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(
-            x.dtype, np.complexfloating
-        ):
+        if x.dtype.kind not in "biuf":  # bool, integers, floats
             _fail(f"x must hold real numbers; got dtype {x.dtype}", True)
 
         H, W = self.x_shape
@@ -318,7 +319,10 @@ class Toeplitz_convolution2d:
         compute, result = self._dtypes(x.dtype)
         if x.dtype != compute:  # the Convolver computes in the input's float dtype
             x = x.astype(compute)
-        out = self.convolver(x, out="csr" if issparse else "dense", mode=mode, batched=bool(batching))
+        # checked above with the peer's texts: straight to the work
+        conv = self.convolver
+        out = conv._convolve(x, "csr" if issparse else "dense", conv.geometry(mode), "batch" if batching else "single",
+                             compute)
         if result != compute:
             out = out.astype(result)
         return out

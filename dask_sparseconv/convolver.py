@@ -47,6 +47,8 @@ def as_canonical_csr(x: Any, n_cols: int, dtype: np.dtype, name: str = "x") -> s
     Never modifies ``x``: canonicalisation and casting work on copies, and
     index arrays are shared rather than copied when they are already usable.
     """
+    if type(x) is scipy.sparse.csr_matrix and x.dtype == dtype and x.shape[1] == n_cols and x.has_canonical_format:
+        return x  # what the engines take, as it is
     if scipy.sparse.issparse(x):
         if x.ndim != 2:
             raise ValueError(f"{name} must be 2-D; got a sparse array of shape {x.shape}")
@@ -147,7 +149,8 @@ class Convolver:
         if device is not None and self.backend != "torch":
             raise ValueError(f"device is only used by backend='torch'; got device={device!r} with backend={self.backend!r}")
         self.device = self._resolve_device(device) if self.backend == "torch" else None
-        geometry(self.frame_shape, self.kernel.shape, self.mode)  # raises for 'valid' with a too-large kernel
+        # raises for 'valid' with a too-large kernel; kept, as every call needs it
+        self._geometries = {self.mode: geometry(self.frame_shape, self.kernel.shape, self.mode)}
         self._engines: dict[np.dtype, Engine] = {}
         self._lock = threading.Lock()
         # Build eagerly for the likely dtype so that init-time work (a
@@ -194,7 +197,13 @@ class Convolver:
 
     def geometry(self, mode: str | None = None) -> Geometry:
         """Output geometry for ``mode`` (default: the convolver's)."""
-        return geometry(self.frame_shape, self.kernel.shape, check_mode(mode or self.mode))
+        if mode is None:
+            mode = self.mode
+        geo = self._geometries.get(mode) if isinstance(mode, str) else None
+        if geo is None:
+            mode = check_mode(mode)
+            geo = self._geometries[mode] = geometry(self.frame_shape, self.kernel.shape, mode)
+        return geo
 
     @property
     def out_shape(self) -> tuple[int, int]:
@@ -230,8 +239,7 @@ class Convolver:
             ``(H_out, W_out)`` for one image, ``(n_images, H_out, W_out)`` for
             a stack. CSR results are canonical with exact zeros dropped.
         """
-        mode = check_mode(mode if mode is not None else self.mode)
-        geo = geometry(self.frame_shape, self.kernel.shape, mode)
+        geo = self.geometry(mode)
         sparse_in = scipy.sparse.issparse(x)
         if out is None:
             out = "csr" if sparse_in else "dense"
@@ -246,27 +254,31 @@ class Convolver:
         layout = self._layout(shape, batched)
         if out == "csr" and layout == "stack":  # refuse before computing, not after
             raise ValueError("out='csr' needs a 2-D batch (n_images, H*W) or one image; got a 3-D stack (use out='dense')")
-        in_dtype = x.dtype
-        if not (np.issubdtype(in_dtype, np.number) or in_dtype == np.bool_) or np.issubdtype(in_dtype, np.complexfloating):
-            raise TypeError(f"x must hold real numbers; got dtype {in_dtype}")
-        dtype = compute_dtype(in_dtype, self.dtype)
+        if x.dtype.kind not in "biuf":  # bool, integers, floats
+            raise TypeError(f"x must hold real numbers; got dtype {x.dtype}")
         if layout == "stack":
-            flat = np.asarray(x).reshape(shape[0], H * W)
-        elif layout == "single":
-            flat = x.reshape(1, H * W) if sparse_in else np.asarray(x).reshape(1, H * W)
-        else:
-            flat = x
-        csr = as_canonical_csr(flat, H * W, dtype)
+            x = np.asarray(x).reshape(shape[0], H * W)
+        return self._convolve(x, out, geo, layout, compute_dtype(x.dtype, self.dtype))
+
+    def _convolve(self, x: Any, out: OutKind, geo: Geometry, layout: str, dtype: np.dtype):
+        """The work of a call whose arguments are checked: ``x`` is a batch
+        ``(n, H*W)`` (``layout`` 'batch' or 'stack') or one image (``'single'``)
+        of real numbers, computed in ``dtype``. The drop-in class checks its
+        calls with the peer's texts and comes in here."""
+        H, W = self.frame_shape
+        if layout == "single":
+            x = x.reshape(1, H * W) if scipy.sparse.issparse(x) else np.asarray(x).reshape(1, H * W)
+        csr = as_canonical_csr(x, H * W, dtype)
         eng = self.engine(dtype)
         n = csr.shape[0]
         if out == "dense":
-            res = eng.to_dense(csr, mode)
+            res = eng.to_dense(csr, geo.mode)
             if layout == "batch":
                 return res.reshape(n, geo.out_pixels)
             if layout == "single":
                 return res.reshape(geo.out_shape)
             return res
-        res = eng.to_csr(csr, mode)
+        res = eng.to_csr(csr, geo.mode)
         if layout == "single":
             res = scipy.sparse.csr_matrix(res.reshape(geo.out_shape))
         return res

@@ -52,6 +52,10 @@ def check_mode(mode: Any, name: str = "mode") -> str:
 
 def check_frame_shape(frame_shape: Any, name: str = "frame_shape") -> tuple[int, int]:
     """Validate ``(H, W)``: two positive integers."""
+    if type(frame_shape) is tuple and len(frame_shape) == 2:  # the common case, checked cheaply
+        H, W = frame_shape
+        if type(H) is int and type(W) is int and H >= 1 and W >= 1:
+            return frame_shape
     if isinstance(frame_shape, (str, bytes)) or not hasattr(frame_shape, "__len__"):
         raise TypeError(f"{name} must be a pair of positive integers (H, W); got {_short(frame_shape)}")
     if len(frame_shape) != 2:
@@ -68,23 +72,28 @@ def check_frame_shape(frame_shape: Any, name: str = "frame_shape") -> tuple[int,
 
 def check_kernel(kernel: Any, name: str = "kernel") -> np.ndarray:
     """Validate a kernel: a non-empty, finite, real 2-D array. Returns a copy."""
-    if hasattr(kernel, "detach") and hasattr(kernel, "cpu"):  # a torch tensor
-        kernel = kernel.detach().cpu().numpy()
-    if isinstance(kernel, (str, bytes)) or kernel is None:
-        raise TypeError(f"{name} must be a 2-D array of numbers; got {_short(kernel)}")
-    try:
-        arr = np.array(kernel, copy=True)
-    except Exception as exc:  # ragged lists and the like
-        raise TypeError(f"{name} must be a 2-D array of numbers; got {_short(kernel)} ({exc})") from None
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-        raise TypeError(f"{name} must be a 2-D array of real numbers; got dtype {arr.dtype}")
-    if np.iscomplexobj(arr):
+    if type(kernel) is np.ndarray:
+        arr = kernel.copy()
+    else:
+        if hasattr(kernel, "detach") and hasattr(kernel, "cpu"):  # a torch tensor
+            kernel = kernel.detach().cpu().numpy()
+        if isinstance(kernel, (str, bytes)) or kernel is None:
+            raise TypeError(f"{name} must be a 2-D array of numbers; got {_short(kernel)}")
+        try:
+            arr = np.array(kernel, copy=True)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"{name} must be a 2-D array of numbers; got {_short(kernel)} ({exc})") from None
+    # dtype kinds: b bool, i/u integers, f floats; c complex, O objects, U/S strings, M/m times
+    kind = arr.dtype.kind
+    if kind == "c":
         raise TypeError(f"{name} must be real; got complex dtype {arr.dtype}")
+    if kind not in "biuf":
+        raise TypeError(f"{name} must be a 2-D array of real numbers; got dtype {arr.dtype}")
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D; got {arr.ndim}-D with shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{name} must not be empty; got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
+    if kind == "f" and not np.isfinite(arr).all():
         raise ValueError(f"{name} must hold only finite values; got NaN or inf in a kernel of shape {arr.shape}")
     return arr
 

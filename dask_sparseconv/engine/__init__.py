@@ -13,6 +13,7 @@ unless a torch engine is built.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 from .base import Engine
@@ -31,8 +32,10 @@ REGISTRY: dict[tuple[str, str], str] = {
 }
 
 
+@functools.cache
 def engine_class(method: str, backend: str) -> type[Engine]:
-    """Import and return the engine class for ``(method, backend)``."""
+    """Import and return the engine class for ``(method, backend)`` (looked up
+    once per process: every new convolver asks)."""
     try:
         target = REGISTRY[(method, backend)]
     except KeyError:

@@ -474,6 +474,44 @@ def _csr_range(
 
 
 @numba.njit(**_JIT)
+def _csr_batch(
+    indptr, indices, data, W_in, ti, tj, tv, top, left, imin, imax, jmin, jmax, H_out, W_out,
+    sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack, tighten, split_work, index_like,
+):
+    """The whole serial call in one dispatch: bounds, output arrays, the
+    convolution and the result's indptr (in ``index_like``'s dtype).
+
+    Returns ``(done, indptr, indices, values, nnz, ub_cum, work)``. When the
+    estimated work reaches ``split_work`` (>= 0), or the bounds outgrow
+    int32 indices, nothing is convolved (``done`` is False): the caller cuts
+    the batch into ranges using ``ub_cum`` and ``work``.
+    """
+    n = indptr.size - 1
+    K = np.int64(tv.size)
+    ub_cum = np.empty(n + 1, dtype=np.int64)
+    work = _upper_bounds(indptr, indices, W_in, K, H_out, W_out, top, imin, imax, ub_cum)
+    if ub_cum[n] > tighten:
+        _tighten_bounds(indptr, indices, W_in, K, H_out, W_out, top, left, imin, imax, jmin, jmax, ub_cum)
+    total = ub_cum[n] + n + 1  # one spare slot per image (branch-free extraction)
+    too_wide = index_like.itemsize == 4 and total > np.iinfo(np.int32).max
+    if (split_work >= 0 and work >= split_work) or too_wide:
+        return False, index_like[:0], index_like[:0], tv[:0], 0, ub_cum, work
+    out_idx = np.empty(total, dtype=index_like.dtype)
+    out_val = np.empty(total, dtype=tv.dtype)
+    counts = np.empty(n, dtype=np.int64)
+    nnz = _csr_range(0, n, indptr, indices, data, W_in, ti, tj, tv, top, left, imin, imax, jmin, jmax,
+                     H_out, W_out, sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
+                     out_idx, out_val, 0, counts, 0)
+    indptr_out = np.empty(n + 1, dtype=index_like.dtype)
+    indptr_out[0] = 0
+    acc = 0
+    for b in range(n):
+        acc += counts[b]
+        indptr_out[b + 1] = acc
+    return True, indptr_out, out_idx[:nnz], out_val[:nnz], nnz, ub_cum, work
+
+
+@numba.njit(**_JIT)
 def _move(arr, src, dst, n):
     """arr[dst:dst+n] = arr[src:src+n] for dst <= src (overlap-safe forward copy)."""
     for i in range(n):
@@ -541,33 +579,68 @@ def _segments(nz, W_out):
     return off, mask, width
 
 
+@numba.njit(cache=True, nogil=True)
+def _plan_arrays(kernel, W_out):
+    """Taps ``(ti, tj, tv)`` in row-major order, their row and column
+    extent, and the row segments (:func:`_segments`): the whole per-mode
+    plan in one compiled call, so that a new convolver pays one dispatch
+    for it rather than a dozen numpy calls."""
+    kH, kW = kernel.shape
+    K = 0
+    for i in range(kH):
+        for j in range(kW):
+            if kernel[i, j] != 0:
+                K += 1
+    ti = np.empty(K, dtype=np.int64)
+    tj = np.empty(K, dtype=np.int64)
+    tv = np.empty(K, dtype=kernel.dtype)
+    k = 0
+    jmin = kW
+    jmax = -1
+    for i in range(kH):
+        for j in range(kW):
+            if kernel[i, j] != 0:
+                ti[k] = i
+                tj[k] = j
+                tv[k] = kernel[i, j]
+                jmin = min(jmin, j)
+                jmax = max(jmax, j)
+                k += 1
+    if K == 0:
+        imin = imax = jmin = jmax = 0
+    else:
+        imin = ti[0]
+        imax = ti[K - 1]
+    sg_off, sg_mask, sg_w = _segments(kernel != 0, W_out)
+    return ti, tj, tv, sg_off, sg_mask, sg_w, imin, imax, jmin, jmax
+
+
+#: zero-length arrays that tell :func:`_csr_batch` which index dtype to allocate
+_INDEX_LIKE = {np.dtype(np.int32): np.empty(0, dtype=np.int32), np.dtype(np.int64): np.empty(0, dtype=np.int64)}
+
+
 class _Plan:
     """Everything that depends on (kernel, mode) only; built once per mode."""
 
-    __slots__ = ("geo", "ti", "tj", "tv", "K", "imin", "imax", "jmin", "jmax", "args", "sg_off", "sg_mask", "sg_w")
+    __slots__ = ("geo", "ti", "tj", "tv", "K", "imin", "imax", "jmin", "jmax", "args", "sg_off", "sg_mask", "sg_w",
+                 "full", "cap")
 
-    def __init__(self, kernel: np.ndarray, geo):
+    def __init__(self, kernel: np.ndarray, geo, max_buffer_bytes: int):
         self.geo = geo
-        ti, tj = np.nonzero(kernel)
-        self.ti = ti.astype(np.int64)
-        self.tj = tj.astype(np.int64)
-        self.tv = np.ascontiguousarray(kernel[ti, tj])
-        self.K = int(self.tv.size)
-        # np.nonzero lists taps row by row: the first and last rows are at the ends
-        self.imin = int(ti[0]) if self.K else 0
-        self.imax = int(ti[-1]) if self.K else 0
-        self.jmin = int(tj.min()) if self.K else 0
-        self.jmax = int(tj.max()) if self.K else 0
         H_out, W_out = geo.out_shape
-        # kernel-row segments of at most 64 columns: flat offset of their
-        # first column, bit mask of their nonzero taps, width to the last one
-        self.sg_off, self.sg_mask, self.sg_w = _segments(np.ascontiguousarray(kernel != 0), np.int64(W_out))
+        (self.ti, self.tj, self.tv, self.sg_off, self.sg_mask, self.sg_w,
+         imin, imax, jmin, jmax) = _plan_arrays(kernel, np.int64(W_out))
+        self.K = int(self.tv.size)
+        self.imin, self.imax, self.jmin, self.jmax = int(imin), int(imax), int(jmin), int(jmax)
         # the arguments every kernel takes after (indptr, indices, data)
         self.args = (
             np.int64(geo.frame_shape[1]), self.ti, self.tj, self.tv, np.int64(geo.top), np.int64(geo.left),
-            np.int64(self.imin), np.int64(self.imax), np.int64(self.jmin), np.int64(self.jmax),
-            np.int64(H_out), np.int64(W_out),
+            np.int64(imin), np.int64(imax), np.int64(jmin), np.int64(jmax), np.int64(H_out), np.int64(W_out),
         )
+        # scratch of a serial call (one range): a whole frame when it fits the budget
+        itemsize = kernel.dtype.itemsize
+        self.full = geo.out_pixels * itemsize <= max_buffer_bytes
+        self.cap = np.int64(max(1, max_buffer_bytes // itemsize))
 
 
 class DirectNumba(Engine):
@@ -597,7 +670,7 @@ class DirectNumba(Engine):
             with self._plans_lock:
                 plan = self._plans.get(mode)
                 if plan is None:
-                    plan = _Plan(self.kernel, self.geometry(mode))
+                    plan = _Plan(self.kernel, self.geometry(mode), self.max_buffer_bytes)
                     self._plans[mode] = plan
         return plan
 
@@ -639,22 +712,35 @@ class DirectNumba(Engine):
 
     def to_csr(self, x: scipy.sparse.csr_matrix, mode: str) -> scipy.sparse.csr_matrix:
         plan = self._plan(mode)
-        geo = plan.geo
         n = x.shape[0]
-        out_pixels = geo.out_pixels
+        out_pixels = plan.geo.out_pixels
         if n == 0 or plan.K == 0 or x.nnz == 0:
             return empty_csr(n, out_pixels, self.dtype)
-        indptr, indices, data = x.indptr, x.indices, x.data
-        W_in, ti, tj, tv, top, left, imin, imax, jmin, jmax, H_out, W_out = plan.args
-        ub_cum = np.empty(n + 1, dtype=np.int64)
-        work = _upper_bounds(indptr, indices, W_in, np.int64(plan.K), H_out, W_out, top, imin, imax, ub_cum)
-        if ub_cum[-1] > TIGHTEN_BOUNDS:
-            _tighten_bounds(indptr, indices, W_in, np.int64(plan.K), H_out, W_out, top, left, imin, imax, jmin, jmax, ub_cum)
+        if self.n_threads == 1 or n < 2:
+            split_work = -1  # never split
+        else:
+            split_work = SERIAL_WORK if self.serial_work is None else self.serial_work
+        # index values fit the dtype of (n, out_pixels); indptr also needs nnz
+        index_like = _INDEX_LIKE[index_dtype(n, out_pixels)]
+        # One compiled call does a small batch whole: a call this size pays
+        # for every Python step and dispatch around it (docs/engine.md).
+        done, indptr_out, indices_out, data_out, nnz, ub_cum, work = _csr_batch(
+            x.indptr, x.indices, x.data, *plan.args, plan.sg_off, plan.sg_mask, plan.sg_w, plan.full, plan.cap,
+            np.float64(self.dense_ops), np.int64(self.bbox_ratio), np.int64(self.bbox_slack), np.int64(TIGHTEN_BOUNDS),
+            np.int64(split_work), index_like,
+        )
+        if done:
+            return canonical_csr(data_out, indices_out, indptr_out, (n, out_pixels))
+        return self._csr_in_ranges(x, plan, ub_cum, int(work))
+
+    def _csr_in_ranges(self, x: scipy.sparse.csr_matrix, plan: _Plan, ub_cum: np.ndarray, work: int):
+        """``to_csr`` for a batch cut into ranges (threads), or too large for int32 indices."""
+        n = x.shape[0]
+        out_pixels = plan.geo.out_pixels
         ranges = self._ranges(ub_cum, n, work)
         itemsize = self.dtype.itemsize
         full = out_pixels * itemsize * len(ranges) <= self.max_buffer_bytes
         cap = np.int64(max(1, self.max_buffer_bytes // (itemsize * len(ranges))))
-        # index values fit the dtype of (n, out_pixels); indptr also needs nnz
         idx_dt = index_dtype(n, out_pixels)
         # Range r's values may fill [ub_cum[a_r] + a_r, ub_cum[b_r] + b_r]: one
         # spare slot per image keeps ranges apart (branch-free extraction).
@@ -665,14 +751,11 @@ class DirectNumba(Engine):
         out_idx = np.empty(total, dtype=idx_dt)
         out_val = np.empty(total, dtype=self.dtype)
         counts = np.empty(n, dtype=np.int64)
-        dense_ops = np.float64(self.dense_ops)
-        bbox_ratio, bbox_slack = np.int64(self.bbox_ratio), np.int64(self.bbox_slack)
         args = (
-            indptr, indices, data, W_in, ti, tj, tv, top, left, imin, imax, jmin, jmax,
-            H_out, W_out, plan.sg_off, plan.sg_mask, plan.sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
-            out_idx, out_val,
+            x.indptr, x.indices, x.data, *plan.args, plan.sg_off, plan.sg_mask, plan.sg_w, full, cap,
+            np.float64(self.dense_ops), np.int64(self.bbox_ratio), np.int64(self.bbox_slack), out_idx, out_val,
         )
-        if len(ranges) == 1:  # small batch or one thread: no pool, no joins
+        if len(ranges) == 1:
             nnz = int(_csr_range(np.int64(0), np.int64(n), *args, np.int64(0), counts, np.int64(0)))
             first = 0
         else:
