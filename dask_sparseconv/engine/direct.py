@@ -95,6 +95,16 @@ DENSE_OPS = 1
 #: for whole rows.
 TIGHTEN_BOUNDS = 1 << 26
 
+#: A call's frame-sized scratch (values and bit map, zero between images and
+#: after the call) is kept for the thread's next call when it is at most
+#: this many bytes: allocating it per call costs its zeroing and, for
+#: frames of a few hundred KiB and up, a page fault per 4 KiB page touched,
+#: which the one-process rotation of docs/benchmarks.md pays on every call.
+KEEP_SCRATCH_BYTES = 16 * 1024**2
+
+#: Threads per engine whose scratch is kept (beyond it, scratch is per call).
+KEEP_SCRATCH_THREADS = 64
+
 _JIT = dict(nogil=True, cache=True)
 
 
@@ -436,19 +446,20 @@ def _csr_image(
 def _csr_range(
     start, stop, indptr, indices, data, W_in, ti, tj, tv, top, left, imin, imax, jmin, jmax,
     H_out, W_out, sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
-    out_idx, out_val, pos, counts, stage_size,
+    out_idx, out_val, pos, counts, stage_size, buf, bits,
 ):
     """Convolve images [start, stop); counts[b] = nnz of image b. Returns the
     number of values written.
+
+    ``buf``/``bits``: with ``full``, a zeroed frame and its bit map, left
+    zeroed (every path clears what it touched); else empty arrays (the
+    bounding-box buffer is grown here).
 
     ``stage_size == 0``: forward, written at out_*[pos:]. Otherwise backward:
     the images are done last to first through a staging area of
     ``stage_size`` slots and placed so that the range's values *end* at
     ``pos`` (exclusive), flush against the next range's.
     """
-    n_frame = H_out * W_out if full else 0
-    buf = np.zeros(n_frame, dtype=tv.dtype)
-    bits = np.zeros((n_frame >> 6) + 1, dtype=np.uint64)
     dfull = ti * W_out + tj
     if stage_size == 0:
         pos0 = pos
@@ -476,7 +487,7 @@ def _csr_range(
 @numba.njit(**_JIT)
 def _csr_batch(
     indptr, indices, data, W_in, ti, tj, tv, top, left, imin, imax, jmin, jmax, H_out, W_out,
-    sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack, tighten, split_work, index_like,
+    sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack, tighten, split_work, index_like, buf, bits,
 ):
     """The whole serial call in one dispatch: bounds, output arrays, the
     convolution and the result's indptr (in ``index_like``'s dtype).
@@ -501,7 +512,7 @@ def _csr_batch(
     counts = np.empty(n, dtype=np.int64)
     nnz = _csr_range(0, n, indptr, indices, data, W_in, ti, tj, tv, top, left, imin, imax, jmin, jmax,
                      H_out, W_out, sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
-                     out_idx, out_val, 0, counts, 0)
+                     out_idx, out_val, 0, counts, 0, buf, bits)
     indptr_out = np.empty(n + 1, dtype=index_like.dtype)
     indptr_out[0] = 0
     acc = 0
@@ -618,6 +629,9 @@ def _plan_arrays(kernel, W_out):
 #: zero-length arrays that tell :func:`_csr_batch` which index dtype to allocate
 _INDEX_LIKE = {np.dtype(np.int32): np.empty(0, dtype=np.int32), np.dtype(np.int64): np.empty(0, dtype=np.int64)}
 
+#: what a call without a frame-sized scratch passes for it (its buffer is grown per image)
+_NO_SCRATCH = {np.dtype(d): (np.zeros(0, dtype=d), np.zeros(1, dtype=np.uint64)) for d in (np.float32, np.float64)}
+
 
 class _Plan:
     """Everything that depends on (kernel, mode) only; built once per mode."""
@@ -663,6 +677,24 @@ class DirectNumba(Engine):
         super().__init__(frame_shape, kernel, dtype, **kwargs)
         self._plans: dict[str, _Plan] = {}
         self._plans_lock = threading.Lock()
+        # thread id -> (frame buffer, bit map), zeroed; a thread only uses its own
+        self._scratch_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _scratch(self, n_frame: int) -> tuple[np.ndarray, np.ndarray]:
+        """This thread's zeroed frame buffer and bit map for ``n_frame`` output pixels."""
+        key = threading.get_ident()
+        kept = self._scratch_of.get(key)
+        if kept is not None and kept[0].size == n_frame:
+            return kept
+        buf = np.zeros(n_frame, dtype=self.dtype)
+        bits = np.zeros((n_frame >> 6) + 1, dtype=np.uint64)
+        if buf.nbytes <= KEEP_SCRATCH_BYTES and (kept is not None or len(self._scratch_of) < KEEP_SCRATCH_THREADS):
+            self._scratch_of[key] = (buf, bits)
+        return buf, bits
+
+    def _drop_scratch(self) -> None:
+        """Forget this thread's scratch: a call that failed may have left it dirty."""
+        self._scratch_of.pop(threading.get_ident(), None)
 
     def _plan(self, mode: str) -> _Plan:
         plan = self._plans.get(mode)
@@ -680,8 +712,16 @@ class DirectNumba(Engine):
             return [(0, n)]
         return split_ranges(weights, n, self.n_threads)
 
-    @staticmethod
-    def _run_ranges(ranges, ub_cum, args, counts, out_idx, out_val) -> tuple[int, int]:
+    def _csr_range(self, n_frame: int, *args) -> int:
+        """:func:`_csr_range` with this thread's scratch (``n_frame`` 0: none)."""
+        buf, bits = self._scratch(n_frame) if n_frame else _NO_SCRATCH[self.dtype]
+        try:
+            return _csr_range(*args, buf, bits)
+        except BaseException:
+            self._drop_scratch()
+            raise
+
+    def _run_ranges(self, n_frame, ranges, ub_cum, args, counts, out_idx, out_val) -> tuple[int, int]:
         """Run ``_csr_range`` over several ranges on the pool and join their
         values; returns (nnz, offset of the first value in out_*)."""
         n_ranges = len(ranges)
@@ -694,7 +734,7 @@ class DirectNumba(Engine):
                 stage = int(np.max(ub_cum[a + 1 : b + 1] - ub_cum[a:b])) + 1
             else:
                 pos, stage = int(ub_cum[a]) + a, 0
-            return _csr_range(np.int64(a), np.int64(b), *args, np.int64(pos), counts, np.int64(stage))
+            return self._csr_range(n_frame, np.int64(a), np.int64(b), *args, np.int64(pos), counts, np.int64(stage))
 
         written = [int(w) for w in run_ranges(run, ranges)]
         # where each range's values begin; later blocks move down to join
@@ -724,11 +764,16 @@ class DirectNumba(Engine):
         index_like = _INDEX_LIKE[index_dtype(n, out_pixels)]
         # One compiled call does a small batch whole: a call this size pays
         # for every Python step and dispatch around it (docs/engine.md).
-        done, indptr_out, indices_out, data_out, nnz, ub_cum, work = _csr_batch(
-            x.indptr, x.indices, x.data, *plan.args, plan.sg_off, plan.sg_mask, plan.sg_w, plan.full, plan.cap,
-            np.float64(self.dense_ops), np.int64(self.bbox_ratio), np.int64(self.bbox_slack), np.int64(TIGHTEN_BOUNDS),
-            np.int64(split_work), index_like,
-        )
+        buf, bits = self._scratch(out_pixels) if plan.full else _NO_SCRATCH[self.dtype]
+        try:
+            done, indptr_out, indices_out, data_out, nnz, ub_cum, work = _csr_batch(
+                x.indptr, x.indices, x.data, *plan.args, plan.sg_off, plan.sg_mask, plan.sg_w, plan.full, plan.cap,
+                np.float64(self.dense_ops), np.int64(self.bbox_ratio), np.int64(self.bbox_slack),
+                np.int64(TIGHTEN_BOUNDS), np.int64(split_work), index_like, buf, bits,
+            )
+        except BaseException:
+            self._drop_scratch()
+            raise
         if done:
             return canonical_csr(data_out, indices_out, indptr_out, (n, out_pixels))
         return self._csr_in_ranges(x, plan, ub_cum, int(work))
@@ -755,11 +800,12 @@ class DirectNumba(Engine):
             x.indptr, x.indices, x.data, *plan.args, plan.sg_off, plan.sg_mask, plan.sg_w, full, cap,
             np.float64(self.dense_ops), np.int64(self.bbox_ratio), np.int64(self.bbox_slack), out_idx, out_val,
         )
+        n_frame = out_pixels if full else 0
         if len(ranges) == 1:
-            nnz = int(_csr_range(np.int64(0), np.int64(n), *args, np.int64(0), counts, np.int64(0)))
+            nnz = int(self._csr_range(n_frame, np.int64(0), np.int64(n), *args, np.int64(0), counts, np.int64(0)))
             first = 0
         else:
-            nnz, first = self._run_ranges(ranges, ub_cum, args, counts, out_idx, out_val)
+            nnz, first = self._run_ranges(n_frame, ranges, ub_cum, args, counts, out_idx, out_val)
         indices_out, data_out = out_idx[first : first + nnz], out_val[first : first + nnz]
         final_dt = index_dtype(n, out_pixels, nnz)
         if final_dt != idx_dt:  # more than 2**31 values in a batch of small frames
@@ -788,7 +834,9 @@ class DirectNumba(Engine):
         return res
 
     def nbytes(self) -> int:
-        return self.kernel.nbytes + sum(p.ti.nbytes + p.tj.nbytes + p.tv.nbytes for p in self._plans.values())
+        plans = sum(p.ti.nbytes + p.tj.nbytes + p.tv.nbytes for p in self._plans.values())
+        scratch = sum(buf.nbytes + bits.nbytes for buf, bits in list(self._scratch_of.values()))
+        return self.kernel.nbytes + plans + scratch
 
 
 __all__ = ["DirectNumba"]

@@ -544,3 +544,26 @@ def test_kernel_row_segments_match_a_python_reference():
         want = _segments_reference(nz, 97)
         assert off.dtype == np.int64 and mask.dtype == np.uint64 and width.dtype == np.uint64
         assert off.tolist() == want[0] and [int(m) for m in mask] == want[1] and width.tolist() == want[2]
+
+
+def test_kept_scratch_stays_zero_across_calls_paths_and_modes():
+    # One engine's frame buffer and bit map outlive a call (docs/engine.md):
+    # every path must leave them zeroed, or the next call adds stale values.
+    rng = np.random.default_rng(12)
+    kernel = rng.standard_normal((5, 4))
+    eng = DirectNumba((30, 34), kernel, np.float64, n_threads=2)
+    for step in range(24):
+        path = ("auto", "scan", "bits", "coo")[step % 4]
+        mode = MODES[step % 3]
+        eng.serial_work = 0 if step % 2 else None  # threaded ranges keep their own scratch
+        eng.dense_ops, eng.bbox_ratio, eng.bbox_slack = DirectNumba.dense_ops, DirectNumba.bbox_ratio, DirectNumba.bbox_slack
+        force_path(eng, path)
+        x = random_csr(rng, 1 + step % 5, 30, 34, (0.02, 0.3, 1.0)[step % 3], np.float64)
+        if step % 5 == 0:
+            x.data[0] = np.nan  # NaN slots must be cleared too
+        ref = reference(x, (30, 34), kernel, mode)
+        check_against_scipy(eng.to_csr(x, mode), ref, np.float64)
+        assert eng._scratch_of, "the frame scratch is kept between calls"
+        for buf, bits in eng._scratch_of.values():
+            assert not buf.any() and not bits.any()
+    assert eng.nbytes() >= sum(b.nbytes + m.nbytes for b, m in eng._scratch_of.values())
