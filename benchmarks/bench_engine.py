@@ -21,6 +21,7 @@ a batch of 10 images depended on what it had seen before (0.37 ms after a
     python benchmarks/bench_engine.py --markdown results.md
     python benchmarks/bench_engine.py --threads 1       # both single-threaded
     python benchmarks/bench_engine.py --init            # construction + call, one process (the seed's total time)
+    python benchmarks/bench_engine.py --bandwidth       # large frames: output GB/s against a numpy copy
 """
 
 from __future__ import annotations
@@ -225,6 +226,57 @@ def run_init(configs: list[Config], dtype, runs: int) -> list[dict]:
     return rows
 
 
+def run_bandwidth(cfg: Config, dtype, threads, runs: int) -> dict:
+    """Achieved output bandwidth of a memory-bound call against a plain numpy
+    copy of the same output (issue #15's large-frame measure).
+
+    The copy floor writes the result's ``data``/``indices``/``indptr`` into
+    newly allocated arrays (``np.empty`` + ``np.copyto``), as a call must:
+    its output is new memory each time. ``runs`` rounds, the three contenders
+    interleaved (ours, the peer, the copy; order rotated), medians.
+    """
+    from sparse_convolution import Toeplitz_convolution2d
+
+    rng = np.random.default_rng(1)
+    kernel = rng.uniform(-1.0, 1.0, (cfg.k, cfg.k)).astype(dtype)
+    x = make_input(cfg, dtype)
+    ours = Convolver((cfg.H, cfg.W), kernel, mode="same", method="direct", dtype=dtype, n_threads=threads)
+    peer = Toeplitz_convolution2d(x_shape=(cfg.H, cfg.W), k=kernel, mode="same", method="direct", backend="numba", dtype=dtype)
+    ref = ours(x)
+    problem = same_result(ref, peer(x, batching=True), dtype)
+    parts = (ref.data, ref.indices, ref.indptr)
+    out_bytes = sum(a.nbytes for a in parts)
+    in_bytes = x.data.nbytes + x.indices.nbytes + x.indptr.nbytes
+
+    def copy():
+        for a in parts:
+            np.copyto(np.empty_like(a), a)
+
+    sides = {"ours": (lambda: ours(x)), "peer": (lambda: peer(x, batching=True)), "copy": copy}
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for r in range(runs):
+        for name in names[r % 3:] + names[: r % 3]:
+            gc.collect()
+            t0 = time.perf_counter()
+            sides[name]()
+            times[name].append(time.perf_counter() - t0)
+    t = {name: statistics.median(v) for name, v in times.items()}
+    return dict(cfg=cfg, out_bytes=out_bytes, in_bytes=in_bytes, nnz_out=ref.nnz, problem=problem, **t)
+
+
+def format_bandwidth(rows: list[dict]) -> str:
+    head = ("config", "output MB", "ours (ms)", "peer (ms)", "copy (ms)", "ours GB/s", "copy GB/s", "ours/copy", "check")
+    body = [
+        (r["cfg"].label, f"{r['out_bytes'] / 1e6:.1f}", f"{r['ours'] * 1e3:.2f}", f"{r['peer'] * 1e3:.2f}",
+         f"{r['copy'] * 1e3:.2f}", f"{r['out_bytes'] / r['ours'] / 1e9:.2f}", f"{r['out_bytes'] / r['copy'] / 1e9:.2f}",
+         f"{r['ours'] / r['copy']:.2f}x", r["problem"] or "ok")
+        for r in rows
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+
+
 def format_table(rows: list[dict], markdown: bool) -> str:
     split = bool(rows) and "ours_init" in rows[0]
     head = ("sweep", "config", "ours (ms)", "peer (ms)", "speedup", "check") + (
@@ -276,6 +328,9 @@ def main(argv=None) -> int:
                     help="time construction plus one call of the drop-in class, every configuration in one process "
                          "(the seed's total time), medians of --runs interleaved rounds")
     ap.add_argument("--runs", type=int, default=7, help="rounds for --init (default 7)")
+    ap.add_argument("--bandwidth", action="store_true",
+                    help="output bandwidth of the largest frames (50x512x512, 50x1024x1024) against a numpy copy of "
+                         "the same output, --runs interleaved rounds")
     ap.add_argument("--one", metavar="SWEEP:INDEX", help=argparse.SUPPRESS)  # a child process: one config, JSON out
     args = ap.parse_args(argv)
     if args.threads is not None:
@@ -292,6 +347,13 @@ def main(argv=None) -> int:
         r = run_config(SWEEPS[name][int(index)], dtype, args.quick, args.threads)
         print(json.dumps({k: v for k, v in r.items() if k != "cfg"}))
         return 0
+    if args.bandwidth:
+        big = [cfg for cfg in SWEEPS["size"] if cfg.H >= 512]
+        rows = [run_bandwidth(cfg, dtype, args.threads, max(args.runs, 9)) for cfg in big]
+        print(f"# output bandwidth, medians of {max(args.runs, 9)} interleaved rounds; dtype={dtype}, mode='same', "
+              f"CSR in/out, {os.cpu_count()} CPUs, threads={args.threads or 'default'}")
+        print(format_bandwidth(rows))
+        return 1 if any(r["problem"] for r in rows) else 0
     if args.init:
         rows = run_init([cfg for name in names for cfg in SWEEPS[name]], dtype, args.runs)
         for r in rows:

@@ -567,3 +567,34 @@ def test_kept_scratch_stays_zero_across_calls_paths_and_modes():
         for buf, bits in eng._scratch_of.values():
             assert not buf.any() and not bits.any()
     assert eng.nbytes() >= sum(b.nbytes + m.nbytes for b, m in eng._scratch_of.values())
+
+
+@pytest.mark.parametrize("kshape", [(31, 31), (15, 21), (3, 40), (12, 9)])
+def test_tap_runs_give_the_same_sums_as_tap_by_tap(monkeypatch, kshape):
+    # Interior pixels add long kernel rows run by run (RUN_MIN); the sums
+    # must be those of the tap-by-tap loop, bit for bit, on every path.
+    import dask_sparseconv.engine.direct as direct
+
+    rng = np.random.default_rng(sum(kshape))
+    kernel = rng.standard_normal(kshape)
+    yy, xx = np.mgrid[: kshape[0], : kshape[1]]
+    disk = (yy - kshape[0] // 2) ** 2 + (xx - kshape[1] // 2) ** 2 <= (min(kshape) // 2) ** 2
+    x = random_csr(rng, 6, 70, 64, 0.03, np.float64)
+    for k in (kernel, np.where(disk, kernel, 0.0)):  # dense rows, and rows of varying length
+        results = {}
+        for run_min in (1, 10**9):  # always runs / never runs
+            monkeypatch.setattr(direct, "RUN_MIN", run_min)
+            eng = DirectNumba((70, 64), k, np.float64, n_threads=1)
+            assert (eng._plan("same").run0.size > 0) == (run_min == 1)
+            for mode in MODES:
+                for path in ("scan", "bits", "coo"):
+                    force_path(eng, path)
+                    results[run_min, mode, path] = (eng.to_csr(x, mode), eng.to_dense(x, mode))
+        for mode in MODES:
+            ref = reference(x, (70, 64), k, mode)
+            for path in ("scan", "bits", "coo"):
+                (a, da), (b, db) = results[1, mode, path], results[10**9, mode, path]
+                check_against_scipy(a, ref, np.float64)
+                np.testing.assert_array_equal(a.indices, b.indices)
+                np.testing.assert_array_equal(a.data, b.data)
+                np.testing.assert_array_equal(da, db)
