@@ -101,6 +101,13 @@ RUN_MIN = 9
 #: for whole rows.
 TIGHTEN_BOUNDS = 1 << 26
 
+#: Output arrays up to this size are allocated inside the compiled serial
+#: call; larger ones by numpy, which asks the kernel for transparent huge
+#: pages from 4 MiB up (numba's allocator does not): page faults on
+#: freshly written output cost 1.3-1.4x on 20 x 512x512 with 11x11 to
+#: 15x15 kernels when every 4 KiB page faulted.
+COMPILED_ALLOC_BYTES = 4 * 1024**2
+
 #: A call's frame-sized scratch (values and bit map, zero between images and
 #: after the call) is kept for the thread's next call when it is at most
 #: this many bytes: allocating it per call costs its zeroing and, for
@@ -526,15 +533,17 @@ def _csr_range(
 @numba.njit(**_JIT)
 def _csr_batch(
     indptr, indices, data, W_in, ti, tj, tv, run0, runlen, top, left, imin, imax, jmin, jmax, H_out, W_out,
-    sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack, tighten, split_work, index_like, buf, bits,
+    sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack, tighten, split_work, alloc_limit, index_like,
+    buf, bits,
 ):
     """The whole serial call in one dispatch: bounds, output arrays, the
     convolution and the result's indptr (in ``index_like``'s dtype).
 
     Returns ``(done, indptr, indices, values, nnz, ub_cum, work)``. When the
-    estimated work reaches ``split_work`` (>= 0), or the bounds outgrow
-    int32 indices, nothing is convolved (``done`` is False): the caller cuts
-    the batch into ranges using ``ub_cum`` and ``work``.
+    estimated work reaches ``split_work`` (>= 0), the bounds outgrow int32
+    indices, or the output arrays would exceed ``alloc_limit`` bytes,
+    nothing is convolved (``done`` is False): the caller cuts the batch into
+    ranges using ``ub_cum`` and ``work`` and allocates with numpy.
     """
     n = indptr.size - 1
     K = np.int64(tv.size)
@@ -544,7 +553,8 @@ def _csr_batch(
         _tighten_bounds(indptr, indices, W_in, K, H_out, W_out, top, left, imin, imax, jmin, jmax, ub_cum)
     total = ub_cum[n] + n + 1  # one spare slot per image (branch-free extraction)
     too_wide = index_like.itemsize == 4 and total > np.iinfo(np.int32).max
-    if (split_work >= 0 and work >= split_work) or too_wide:
+    too_big = total * (index_like.itemsize + tv.itemsize) > alloc_limit
+    if (split_work >= 0 and work >= split_work) or too_wide or too_big:
         return False, index_like[:0], index_like[:0], tv[:0], 0, ub_cum, work
     out_idx = np.empty(total, dtype=index_like.dtype)
     out_val = np.empty(total, dtype=tv.dtype)
@@ -830,7 +840,7 @@ class DirectNumba(Engine):
             done, indptr_out, indices_out, data_out, nnz, ub_cum, work = _csr_batch(
                 x.indptr, x.indices, x.data, *plan.args, plan.sg_off, plan.sg_mask, plan.sg_w, plan.full, plan.cap,
                 np.float64(self.dense_ops), np.int64(self.bbox_ratio), np.int64(self.bbox_slack),
-                np.int64(TIGHTEN_BOUNDS), np.int64(split_work), index_like, buf, bits,
+                np.int64(TIGHTEN_BOUNDS), np.int64(split_work), np.int64(COMPILED_ALLOC_BYTES), index_like, buf, bits,
             )
         except BaseException:
             self._drop_scratch()
