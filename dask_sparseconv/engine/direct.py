@@ -74,8 +74,12 @@ from .threads import run_ranges, split_ranges
 #: ``_upper_bounds``) a call runs in the calling thread: a threaded call pays
 #: a fixed cost before the first range starts (range split, pool hand-off)
 #: and after, plus a staging copy in the backward range, which a call this
-#: small does not win back (figures: docs/benchmarks.md, "Figures behind the code"). See docs/engine.md.
-SERIAL_WORK = 500_000
+#: small does not win back (figures: docs/benchmarks.md, "Figures behind the code"). See docs/engine.md:
+#: raised from 500k when calls after an idle spell (a notebook, the
+#: one-process rotation) were measured: 50x100x100 with a 9x9 kernel
+#: (0.82M) took 1.19/2.73 ms threaded (warm/after idle) against 0.93/2.14
+#: ms serially.
+SERIAL_WORK = 1_000_000
 
 #: Sparse images use the bit map while its words over their output rows
 #: number at most ``BBOX_RATIO * nnz * K + BBOX_SLACK``; past that their
