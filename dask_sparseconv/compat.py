@@ -216,15 +216,10 @@ class Toeplitz_convolution2d:
         # promoted to float64): do the same.
         kernel = self.k if dtype is None else self.k.astype(np.dtype(dtype))
         try:
-            self.convolver = Convolver(
-                x_shape,
-                kernel,
-                mode=mode,
-                method=method,
-                backend=backend,
-                dtype=None,  # chosen per call by _dtypes(), inputs are cast before the call
-                device=device if backend == "torch" else None,
-                max_buffer_bytes=int(max_buffer_bytes),
+            # checked above, with the peer's texts; the compute dtype is chosen
+            # per call by _dtypes() and inputs are cast before the call
+            self.convolver = Convolver._checked(
+                x_shape, kernel, mode, method, backend, device if backend == "torch" else None, int(max_buffer_bytes),
             )
         except TypeError as exc:
             raise ConvolutionArgumentTypeError(str(exc)) from exc

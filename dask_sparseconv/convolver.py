@@ -139,16 +139,37 @@ class Convolver:
         n_threads: int | None = None,
         max_buffer_bytes: int = 256 * 1024**2,
     ):
-        self.frame_shape = check_frame_shape(frame_shape)
-        self.kernel = check_kernel(kernel)
-        self.mode = check_mode(mode)
-        self.method, self.backend = resolve_method_backend(method, backend)
-        self.dtype = check_dtype(dtype)
-        self.n_threads = check_positive_int(n_threads, "n_threads", allow_none=True) or default_threads()
-        self.max_buffer_bytes = check_positive_int(max_buffer_bytes, "max_buffer_bytes")
-        if device is not None and self.backend != "torch":
-            raise ValueError(f"device is only used by backend='torch'; got device={device!r} with backend={self.backend!r}")
-        self.device = self._resolve_device(device) if self.backend == "torch" else None
+        frame_shape = check_frame_shape(frame_shape)
+        kernel = check_kernel(kernel)
+        mode = check_mode(mode)
+        method, backend = resolve_method_backend(method, backend)
+        dtype = check_dtype(dtype)
+        n_threads = check_positive_int(n_threads, "n_threads", allow_none=True)
+        max_buffer_bytes = check_positive_int(max_buffer_bytes, "max_buffer_bytes")
+        if device is not None and backend != "torch":
+            raise ValueError(f"device is only used by backend='torch'; got device={device!r} with backend={backend!r}")
+        self._setup(frame_shape, kernel, mode, method, backend, dtype, device, n_threads, max_buffer_bytes)
+
+    @classmethod
+    def _checked(cls, frame_shape: tuple[int, int], kernel: np.ndarray, mode: str, method: str, backend: str,
+                 device: str | None, max_buffer_bytes: int) -> "Convolver":
+        """A convolver from arguments the caller has checked: the drop-in class,
+        which checks them with the peer's texts (a new convolver is built per
+        grid point in the seed's benchmark, so checking twice is paid there).
+        ``kernel`` is checked here (finite, real, non-empty) and copied."""
+        self = cls.__new__(cls)
+        self._setup(frame_shape, check_kernel(kernel), mode, method, backend, None, device, None, max_buffer_bytes)
+        return self
+
+    def _setup(self, frame_shape, kernel, mode, method, backend, dtype, device, n_threads, max_buffer_bytes) -> None:
+        self.frame_shape = frame_shape
+        self.kernel = kernel
+        self.mode = mode
+        self.method, self.backend = method, backend
+        self.dtype = dtype
+        self.n_threads = n_threads or default_threads()
+        self.max_buffer_bytes = max_buffer_bytes
+        self.device = self._resolve_device(device) if backend == "torch" else None
         # raises for 'valid' with a too-large kernel; kept, as every call needs it
         self._geometries = {self.mode: geometry(self.frame_shape, self.kernel.shape, self.mode)}
         self._engines: dict[np.dtype, Engine] = {}
