@@ -93,10 +93,11 @@ BBOX_SLACK = 4096
 #: bit map of touched slots (cost proportional to what was touched).
 DENSE_OPS = 1
 
-#: Interior pixels add a kernel's taps run by run (adjacent columns of a row,
+#: Pixels add a kernel's taps run by run (adjacent columns of a row,
 #: contiguous updates that vectorise) when its runs average at least this
-#: many taps, else tap by tap; measured (docs/engine.md): runs of 5 lose
-#: ~1.5x, 9 break even, 15 win 1.2x, 31 win 1.7x.
+#: many taps, else tap by tap. A loop over interior pixels alone measured
+#: runs of 5 at ~1.5x the tap loop's time, 9 even, 15 at 0.8x, 31 at 0.6x;
+#: engine-level figures in docs/engine.md.
 RUN_MIN = 9
 
 #: When the cheap per-image output bounds (rows x W_out) add up to more than
@@ -203,7 +204,7 @@ def _add_taps(buf, base, v, tv, d, run0, runlen):
     With runs (``run0``/``runlen``: taps of adjacent columns, start in
     ``tv`` and length) the updates of a run are contiguous, which LLVM
     vectorises: for kernels of long rows (~1.7x for 31x31). Same slots, same
-    order, so the same sums, as tap by tap (empty runs).
+    order, so the same sums, as tap by tap (``run0`` None).
     """
     if run0 is None:  # a compile-time choice: numba prunes the other branch
         for k in range(tv.size):
@@ -226,8 +227,8 @@ def _scatter(indices, data, a, e, W_in, ti, tj, tv, d, run0, runlen, top, left, 
     width ``ww``. Pixels are walked row by row (indices are sorted), so the
     division by ``W_in`` happens once per input row. Returns the min and max
     input column seen. ``run0``/``runlen``: the taps as runs of adjacent
-    columns (start in ``tv``, length), used for interior pixels when given
-    (empty: tap by tap).
+    columns (start in ``tv``, length), added run by run, clipped to the window
+    near its edge; None: tap by tap.
     """
     K = tv.size
     # input pixels whose every tap lands inside the window
@@ -648,9 +649,9 @@ def _plan_arrays(kernel, W_out, run_min):
     """Taps ``(ti, tj, tv)`` in row-major order, their runs of adjacent
     columns (``run0``, ``runlen``; empty unless they average ``run_min``
     taps), their row and column extent, and the row segments
-    (:func:`_segments`): the whole per-mode
-    plan in one compiled call, so that a new convolver pays one dispatch
-    for it rather than a dozen numpy calls."""
+    (:func:`_segments`): the whole per-mode plan in one compiled call, so
+    that a new convolver pays one dispatch for it rather than a dozen numpy
+    calls."""
     kH, kW = kernel.shape
     K = 0
     for i in range(kH):
@@ -708,9 +709,9 @@ class _Plan:
     """Everything that depends on (kernel, mode) only; built once per mode."""
 
     __slots__ = ("geo", "ti", "tj", "tv", "run0", "runlen", "K", "imin", "imax", "jmin", "jmax", "args",
-                 "sg_off", "sg_mask", "sg_w", "full", "cap")
+                 "sg_off", "sg_mask", "sg_w")
 
-    def __init__(self, kernel: np.ndarray, geo, max_buffer_bytes: int):
+    def __init__(self, kernel: np.ndarray, geo):
         self.geo = geo
         H_out, W_out = geo.out_shape
         (self.ti, self.tj, self.tv, self.run0, self.runlen, self.sg_off, self.sg_mask, self.sg_w,
@@ -726,16 +727,12 @@ class _Plan:
             np.int64(geo.top), np.int64(geo.left),
             np.int64(imin), np.int64(imax), np.int64(jmin), np.int64(jmax), np.int64(H_out), np.int64(W_out),
         )
-        # scratch of a serial call (one range): a whole frame when it fits the budget
-        itemsize = kernel.dtype.itemsize
-        self.full = geo.out_pixels * itemsize <= max_buffer_bytes
-        self.cap = np.int64(max(1, max_buffer_bytes // itemsize))
 
 
 class DirectNumba(Engine):
     """Direct scatter of each image's pixels through the kernel's nonzero taps.
 
-    Thread-safe: calls share only read-only plans; scratch is per call.
+    Thread-safe: calls share only read-only plans; each thread has its own scratch.
     """
 
     method = "direct"
@@ -755,21 +752,36 @@ class DirectNumba(Engine):
         # thread id -> (frame buffer, bit map), zeroed; a thread only uses its own
         self._scratch_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _scratch(self, n_frame: int) -> tuple[np.ndarray, np.ndarray]:
-        """This thread's zeroed frame buffer and bit map for ``n_frame`` output pixels."""
+    def _budget(self, out_pixels: int, n_ranges: int) -> tuple[bool, np.int64]:
+        """``(full, cap)`` for ``n_ranges`` ranges at once: whether each gets a
+        frame-sized scratch within ``max_buffer_bytes``, and the slots each
+        bounding-box buffer may grow to."""
+        share = self.dtype.itemsize * n_ranges
+        return out_pixels * share <= self.max_buffer_bytes, np.int64(max(1, self.max_buffer_bytes // share))
+
+    def _with_scratch(self, n_frame: int, kernel, *args):
+        """``kernel(*args, buf, bits)`` with this thread's zeroed frame buffer
+        and bit map for ``n_frame`` output pixels (0: none, the bounding-box
+        buffer is grown per image). They are kept for the thread's next call
+        when small enough, and dropped when the call fails, which may leave
+        them dirty. (A plain method, not a context manager: this runs on
+        every call, where a generator's set-up is a visible cost.)"""
+        if not n_frame:
+            return kernel(*args, *_NO_SCRATCH[self.dtype])
         key = threading.get_ident()
         kept = self._scratch_of.get(key)
-        if kept is not None and kept[0].size == n_frame:
-            return kept
-        buf = np.zeros(n_frame, dtype=self.dtype)
-        bits = np.zeros((n_frame >> 6) + 1, dtype=np.uint64)
-        if buf.nbytes <= KEEP_SCRATCH_BYTES and (kept is not None or len(self._scratch_of) < KEEP_SCRATCH_THREADS):
-            self._scratch_of[key] = (buf, bits)
-        return buf, bits
+        if kept is None or kept[0].size != n_frame:
+            kept = (np.zeros(n_frame, dtype=self.dtype), np.zeros((n_frame >> 6) + 1, dtype=np.uint64))
+            if self._keeps(n_frame) and (key in self._scratch_of or len(self._scratch_of) < KEEP_SCRATCH_THREADS):
+                self._scratch_of[key] = kept
+        try:
+            return kernel(*args, *kept)
+        except BaseException:
+            self._scratch_of.pop(key, None)
+            raise
 
-    def _drop_scratch(self) -> None:
-        """Forget this thread's scratch: a call that failed may have left it dirty."""
-        self._scratch_of.pop(threading.get_ident(), None)
+    def _keeps(self, n_frame: int) -> bool:
+        return n_frame * self.dtype.itemsize <= KEEP_SCRATCH_BYTES
 
     def _plan(self, mode: str) -> _Plan:
         plan = self._plans.get(mode)
@@ -777,7 +789,7 @@ class DirectNumba(Engine):
             with self._plans_lock:
                 plan = self._plans.get(mode)
                 if plan is None:
-                    plan = _Plan(self.kernel, self.geometry(mode), self.max_buffer_bytes)
+                    plan = _Plan(self.kernel, self.geometry(mode))
                     self._plans[mode] = plan
         return plan
 
@@ -786,15 +798,6 @@ class DirectNumba(Engine):
         if self.n_threads == 1 or n < 2 or work < threshold:
             return [(0, n)]
         return split_ranges(weights, n, self.n_threads)
-
-    def _csr_range(self, n_frame: int, *args) -> int:
-        """:func:`_csr_range` with this thread's scratch (``n_frame`` 0: none)."""
-        buf, bits = self._scratch(n_frame) if n_frame else _NO_SCRATCH[self.dtype]
-        try:
-            return _csr_range(*args, buf, bits)
-        except BaseException:
-            self._drop_scratch()
-            raise
 
     def _run_ranges(self, n_frame, ranges, ub_cum, args, counts, out_idx, out_val) -> tuple[int, int]:
         """Run ``_csr_range`` over several ranges on the pool and join their
@@ -809,7 +812,8 @@ class DirectNumba(Engine):
                 stage = int(np.max(ub_cum[a + 1 : b + 1] - ub_cum[a:b])) + 1
             else:
                 pos, stage = int(ub_cum[a]) + a, 0
-            return self._csr_range(n_frame, np.int64(a), np.int64(b), *args, np.int64(pos), counts, np.int64(stage))
+            return self._with_scratch(n_frame, _csr_range, np.int64(a), np.int64(b), *args, np.int64(pos), counts,
+                                      np.int64(stage))
 
         written = [int(w) for w in run_ranges(run, ranges)]
         # where each range's values begin; later blocks move down to join
@@ -837,18 +841,19 @@ class DirectNumba(Engine):
             split_work = SERIAL_WORK if self.serial_work is None else self.serial_work
         # index values fit the dtype of (n, out_pixels); indptr also needs nnz
         index_like = _INDEX_LIKE[index_dtype(n, out_pixels)]
+        full, cap = self._budget(out_pixels, 1)
+        if full and not self._keeps(out_pixels):
+            # a frame scratch made for this call only: leave it to the ranged
+            # path, so that it is not zeroed twice when the batch splits
+            split_work, full = 0, False
         # One compiled call does a small batch whole: a call this size pays
         # for every Python step and dispatch around it (docs/engine.md).
-        buf, bits = self._scratch(out_pixels) if plan.full else _NO_SCRATCH[self.dtype]
-        try:
-            done, indptr_out, indices_out, data_out, nnz, ub_cum, work = _csr_batch(
-                x.indptr, x.indices, x.data, *plan.args, plan.sg_off, plan.sg_mask, plan.sg_w, plan.full, plan.cap,
-                np.float64(self.dense_ops), np.int64(self.bbox_ratio), np.int64(self.bbox_slack),
-                np.int64(TIGHTEN_BOUNDS), np.int64(split_work), np.int64(COMPILED_ALLOC_BYTES), index_like, buf, bits,
-            )
-        except BaseException:
-            self._drop_scratch()
-            raise
+        done, indptr_out, indices_out, data_out, nnz, ub_cum, work = self._with_scratch(
+            out_pixels if full else 0, _csr_batch,
+            x.indptr, x.indices, x.data, *plan.args, plan.sg_off, plan.sg_mask, plan.sg_w, full, cap,
+            np.float64(self.dense_ops), np.int64(self.bbox_ratio), np.int64(self.bbox_slack),
+            np.int64(TIGHTEN_BOUNDS), np.int64(split_work), np.int64(COMPILED_ALLOC_BYTES), index_like,
+        )
         if done:
             return canonical_csr(data_out, indices_out, indptr_out, (n, out_pixels))
         return self._csr_in_ranges(x, plan, ub_cum, int(work))
@@ -858,9 +863,7 @@ class DirectNumba(Engine):
         n = x.shape[0]
         out_pixels = plan.geo.out_pixels
         ranges = self._ranges(ub_cum, n, work)
-        itemsize = self.dtype.itemsize
-        full = out_pixels * itemsize * len(ranges) <= self.max_buffer_bytes
-        cap = np.int64(max(1, self.max_buffer_bytes // (itemsize * len(ranges))))
+        full, cap = self._budget(out_pixels, len(ranges))
         idx_dt = index_dtype(n, out_pixels)
         # Range r's values may fill [ub_cum[a_r] + a_r, ub_cum[b_r] + b_r]: one
         # spare slot per image keeps ranges apart (branch-free extraction).
@@ -877,7 +880,7 @@ class DirectNumba(Engine):
         )
         n_frame = out_pixels if full else 0
         if len(ranges) == 1:
-            nnz = int(self._csr_range(n_frame, np.int64(0), np.int64(n), *args, np.int64(0), counts, np.int64(0)))
+            nnz = int(self._with_scratch(n_frame, _csr_range, np.int64(0), np.int64(n), *args, np.int64(0), counts, np.int64(0)))
             first = 0
         else:
             nnz, first = self._run_ranges(n_frame, ranges, ub_cum, args, counts, out_idx, out_val)

@@ -598,3 +598,20 @@ def test_tap_runs_give_the_same_sums_as_tap_by_tap(monkeypatch, kshape):
                 np.testing.assert_array_equal(a.indices, b.indices)
                 np.testing.assert_array_equal(a.data, b.data)
                 np.testing.assert_array_equal(da, db)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_frame_scratch_too_large_to_keep_is_made_per_call(monkeypatch, n_threads):
+    # Past KEEP_SCRATCH_BYTES the frame scratch lives for one call only (and
+    # the batch goes straight to the ranged path, which makes it once).
+    import dask_sparseconv.engine.direct as direct
+
+    monkeypatch.setattr(direct, "KEEP_SCRATCH_BYTES", 1024)
+    rng = np.random.default_rng(21)
+    kernel = rng.standard_normal((5, 5))
+    eng = DirectNumba((40, 44), kernel, np.float64, n_threads=n_threads)
+    eng.serial_work = 0
+    for mode in MODES:
+        x = random_csr(rng, 7, 40, 44, 0.05, np.float64)
+        check_against_scipy(eng.to_csr(x, mode), reference(x, (40, 44), kernel, mode), np.float64)
+    assert not eng._scratch_of
