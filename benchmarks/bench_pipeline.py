@@ -42,6 +42,7 @@ Usage::
     python benchmarks/bench_pipeline.py            # full sizes (several minutes)
     python benchmarks/bench_pipeline.py --quick    # small sizes, for development
     python benchmarks/bench_pipeline.py --json results.json --repeats 5
+    python benchmarks/bench_pipeline.py --scale    # CSR at 10k/40k/200k frames (issue #16; csr_scale.py)
 """
 
 from __future__ import annotations
@@ -207,6 +208,12 @@ def check_against_dask_image(ours_path, dimg_path, frames):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--scale" in argv:  # the CSR-at-scale table has its own sizes and options
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import csr_scale
+
+        return csr_scale.main([a for a in argv if a != "--scale"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (200 frames) for development")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default 3, quick 2)")
@@ -214,6 +221,7 @@ def main(argv=None):
     ap.add_argument("--workdir", default=None, help="where stores go (default: a temporary directory, removed)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--only", choices=["roi", "uniform"], default=None, help="run one workload family")
+    ap.add_argument("--scale", action="store_true", help="the CSR-at-scale table instead (see csr_scale.py)")
     args = ap.parse_args(argv)
 
     import dask

@@ -96,9 +96,9 @@ def output_support(x, taps: np.ndarray, geo: Geometry) -> int:
 
     An upper bound of their output nonzeros (values that cancel to zero are
     dropped by the engines, so there can only be fewer), exact for the
-    support. Counted with one boolean map of ``(n, H_out*W_out)`` and
-    ``nnz x taps`` positions, so the caller bounds the batch (the pipeline
-    samples a few images of a stack to size its row blocks).
+    support; stored zeros reach nothing. Counted from runs of adjacent
+    pixels (:func:`dask_sparseconv.engine.support.support_counts`), so its
+    memory follows the nonzeros, not the frame size.
 
     Parameters
     ----------
@@ -112,17 +112,6 @@ def output_support(x, taps: np.ndarray, geo: Geometry) -> int:
     -------
     int
     """
-    n = int(x.shape[0])
-    Ho, Wo = geo.out_shape
-    ti, tj = np.nonzero(np.asarray(taps))
-    if n == 0 or x.nnz == 0 or ti.size == 0:
-        return 0
-    W = geo.frame_shape[1]
-    idx = np.asarray(x.indices[: x.nnz], dtype=np.int64)
-    image = np.repeat(np.arange(n, dtype=np.int64), np.diff(x.indptr))
-    r = (idx // W)[:, None] + (ti - geo.top)[None, :]
-    c = (idx % W)[:, None] + (tj - geo.left)[None, :]
-    inside = (r >= 0) & (r < Ho) & (c >= 0) & (c < Wo)
-    seen = np.zeros(n * Ho * Wo, dtype=bool)
-    seen[((image[:, None] * Ho + r) * Wo + c)[inside]] = True
-    return int(np.count_nonzero(seen))
+    from .engine.support import support_counts  # numba: imported when first needed
+
+    return int(support_counts(x, taps, geo).sum())

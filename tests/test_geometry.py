@@ -53,3 +53,28 @@ def test_output_support_counts_scipy_nonzeros(H, W, kh, kw, mode, density, seed)
     geo = geometry((H, W), (kh, kw), mode)
     ref = sum(np.count_nonzero(scipy.signal.convolve2d(f, k, mode=mode)) for f in x)
     assert output_support(scipy.sparse.csr_matrix(x.reshape(4, -1)), k, geo) == ref
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    H=st.integers(1, 12), W=st.integers(1, 12), kh=st.integers(1, 7), kw=st.integers(1, 7),
+    mode=st.sampled_from(["full", "same", "valid"]), density=st.floats(0.0, 0.9), seed=st.integers(0, 1000),
+)
+def test_support_counts_per_image_with_stored_zeros_and_holes(H, W, kh, kw, mode, density, seed):
+    """Per image, against scipy, with kernels full of holes (several tap runs
+    per kernel row), dense rows whose runs end at the frame edge, and stored
+    zeros (which reach nothing)."""
+    from dask_sparseconv.engine.support import support_counts
+
+    if mode == "valid" and (H < kh or W < kw):
+        return
+    rng = np.random.default_rng(seed)
+    x = np.where(rng.random((5, H, W)) < density, rng.random((5, H, W)) + 0.5, 0.0)
+    k = np.where(rng.random((kh, kw)) < 0.5, 1.0, 0.0)
+    m = scipy.sparse.csr_matrix(x.reshape(5, -1))
+    zeros = rng.random(m.nnz) < 0.2
+    m.data[zeros] = 0.0  # stored, not eliminated
+    ref = [np.count_nonzero(scipy.signal.convolve2d(np.where(f, 1.0, 0.0), k, mode=mode))
+           for f in m.toarray().reshape(5, H, W)]
+    got = support_counts(m, k, geometry((H, W), (kh, kw), mode))
+    assert got.dtype == np.int64 and got.tolist() == ref

@@ -6,8 +6,8 @@
 * :func:`convolve_zarr` (:mod:`.zarr_job`) convolves a zarr stack into a new
   zarr stack: :func:`plan_job` (:mod:`.plan`) cuts it into row blocks, one
   graph (:mod:`.graph`) runs a block task per block (:func:`.tasks.run_block`:
-  read -> convolve -> write), then the output's finishing parts (CSR:
-  consolidation) and its completion flag.
+  read -> convolve -> write; CSR outputs: compute, carry and write per block,
+  :mod:`.csr_chain`), then a last task that sets the completion flag.
 
 Where things run: the kernel is one graph key every block depends on, so it
 travels to each worker once per graph; the source and target handles are

@@ -4,8 +4,12 @@
 
     kernel ─┐
     job    ─┼─> block 0: run_block (read -> convolve -> write) ─┐
-            │   block 1: ...                                     ├─> finishing parts (CSR: consolidation) ─> finish
+            │   block 1: ...                                     ├─> finish (completion flag; CSR: indptr)
             └─> ...                                              ┘
+
+CSR outputs replace each block task by compute -> carry / write
+(:mod:`~dask_sparseconv.pipeline.csr_chain`): a block's values go at an
+offset that the blocks before it decide.
 
 Every key carries one job token, so the CLI (and tests) find a job's block
 tasks with :func:`block_keys`. A store job writes, so its token is unique
@@ -21,7 +25,7 @@ import numpy as np
 
 from ..kernels import kernel_digest
 from ..row_blocks import RowBlocks
-from ..runtime.cluster import spread_placement
+from .csr_chain import chain_graph
 from .spec import BlockSpec
 from .summary import JobInfo, summarize
 from .tasks import run_block
@@ -49,8 +53,7 @@ def block_keys(graph: Any) -> list[str]:
 
 
 def store_graph(src, out, kernel: np.ndarray, blocks: RowBlocks, spec: BlockSpec, info: JobInfo, *,
-                annotations: dict | None = None, done: set[int] | None = None, workers: dict[str, int] | None = None,
-                threads: int = 1):
+                annotations: dict | None = None, done: set[int] | None = None, threads: int = 1):
     """One Delayed whose result is the job's :class:`~dask_sparseconv.ConvolveSummary`."""
     import uuid
 
@@ -61,34 +64,26 @@ def store_graph(src, out, kernel: np.ndarray, blocks: RowBlocks, spec: BlockSpec
     knode = kernel_node(kernel)
     job_node = delayed((src, out, spec), name=f"{PREFIX}-job-{token}", traverse=False)
     out_node = delayed(out, name=f"{PREFIX}-target-{token}", traverse=False)
-    run = delayed(run_block, pure=False)
-    with dask.annotate(**(annotations or {})):  # route: only the block tasks are restricted
-        stats = [run(job_node, knode, i, start, stop, i in (done or ()), dask_key_name=block_key(token, i))
-                 for i, (start, stop) in enumerate(blocks.bounds)]
-    n_parts = out.finish_parts(threads)
-    part = delayed(finish_part, pure=False)
-    parts = []
-    for k, where in enumerate(spread_placement(n_parts, workers)):
-        with dask.annotate(**where):
-            # stats go as separate arguments: dask unpacks Delayed arguments
-            # cheaply, but optimises a list of them, at a cost that grows with
-            # the blocks (figures: docs/benchmarks.md, "Figures behind the code")
-            parts.append(part(out_node, k, n_parts, *stats, dask_key_name=f"{PREFIX}-{out.finish_label}-{token}-{k}"))
-    return delayed(finish_job, pure=False)(out_node, info, len(stats), *stats, *parts,
-                                           dask_key_name=f"{PREFIX}-finish-{token}")
+    if out.chained:
+        stats = chain_graph(job_node, knode, out_node, blocks.bounds, done or set(), annotations or {}, token,
+                            threads, PREFIX, block_key)
+    else:
+        run = delayed(run_block, pure=False)
+        with dask.annotate(**(annotations or {})):  # route: only the block tasks are restricted
+            stats = [run(job_node, knode, i, start, stop, i in (done or ()), dask_key_name=block_key(token, i))
+                     for i, (start, stop) in enumerate(blocks.bounds)]
+    # stats go as separate arguments: dask unpacks Delayed arguments cheaply,
+    # but optimises a list of them, at a cost that grows with the blocks
+    # (figures: docs/benchmarks.md, "Figures behind the code")
+    return delayed(finish_job, pure=False)(out_node, info, *stats, dask_key_name=f"{PREFIX}-finish-{token}")
 
 
-def finish_part(out, part: int, n_parts: int, *stats):
-    return out.finish_part(part, n_parts, stats)
-
-
-def finish_job(out, info: JobInfo, n_blocks: int, *results):
-    """The graph's last task: ``results`` are the blocks' stats, then the finishing parts' reports."""
+def finish_job(out, info: JobInfo, *stats):
+    """The graph's last task: ``stats`` are the blocks'."""
     import time
 
-    stats, parts = list(results[:n_blocks]), list(results[n_blocks:])
     p0 = time.perf_counter()
-    out.finish(sorted(stats, key=lambda s: s.index), parts, info.resumed)
-    summary = summarize(out, info, stats, parts, time.perf_counter() - p0)
+    out.finish(sorted(stats, key=lambda s: s.index), info.resumed)
+    summary = summarize(out, info, stats, time.perf_counter() - p0)
     info.release_lock()
     return summary

@@ -26,7 +26,6 @@ class BlockSpec:
     out_format: str
     device: str | None = None
     route: str = "any"  # 'cpu': resolve backend='auto' without an accelerator
-    hold_bytes: int = 0  # a block result up to this size is held in memory for the output's finishing parts
     host_threads: tuple[tuple[str, int], ...] = ()  # (host, dask threads on it) of the cluster the job was built for
 
 

@@ -45,13 +45,11 @@ class ConvolveSummary(JobLayout):
         Wall-clock seconds of the whole graph.
     read_s, convolve_s, write_s : float
         Seconds spent in each stage, summed over blocks (so they add up to
-        more than ``elapsed`` when blocks ran in parallel). Consolidation and
-        finalisation are in ``finalize_s``.
+        more than ``elapsed`` when blocks ran in parallel). The last task
+        (a CSR output's ``indptr``, the completion flag) is ``finalize_s``.
     extra : dict
         ``worker_pids``, ``engines``, ``workers`` and ``fallbacks`` (which
-        engine ran where); for CSR outputs ``blocks_held`` (blocks kept in
-        memory for consolidation instead of staged), ``consolidation_parts``
-        and ``consolidation_workers``.
+        engine ran where).
     blocks_computed, blocks_skipped : int
         Blocks convolved by this run, and blocks a resumed run found already
         written and verified (re-read, nnz and checksum matching the block's
@@ -96,8 +94,8 @@ class JobInfo(JobLayout):
             release_token(*self.lock)
 
 
-def summarize(out: Any, info: JobInfo, stats: Sequence[Any], parts: Sequence[dict], finish_s: float) -> ConvolveSummary:
-    """The summary of a job from its blocks' stats and its finishing parts' reports."""
+def summarize(out: Any, info: JobInfo, stats: Sequence[Any], finish_s: float) -> ConvolveSummary:
+    """The summary of a job from its blocks' stats."""
     stats = sorted(stats, key=lambda s: s.index)
     t_first = min((s.t_start for s in stats), default=time.time())
     return ConvolveSummary(
@@ -115,10 +113,8 @@ def summarize(out: Any, info: JobInfo, stats: Sequence[Any], parts: Sequence[dic
         read_s=float(sum(s.read_s for s in stats)),
         convolve_s=float(sum(s.convolve_s for s in stats)),
         write_s=float(sum(s.write_s for s in stats)),
-        finalize_s=finish_s + float(sum(c["seconds"] for c in parts)),
-        extra={"worker_pids": sorted({s.pid for s in stats}), "consolidation_parts": len(parts),
-               "consolidation_workers": sorted({c["worker"] for c in parts if c["worker"]}),
-               "blocks_held": sum(1 for s in stats if s.held is not None), **engine_summary(stats)},
+        finalize_s=finish_s,
+        extra={"worker_pids": sorted({s.pid for s in stats}), **engine_summary(stats)},
         blocks_computed=sum(1 for s in stats if not s.skipped),
         blocks_skipped=sum(1 for s in stats if s.skipped),
         resumed=info.resumed,
@@ -126,8 +122,8 @@ def summarize(out: Any, info: JobInfo, stats: Sequence[Any], parts: Sequence[dic
 
 
 def finish_consolidated(out: Any, info: JobInfo, nnz: int) -> ConvolveSummary:
-    """Resume of an output whose finishing parts had all run (the run stopped
-    while cleaning up): only the cleanup and the completion flag remain."""
+    """Resume of an output whose last task had written everything (the run
+    stopped while cleaning up): only the cleanup and the completion flag remain."""
     p0 = time.perf_counter()
     out.finalize()
     n_blocks = len(out.block_bounds)

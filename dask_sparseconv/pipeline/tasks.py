@@ -1,8 +1,10 @@
 """The work of one block, as it runs on a worker: read -> convolve -> write.
 
-:func:`run_block` is the body of every block task of
-:func:`~dask_sparseconv.convolve_zarr`; the lazy :func:`~dask_sparseconv.convolve`
-uses :func:`convolve_array_block` and :func:`convolve_source_block`.
+:func:`run_block` is the body of the block tasks of
+:func:`~dask_sparseconv.convolve_zarr` for dense outputs (CSR outputs split
+it into compute and write: :mod:`~dask_sparseconv.pipeline.csr_chain`); the
+lazy :func:`~dask_sparseconv.convolve` uses :func:`convolve_array_block` and
+:func:`convolve_source_block`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class BlockStats:
     engine: str = "?"
     fallback: str | None = None
     worker: str | None = None
-    held: Any = None  # the block's result when the output holds it in memory (see StackOutput.hold_limit)
+    counts: Any = None  # CSR outputs: the block's nnz per image (int64), for the final indptr
 
     # block tasks returned dicts before: code that reads ``stats["nnz_out"]`` keeps working
     def __getitem__(self, key: str) -> Any:
@@ -127,16 +129,34 @@ def convolve_source_block(src, kernel, start: int, stop: int, spec: BlockSpec):
     return apply(block_convolver(spec, kernel), src.read_block(start, stop), spec)
 
 
-def result_bytes(res) -> int:
-    """Bytes a block's result takes held in memory; a dense result (a CSR
-    output fed by a dense-only engine) is never held."""
-    if not scipy.sparse.issparse(res):
-        return 1 << 62
-    return int(res.nnz) * (res.data.itemsize + res.indices.itemsize) + 8 * (res.shape[0] + 1)
+def read_convolve(src, spec: BlockSpec, kernel, index: int, start: int, stop: int, sparse_ok: bool):
+    """Read and convolve block ``index``: ``(input CSR, result, seconds reading, seconds convolving, engine info)``."""
+    p0 = time.perf_counter()
+    try:
+        csr = src.read_block(start, stop)
+    except OSError as exc:
+        raise io_context(exc, f"reading block {index} (images {start}-{stop - 1}) of {src.location}") from exc
+    p1 = time.perf_counter()
+    conv = block_convolver(spec, kernel)
+    res = apply(conv, csr, spec, sparse_ok=sparse_ok)
+    p2 = time.perf_counter()
+    return csr, res, p1 - p0, p2 - p1, engine_info(spec, kernel, conv)
+
+
+def verified_stats(out, index: int, start: int, stop: int) -> BlockStats | None:
+    """The stats of a written block whose data still matches its record
+    (``verify_block`` of the output, its re-read timed as the read stage);
+    ``None``: compute the block again."""
+    t0, p0 = time.time(), time.perf_counter()
+    rec = out.verify_block(index)
+    if rec is None:
+        return None
+    return BlockStats(index, start, stop, int(rec.get("nnz_in", 0)), int(rec["nnz"]), t0, time.perf_counter() - p0,
+                      0.0, 0.0, os.getpid(), skipped=True, engine="skipped (verified)", counts=rec.get("counts"))
 
 
 def run_block(job: tuple, kernel, index: int, start: int, stop: int, check: bool = False) -> BlockStats:
-    """convolve_zarr's block task: read -> convolve -> write one block.
+    """convolve_zarr's block task for dense outputs: read -> convolve -> write one block.
 
     ``job``: ``(source, output, spec)``, one graph node shared by every block
     (passing them separately made dask traverse the spec for each block).
@@ -146,34 +166,15 @@ def run_block(job: tuple, kernel, index: int, start: int, stop: int, check: bool
     record stored with it (``verify_block`` of the output)."""
     src, out, spec = job
     t0 = time.time()
-    if check:
-        p0 = time.perf_counter()
-        rec = out.verify_block(index)
-        if rec is not None:
-            return BlockStats(index, start, stop, int(rec.get("nnz_in", 0)), int(rec["nnz"]), t0,
-                              time.perf_counter() - p0, 0.0, 0.0, os.getpid(), skipped=True,
-                              engine="skipped (verified)")
-    where = f"block {index} (images {start}-{stop - 1})"
-    p0 = time.perf_counter()
-    try:
-        csr = src.read_block(start, stop)
-    except OSError as exc:
-        raise io_context(exc, f"reading {where} of {src.location}") from exc
-    p1 = time.perf_counter()
-    conv = block_convolver(spec, kernel)
-    res = apply(conv, csr, spec, sparse_ok=True)
+    skipped = verified_stats(out, index, start, stop) if check else None
+    if skipped is not None:
+        return skipped
+    csr, res, read_s, conv_s, engine = read_convolve(src, spec, kernel, index, start, stop, sparse_ok=True)
     p2 = time.perf_counter()
-    engine = engine_info(spec, kernel, conv)
-    held = None
-    if spec.hold_bytes and result_bytes(res) <= spec.hold_bytes:
-        nnz_out, held = out.hold_block(index, start, stop, res)
-    else:
-        # the writer counts what it wrote (CSR: the staged nnz consolidation checks;
-        # dense: nonzero pixels, from the same pass as the block's digest)
-        try:
-            nnz_out = int(out.write_block(index, start, stop, res, record={"nnz_in": int(csr.nnz)}))
-        except OSError as exc:  # a full disk, a lost mount: say what was being written where
-            raise io_context(exc, f"writing {where} to {out.location}") from exc
-    p3 = time.perf_counter()
-    return BlockStats(index, start, stop, int(csr.nnz), nnz_out, t0, p1 - p0, p2 - p1, p3 - p2, os.getpid(),
-                      held=held, **engine)
+    # the writer counts what it wrote (nonzero pixels, from the same pass as the block's digest)
+    try:
+        nnz_out = int(out.write_block(index, start, stop, res, record={"nnz_in": int(csr.nnz)}))
+    except OSError as exc:  # a full disk, a lost mount: say what was being written where
+        raise io_context(exc, f"writing block {index} (images {start}-{stop - 1}) to {out.location}") from exc
+    return BlockStats(index, start, stop, int(csr.nnz), nnz_out, t0, read_s, conv_s, time.perf_counter() - p2,
+                      os.getpid(), **engine)

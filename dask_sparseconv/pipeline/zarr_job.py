@@ -221,8 +221,7 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
         overwrite=overwrite,
         attrs=attrs,
         # dense: one chunk per block; CSR: indptr in storage's default chunks (one
-        # chunk up to 262144 images) rather than one tiny chunk (and one
-        # consolidation task) per block
+        # chunk up to 262144 images) rather than one tiny chunk per block
         chunk_rows=blocks.block_rows if fmt == "dense" else None,
         compressor=compressor,
         resume=resume_prov is not None,  # reopens only the same job's output, else ValueError
@@ -236,10 +235,8 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
         return delayed(finish_consolidated, pure=False)(out, info, int(resume_prov.get("nnz", 0)))
     done = out.done_blocks() if resume_prov is not None else set()
     spec = BlockSpec(plan.frame_shape, plan.out_shape, settings.mode, settings.method, settings.backend,
-                     plan.out_dtype.str, fmt, route=route, hold_bytes=out.hold_limit(blocks.block_memory),
-                     host_threads=host_threads(workers))
-    return store_graph(src, out, kernel, blocks, spec, info, annotations=annotations, done=done, workers=workers,
-                       threads=plan.threads)
+                     plan.out_dtype.str, fmt, route=route, host_threads=host_threads(workers))
+    return store_graph(src, out, kernel, blocks, spec, info, annotations=annotations, done=done, threads=plan.threads)
 
 
 def _resolve_locations(source, target, array, storage_options, target_storage_options):

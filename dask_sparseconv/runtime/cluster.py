@@ -120,18 +120,3 @@ def route_annotations(route: str) -> dict:
         raise ValueError(f"route='cpu': all {len(workers)} workers advertise a GPU resource; start CPU workers "
                          "without --resources GPU=..., or use route='any'")
     return {"workers": cpu, "allow_other_workers": False}
-
-
-def spread_placement(n_parts: int, workers: dict[str, int] | None) -> list[dict]:
-    """dask annotations spreading ``n_parts`` tasks over the workers in
-    proportion to their threads, as a preference only (``allow_other_workers``:
-    a part still runs if its worker is gone, or on a cluster the graph was
-    not built against).
-
-    Tasks that depend on every block are otherwise placed by where the
-    blocks' results are: with results held in memory the scheduler put three
-    of four parts on one worker of two, which then ran them one after another."""
-    slots = [a for a, n in sorted((workers or {}).items()) for _ in range(max(0, n))]
-    if len(slots) < 2:
-        return [{}] * n_parts
-    return [{"workers": [slots[k % len(slots)]], "allow_other_workers": True} for k in range(n_parts)]

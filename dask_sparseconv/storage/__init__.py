@@ -4,7 +4,8 @@ Public entry points (the contract in docs/design.md; details in docs/storage.md)
 
 * :func:`open_input` -- a read-only, picklable input (dense array or CSR group).
 * :func:`create_output` -- a writer for a dense array or a CSR group, with
-  per-block done markers, staged CSR writes and a completion flag.
+  per-block done markers, CSR values written once at their final offsets
+  and a completion flag.
 * :func:`open_stack` -- a lazy dask array over a stack.
 * :func:`describe_stack` -- a summary dict (for ``dask-sparseconv info``).
 * :func:`write_dense_stack`, :func:`write_csr_stack` -- write inputs
@@ -25,7 +26,7 @@ from zarr.errors import NodeNotFoundError
 from ..validation import _short, check_choice, check_positive_int
 from . import progress
 from .base import OutputBase, StackInput, StackOutput
-from .csr_store import ConsolidationTask, CSRInput, CSROutput, write_csr_stack
+from .csr_store import Carry, CSRInput, CSROutput, write_csr_stack
 from .dense_store import (
     DenseInput,
     DenseOutput,
@@ -59,7 +60,7 @@ __all__ = [
     "CSRInput",
     "DenseOutput",
     "CSROutput",
-    "ConsolidationTask",
+    "Carry",
     "dense_to_csr",
 ]
 
@@ -335,7 +336,7 @@ def describe_stack(source: Any, array: str | None = None, storage_options: dict 
     prov = progress.provenance(node)
     if prov is not None and not prov.get("complete"):
         # an interrupted run: report its layout and progress (a CSR output's
-        # data/indices are not filled, and are longer than nnz, before consolidation)
+        # data/indices are longer than nnz until the run finishes)
         n_blocks = int(prov.get("n_blocks", 0))
         done = len({i for i in progress.done_blocks(node) if i < n_blocks})
         shape = [prov.get("n_images"), *(prov.get("frame_shape") or [])]

@@ -62,13 +62,7 @@ class StackOutput(Protocol):
 
     def done_blocks(self) -> set[int]: ...
 
-    def hold_limit(self, block_memory: int) -> int: ...
-
-    def finish_parts(self, threads: int) -> int: ...
-
-    def finish_part(self, part: int, n_parts: int, stats: Sequence[Any]) -> dict: ...
-
-    def finish(self, stats: Sequence[Any], parts: Sequence[dict], resumed: bool) -> None: ...
+    def finish(self, stats: Sequence[Any], resumed: bool) -> None: ...
 
 
 class InputBase:
@@ -94,8 +88,11 @@ class OutputBase:
     """
 
     format: ClassVar[str]
-    #: what the finishing parts do, in their graph keys
+    #: what the graph's last task does, in its key
     finish_label: ClassVar[str] = "finish"
+    #: whether block ``i`` needs what block ``i - 1`` left (CSR: its carry);
+    #: chained outputs are written by :mod:`dask_sparseconv.pipeline.csr_chain`
+    chained: ClassVar[bool] = False
     #: layout keys a resumed output must match besides the common ones
     RESUME_LAYOUT: ClassVar[dict] = {}
 
@@ -153,25 +150,13 @@ class OutputBase:
     def complete(self) -> bool:
         return bool(progress.is_complete(self.node))
 
-    # -- what the graph runs after the blocks (formats override) ---------------
-    def hold_limit(self, block_memory: int) -> int:
-        """Largest block result (bytes) kept in memory for :meth:`finish_part`
-        instead of written by its block task; 0: every block writes its own."""
-        return 0
-
-    def finish_parts(self, threads: int) -> int:
-        """How many parallel tasks the graph runs after every block and before
-        :meth:`finish` (CSR: consolidation); 0 for none."""
-        return 0
-
-    def finish_part(self, part: int, n_parts: int, stats: Sequence[Any]) -> dict:
-        raise NotImplementedError(f"{type(self).__name__} has no finishing parts")
-
-    def finish(self, stats: Sequence[Any], parts: Sequence[dict], resumed: bool) -> None:
+    # -- the graph's last task (formats override) ------------------------------
+    def finish(self, stats: Sequence[Any], resumed: bool) -> None:
         """The graph's last write: every block is in, set the completion flag."""
         self.finalize(block_nnz=[s.nnz_out for s in stats])
 
-    def finalize(self, block_nnz: Sequence[int] | None = None) -> None:
+    def finalize(self, *args: Any, **kwargs: Any) -> None:
+        """Complete the output (each format says from what: dense, the blocks' nnz; CSR, per-image counts)."""
         raise NotImplementedError
 
 

@@ -2,7 +2,7 @@
 
 Two runs of one job at once (a user starts it in two terminals, a batch
 scheduler retries a submission that is still running) would both write every
-block and race each other's consolidation and completion flag. A run
+block and race each other's final writes and completion flag. A run
 therefore takes a lock on its target before it writes anything, and a second
 run is refused at once with who holds it.
 

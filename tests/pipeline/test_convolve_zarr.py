@@ -72,20 +72,40 @@ def test_store_to_store_matches_scipy(stack, stores, tmp_path, mode, in_fmt, out
     assert prov["complete"] is True and prov["mode"] == mode
 
 
-@pytest.mark.parametrize("block_memory, held", [("64MiB", "all"), (25_000, "some")])
-def test_csr_output_blocks_held_in_memory_or_staged(stack, stores, tmp_path, block_memory, held):
-    """A CSR output whose blocks fit the budget (the whole output within one
-    block's memory) skips staging; larger blocks are staged; both mix."""
-    target = str(tmp_path / "out.zarr")
-    summary = convolve_zarr(stores["csr"], KERNEL, target, "full", block_memory=block_memory)
-    n_held = summary.extra["blocks_held"]
-    assert summary.blocks > 2
-    assert n_held == summary.blocks if held == "all" else 0 < n_held < summary.blocks
-    result = _read(target)
+@pytest.mark.parametrize("block_memory", ["64MiB", 25_000, 4_000])
+def test_csr_output_written_once_through_the_carry_chain(stack, stores, tmp_path, block_memory):
+    """A CSR output from one block to many blocks smaller than a data chunk:
+    values go straight to their final chunks; no block record is left."""
+    target = tmp_path / "out.zarr"
+    summary = convolve_zarr(stores["csr"], KERNEL, str(target), "full", block_memory=block_memory)
+    result = _read(str(target))
     assert summary.nnz_out == result.nnz
     assert_matches(result, reference(stack, KERNEL, "full"))
-    g = zarr.open_group(target, mode="r")
-    assert "_staging" not in g and "_consolidated" not in g and g.attrs["dask_sparseconv"]["complete"] is True
+    g = zarr.open_group(str(target), mode="r")
+    assert not (target / "_blocks").exists() and g.attrs["dask_sparseconv"]["complete"] is True
+    assert g.attrs["dask_sparseconv"]["nnz"] == result.nnz == g["data"].shape[0]
+
+
+def test_csr_graph_bounds_the_results_waiting_for_their_offsets(stores, tmp_path):
+    """Block i's compute waits for the write lag(threads) blocks back, so at
+    most that many results wait in memory for their carries; the carries
+    form the only chain, and every write depends on its own compute."""
+    from dask.core import get_dependencies
+
+    graph = convolve_zarr(stores["csr"], KERNEL, str(tmp_path / "out.zarr"), "full", block_memory=4_000, compute=False)
+    hlg = dict(graph.__dask_graph__())
+    deps = {k: get_dependencies(hlg, k) for k in hlg}
+    name = lambda kind, i: next(k for k in hlg if isinstance(k, str) and k.startswith(f"sparseconv-{kind}-")  # noqa: E731
+                                and k.endswith(f"-{i:06d}"))
+    n = sum(1 for k in hlg if isinstance(k, str) and k.startswith("sparseconv-compute-"))
+    gated = [i for i in range(n) if any("-block-" in str(d) for d in deps[name("compute", i)])]
+    L = gated[0]  # lag(threads of the scheduler the graph was built for)
+    assert L >= 2 and gated == list(range(L, n))
+    for i in range(n):
+        gate = {name("block", i - L)} if i >= L else set()
+        assert {d for d in deps[name("compute", i)] if "-block-" in str(d)} == gate
+        wanted = {name("compute", i)} | ({name("carry", i - 1)} if i else set())
+        assert wanted <= deps[name("block", i)]
 
 
 def test_default_output_format_follows_input(stores, tmp_path):

@@ -46,19 +46,16 @@ def test_cluster_results_match_scipy(client, tmp_path, in_fmt, out_fmt, mode):
     assert_matches(open_stack(target).compute(), reference(x, kernel, mode))
 
 
-def test_csr_consolidation_held_blocks_on_both_workers(client, tmp_path):
-    """Blocks held in memory travel to the consolidation parts, which are
-    spread over both workers (each part depends on every block, so without
-    a placement preference the scheduler piles them where the data is)."""
+def test_csr_chain_writes_on_both_workers(client, tmp_path):
+    """A CSR output on two worker processes: each worker writes the blocks it
+    computed (the carries travel between them), and the result is exact."""
     x = sparse_stack(200, 40, 36, density=0.03, seed=24)
     src = str(tmp_path / "in.zarr")
     write_csr_stack(src, scipy.sparse.csr_matrix(x.reshape(200, -1)), (40, 36), chunk_size=500)
     target = str(tmp_path / "out.zarr")
-    summary = convolve_zarr(src, KERNEL, target, "full")
-    assert summary.blocks >= 4 and summary.extra["blocks_held"] == summary.blocks
-    workers = set(client.scheduler_info()["workers"])
-    assert summary.extra["consolidation_parts"] == 4
-    assert set(summary.extra["consolidation_workers"]) == workers and len(workers) == 2
+    summary = convolve_zarr(src, KERNEL, target, "full", block_memory=40_000)
+    assert summary.blocks >= 8
+    assert len(summary.extra["worker_pids"]) == 2  # both workers computed and wrote blocks
     result = open_stack(target).compute()
     assert summary.nnz_out == result.nnz
     assert_matches(result, reference(x, KERNEL, "full"))

@@ -1,4 +1,4 @@
-"""create_output: dense and CSR writers, markers, staging + consolidation, completion, resume, overlap."""
+"""create_output: dense and CSR writers, markers, the CSR carry chain, completion, resume, overlap."""
 
 from __future__ import annotations
 
@@ -160,12 +160,19 @@ def test_resume_reopens_matching_output(tmp_path):
     t = tmp_path / "o.zarr"
     bounds = _bounds(12, 5)
     x = _result(12, 3, 4)
+    c = scipy.sparse.csr_matrix(x.reshape(12, -1))
     out = create_output(t, "csr", 12, (3, 4), "float32", bounds, attrs=PROV, chunk_nnz=4)
-    nnz0 = out.write_block(0, 0, 5, scipy.sparse.csr_matrix(x[:5].reshape(5, -1)))
+    out.write_block(0, 0, 5, c[:5])
     again = create_output(t, "csr", 12, (3, 4), "float32", bounds, attrs=PROV, resume=True)
     assert again.done_blocks() == {0} and again.chunk_nnz == 4
-    nnz = [nnz0] + [again.write_block(i, a, b, x[a:b]) for i, (a, b) in list(enumerate(bounds))[1:]]
-    again.finalize(nnz)
+    counts, _ = again.block_record(0)
+    carry = again.carry(0, None, None, counts)  # block 0 skipped: its carry holds no values
+    assert not carry.in_memory or carry.nnz == 0
+    for i in (1, 2):
+        a, b = bounds[i]
+        again.write_chunks(i, carry, c[a:b], produce=lambda f0, f1: c[f0:f1])
+        carry = again.carry(i, carry, c[a:b], np.diff(c[a:b].indptr))
+    again.finalize()  # counts read back from the block records
     assert (open_input(t).read_block(0, 12) != scipy.sparse.csr_matrix(x.reshape(12, -1))).nnz == 0
     with pytest.raises(ValueError, match=r"cannot resume .*kernel: stored .* vs now"):
         create_output(t, "csr", 12, (3, 4), "float32", bounds, attrs={**PROV, "kernel": [[2.0]]}, resume=True)
@@ -194,7 +201,8 @@ def _check_anndata_layout(group, c):
     np.testing.assert_array_equal(group["indptr"][:], c.indptr)
     np.testing.assert_array_equal(group["indices"][:], c.indices)
     np.testing.assert_array_equal(group["data"][:], c.data)
-    assert "_staging" not in group and "_consolidated" not in group
+    assert not any(k.startswith("_blocks") for k in group.store_path.store._store_dict) \
+        if isinstance(group.store_path.store, zarr.storage.MemoryStore) else True
     anndata = pytest.importorskip("anndata")
     back = anndata.io.read_elem(group)
     assert (back != c).nnz == 0
@@ -211,25 +219,39 @@ def _misaligned_csr_output(tmp_path, n, Ho, Wo, chunk_nnz, chunk_rows, block_row
     return x, scipy.sparse.csr_matrix(x.reshape(n, -1)), bounds, t, out
 
 
-@pytest.mark.parametrize("chunk_nnz, chunk_rows, block_rows", [(7, 5, 4), (3, 2, 6), (1000, 1000, 5)])
-def test_csr_staging_consolidation_misaligned_threads(tmp_path, chunk_nnz, chunk_rows, block_rows):
+@pytest.mark.parametrize("chunk_nnz, chunk_rows, block_rows", [(7, 5, 4), (3, 2, 6), (1000, 1000, 5), (40, 5, 1)])
+def test_csr_carry_chain_writes_each_chunk_once(tmp_path, chunk_nnz, chunk_rows, block_rows):
+    """Blocks (dense or CSR results, some empty, some smaller than a chunk)
+    written through the carry chain as the pipeline runs it: carries and
+    writers pickled, writes in parallel threads in reverse order once the
+    carries are known; every chunk is written by exactly one block."""
     n, Ho, Wo = 29, 6, 7
     x, c, bounds, t, out = _misaligned_csr_output(tmp_path, n, Ho, Wo, chunk_nnz, chunk_rows, block_rows, attrs=PROV)
+    results = [c[a:b] if i % 2 else scipy.sparse.csr_matrix(x[a:b].reshape(b - a, -1)) for i, (a, b) in enumerate(bounds)]
+    carries = [None]
+    for i, res in enumerate(results):
+        carry = out.carry(i, carries[-1], res, np.diff(res.indptr))
+        carries.append(pickle.loads(pickle.dumps(carry)))
+        assert carry.stop == c.indptr[bounds[i][1]] and carry.start % chunk_nnz == 0 and carry.nnz < chunk_nnz
+    shipped = pickle.loads(pickle.dumps(out))
+    writes = []
+    real = zarr.storage.LocalStore.set
 
-    def work(i):
-        a, b = bounds[i]
-        res = c[a:b] if i % 2 else x[a:b]
-        return out.write_block(i, a, b, res)
+    async def counting_set(self, key, value, *args, **kw):  # the real store; it only notes the keys written
+        writes.append(key)
+        return await real(self, key, value, *args, **kw)
 
-    order = list(range(len(bounds)))[::-1]
-    with ThreadPoolExecutor(4) as ex:
-        nnz_rev = list(ex.map(work, order))
-    block_nnz = [nnz_rev[order.index(i)] for i in range(len(bounds))]
-    assert block_nnz == [c[a:b].nnz for a, b in bounds]
+    zarr.storage.LocalStore.set = counting_set
+    try:
+        with ThreadPoolExecutor(4) as ex:
+            nnz = list(ex.map(lambda i: shipped.write_chunks(i, carries[i], results[i]), reversed(range(len(bounds)))))
+    finally:
+        zarr.storage.LocalStore.set = real
+    assert nnz[::-1] == [c[a:b].nnz for a, b in bounds]
+    chunk_keys = [k for k in writes if k.startswith(("data/c/", "indices/c/"))]
+    assert len(chunk_keys) == len(set(chunk_keys)) == 2 * -(-c.nnz // chunk_nnz)  # each chunk once
     assert out.done_blocks() == set(range(len(bounds)))
-    g = zarr.open_group(t, mode="r")
-    assert out.staged_nnz() == block_nnz  # staging holds every block (one raw key each)
-    out.finalize(block_nnz)
+    out.finish([type("S", (), {"index": i, "counts": np.diff(r.indptr)})() for i, r in enumerate(results)], False)
     g = zarr.open_group(t, mode="r")
     _check_anndata_layout(g, c)
     # data/indices are created at their capacity (every pixel) before nnz is known, then shrunk
@@ -239,87 +261,77 @@ def test_csr_staging_consolidation_misaligned_threads(tmp_path, chunk_nnz, chunk
     assert (open_stack(t, rows_per_chunk=5).compute() != c).nnz == 0
 
 
-def test_csr_parallel_consolidation_tasks_and_resume(tmp_path):
+def test_csr_resume_checks_written_chunks_and_recomputes_carries(tmp_path):
+    """A reopened writer trusts a block only if its record and the values it
+    wrote read back unchanged; a block left to do gets the values that
+    skipped blocks carried by recomputing exactly their images."""
     n = 17
     x = _result(n, 5, 5, density=0.3)
     c = scipy.sparse.csr_matrix(x.reshape(n, -1))
     bounds = _bounds(n, 4)
     t = tmp_path / "c.zarr"
     out = create_output(t, "csr", n, (5, 5), "float32", bounds, chunk_rows=3, chunk_nnz=5)
-    nnz = [out.write_block(i, a, b, c[a:b]) for i, (a, b) in enumerate(bounds)]
-    with pytest.raises(ValueError, match="holds .* values in staging but block_nnz says"):
-        bad = list(nnz)
-        bad[0] += 1
-        for task in out.consolidation_tasks(bad):
-            task()
-    tasks = out.consolidation_tasks(nnz)
-    assert len(tasks) == 2 * -(-c.nnz // 5) + -(-(n + 1) // 3)  # data and indices chunks, indptr chunks
-    assert {tk.kind for tk in tasks} == {"data", "indices", "indptr"}
-    # ship tasks like dask would (pickled), run half of them in threads: a crash mid-consolidation
-    shipped = [pickle.loads(pickle.dumps(tk)) for tk in tasks]
-    with ThreadPoolExecutor(4) as ex:
-        list(ex.map(lambda tk: tk(), shipped[::2]))
-    assert out.consolidated_tasks(nnz) == {tk.index for tk in tasks[::2]}
-    assert out.consolidated_tasks([0] * (len(nnz) - 1) + [sum(nnz)]) == set()  # another plan: its marks do not count
+    for i in range(3):
+        out.write_block(i, *bounds[i], c[slice(*bounds[i])])
     info = describe_stack(t)
-    assert info["complete"] is False and info["n_blocks"] == 5 and info["done_blocks"] == 5
+    assert info["complete"] is False and info["n_blocks"] == 5 and info["done_blocks"] == 3
     assert info["format"] == "csr" and info["shape"] == [17, 25]
-    # a new process resumes: reopen, finalize runs only what is missing
+    with pytest.raises(ValueError, match="block 3 comes next, got block 4"):
+        out.write_block(4, *bounds[4], c[16:17])
     again = create_output(t, "csr", n, (5, 5), "float32", bounds, resume=True)
-    again.finalize(None)  # nnz read back from staging
+    records = [again.block_record(i) for i in range(5)]
+    assert [r is not None for r in records] == [True, True, True, False, False]
+    # damage a chunk block 1 wrote: block 1 is no longer trusted, the others still are
+    lo = _record_json(t, 1)["written"]["values"][0]
+    victim = t / "data" / "c" / str(lo // 5)
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    assert again.block_record(1) is None and again.block_record(0) is not None
+    (t / "_blocks" / "block_2").write_bytes((t / "_blocks" / "block_2").read_bytes()[:-3])  # a cut record
+    assert again.block_record(2) is None
+    calls = []
+
+    def produce(f0, f1):
+        calls.append((f0, f1))
+        return c[f0:f1]
+
+    carry = again.carry(0, None, None, records[0][0])  # block 0 skipped
+    for i in range(1, 5):
+        a, b = bounds[i]
+        again.write_chunks(i, carry, c[a:b], produce=produce)
+        carry = again.carry(i, carry, c[a:b], np.diff(c[a:b].indptr))
+    assert calls and all(0 <= f0 < f1 <= 4 for f0, f1 in calls)  # only block 0's images
+    again.finalize()
     _check_anndata_layout(zarr.open_group(t, mode="r"), c)
-    again.finalize(nnz)  # already complete: no-op
+    again.finalize()  # already complete: no-op
 
 
-@pytest.mark.parametrize("chunk_nnz, chunk_rows, block_rows", [(7, 5, 4), (1000, 1000, 5)])
-def test_csr_held_and_staged_blocks_mix(tmp_path, chunk_nnz, chunk_rows, block_rows):
-    """Blocks held in memory (hold_block) and staged ones feed the same
-    consolidation; chunks straddle block boundaries, tasks travel pickled."""
-    n, Ho, Wo = 29, 6, 7
-    x, c, bounds, t, out = _misaligned_csr_output(tmp_path, n, Ho, Wo, chunk_nnz, chunk_rows, block_rows)
-    held, nnz = {}, []
-    for i, (a, b) in enumerate(bounds):
-        if i % 3 == 1:
-            nnz.append(out.write_block(i, a, b, c[a:b]))
-        else:
-            k, held[i] = out.hold_block(i, a, b, x[a:b] if i % 2 else c[a:b])
-            nnz.append(k)
-            assert held[i].nnz == k == c[a:b].nnz and held[i].data.dtype == np.float32
-    assert out.done_blocks() == {i for i in range(len(bounds)) if i % 3 == 1}  # a held block has no marker
-    shipped = pickle.loads(pickle.dumps(held))
-    for task in out.consolidation_tasks(nnz, require_written=False):
-        pickle.loads(pickle.dumps(task))(shipped, mark=False)
-    assert out.consolidated_tasks(nnz) == set()  # mark=False: nothing recorded
-    out.finalize(nnz, consolidated=True)
-    g = zarr.open_group(t, mode="r")
-    _check_anndata_layout(g, c)
-    assert "_staging" not in g and g.attrs["dask_sparseconv"]["complete"] is True
-    assert (open_stack(t).compute() != c).nnz == 0
+def _record_json(t, i):
+    import json
+    import struct
+
+    raw = (t / "_blocks" / f"block_{i}").read_bytes()
+    rows = struct.unpack_from("<8sq", raw)[1]
+    return json.loads(raw[16 + 8 * rows:])
 
 
-def test_csr_all_held_and_count_checks(tmp_path):
+def test_csr_carry_without_values_needs_produce(tmp_path):
     n = 10
     x = _result(n, 4, 4, density=0.4)
     c = scipy.sparse.csr_matrix(x.reshape(n, -1))
     bounds = _bounds(n, 4)
-    t = tmp_path / "c.zarr"
-    out = create_output(t, "csr", n, (4, 4), "float64", bounds, chunk_nnz=6)
-    pairs = [out.hold_block(i, a, b, c[a:b]) for i, (a, b) in enumerate(bounds)]
-    nnz, held = [k for k, _ in pairs], dict(enumerate(h for _, h in pairs))
-    with pytest.raises(ValueError, match="block 1 covers rows"):
-        out.hold_block(1, 0, 4, c[0:4])
-    bad = list(nnz)
-    bad[0] += 1
-    with pytest.raises(ValueError, match="holds .* values in memory but block_nnz says"):
-        for task in out.consolidation_tasks(bad, require_written=False):
-            task(held)
-    for task in out.consolidation_tasks(nnz, require_written=False):
-        task(held, mark=False)
-    out.finalize(nnz, consolidated=True, staged=False)  # nothing was staged: one attribute write
-    g = zarr.open_group(t, mode="r")
-    _check_anndata_layout(g, c)
-    assert g["data"].dtype == np.float64 and g.attrs["dask_sparseconv"]["nnz"] == c.nnz
-    assert open_input(t).read_block(0, n).toarray().tolist() == c.toarray().tolist()
+    out = create_output(tmp_path / "c.zarr", "csr", n, (4, 4), "float64", bounds, chunk_nnz=1000)
+    carry = out.carry(0, None, None, np.diff(c[0:4].indptr))
+    assert carry.nnz == c[0:4].nnz and not carry.in_memory
+    assert out.write_chunks(1, carry, c[4:8]) == c[4:8].nnz  # no chunk ends in block 1: nothing needed
+    carry = out.carry(1, carry, c[4:8], np.diff(c[4:8].indptr))
+    with pytest.raises(ValueError, match="come from blocks that were not computed in this run; pass produce="):
+        out.write_chunks(2, carry, c[8:10])  # the last block writes everything carried
+    with pytest.raises(ValueError, match=r"recomputing images 0-7 .* gave \d+ values where the blocks' records say"):
+        out.write_chunks(2, carry, c[8:10], produce=lambda f0, f1: c[f0:f1][:, :8])
+    with pytest.raises(ValueError, match=r"block 1: result must have shape \(4, 16\); got \(3, 16\)"):
+        out.write_chunks(1, carry, c[0:3])
 
 
 def test_csr_all_empty_and_pickled_writer(tmp_path):
@@ -329,7 +341,7 @@ def test_csr_all_empty_and_pickled_writer(tmp_path):
     shipped = pickle.loads(pickle.dumps(out))
     nnz = [shipped.write_block(i, a, b, scipy.sparse.csr_matrix((b - a, 9))) for i, (a, b) in enumerate(bounds)]
     assert nnz == [0, 0] and out.done_blocks() == {0, 1}
-    out.finalize(nnz)
+    shipped.finalize()
     src = open_input(url)
     assert src.nnz == 0 and src.read_block(0, 6).nnz == 0 and src.dtype == np.float64
 
@@ -352,7 +364,8 @@ def test_csr_output_in_group_of_zarr_object():
     root = zarr.open_group(store, mode="w")
     x = _result(8, 3, 3)
     out = create_output(root, "csr", 8, (3, 3), "float32", _bounds(8, 8), array="results/conv")
-    out.finalize([out.write_block(0, 0, 8, x)])
+    out.write_block(0, 0, 8, x)
+    out.finalize()
     assert (open_input(root, array="results/conv").read_block(0, 8) != scipy.sparse.csr_matrix(x.reshape(8, 9))).nnz == 0
 
 

@@ -1,0 +1,111 @@
+"""The graph of a job with a CSR output: each value computed once and written once.
+
+A block's values go at an offset that is the nnz of every block before it
+(see :mod:`dask_sparseconv.storage.csr_store.output`). Per block ``i``::
+
+    compute i   read -> convolve; result held in the worker's memory
+    carry i     (carry i-1, compute i) -> the values past block i's last chunk
+                boundary, and the offset of block i+1: small, the only chain
+    write i     (compute i, carry i-1) -> every chunk that ends inside block i,
+                written by the worker holding the result; in parallel with
+                the other blocks' writes
+
+and ``compute i`` waits for ``write i-L`` (``L``: the lag, twice the
+cluster's threads), so that at most about ``L`` results wait in memory for
+their offsets however the scheduler orders the blocks. The ``write`` tasks
+carry the block keys (:func:`~dask_sparseconv.pipeline.graph.block_key`), so
+progress counts blocks that are on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from ..storage.base import io_context
+from .tasks import BlockStats, apply, block_convolver, read_convolve, verified_stats
+
+
+@dataclasses.dataclass
+class BlockResult:
+    """A computed block on its worker: its stats and its CSR result
+    (``None`` for a block a resumed run verified and skipped)."""
+
+    stats: BlockStats
+    csr: Any = None
+
+
+def lag(threads: int) -> int:
+    """Blocks a compute may run ahead of the last finished write."""
+    return max(2, 2 * int(threads))
+
+
+def compute_block(job: tuple, kernel, index: int, start: int, stop: int, check: bool = False,
+                  gate: Any = None) -> BlockResult:
+    """Read and convolve block ``index``; keep the result for its carry and
+    write. ``check`` (resume: its marker was set when the graph was built):
+    return the block's recorded counts instead when its record and chunks
+    check out. ``gate``: the write ``lag`` blocks back (only waited for)."""
+    src, out, spec = job
+    t0 = time.time()
+    skipped = verified_stats(out, index, start, stop) if check else None
+    if skipped is not None:
+        return BlockResult(skipped)
+    csr, res, read_s, conv_s, engine = read_convolve(src, spec, kernel, index, start, stop, sparse_ok=False)
+    from ..storage.csr_store.output import canonical_result
+
+    res = canonical_result(res, stop - start, out.n_cols, index)
+    stats = BlockStats(index, start, stop, int(csr.nnz), int(res.nnz), t0, read_s, conv_s, 0.0, os.getpid(),
+                       counts=np.diff(res.indptr).astype(np.int64), **engine)
+    return BlockResult(stats, res)
+
+
+def carry_block(out, result: BlockResult, prev):
+    """The carry after a block (see :meth:`CSROutput.carry`)."""
+    return out.carry(result.stats.index, prev, result.csr, result.stats.counts)
+
+
+def write_block(job: tuple, kernel, result: BlockResult, prev) -> BlockStats:
+    """Write the chunks that end in a block; returns its stats (with the write time)."""
+    src, out, spec = job
+    stats = result.stats
+    if result.csr is None:
+        return stats
+
+    def produce(f0: int, f1: int):  # a resumed run: the values a skipped block left in its carry
+        return apply(block_convolver(spec, kernel), src.read_block(f0, f1), spec)
+
+    p0 = time.perf_counter()
+    try:
+        out.write_chunks(stats.index, prev, result.csr, produce=produce, record={"nnz_in": stats.nnz_in})
+    except OSError as exc:  # a full disk, a lost mount: say what was being written where
+        raise io_context(exc, f"writing block {stats.index} (images {stats.start}-{stats.stop - 1}) "
+                              f"to {out.location}") from exc
+    return dataclasses.replace(stats, write_s=time.perf_counter() - p0)
+
+
+def chain_graph(job_node, knode, out_node, bounds, done: set[int], annotations: dict, token: str,
+                threads: int, prefix: str, block_key) -> list:
+    """The write tasks (Delayed :class:`BlockStats`, in block order) of a CSR job's chain."""
+    import dask
+    from dask import delayed
+
+    compute = delayed(compute_block, pure=False)
+    carry = delayed(carry_block, pure=False)
+    write = delayed(write_block, pure=False)
+    L = lag(threads)
+    writes: list = []
+    prev = None
+    for i, (start, stop) in enumerate(bounds):
+        gate = writes[i - L] if i >= L else None
+        with dask.annotate(**(annotations or {})):  # route: only the computes are restricted
+            res = compute(job_node, knode, i, start, stop, i in done, gate,
+                          dask_key_name=f"{prefix}-compute-{token}-{i:06d}")
+        writes.append(write(job_node, knode, res, prev, dask_key_name=block_key(token, i)))
+        if i + 1 < len(bounds):
+            prev = carry(out_node, res, prev, dask_key_name=f"{prefix}-carry-{token}-{i:06d}")
+    return writes
