@@ -21,9 +21,10 @@ Workloads (both on a local cluster of 2 worker processes x 1 thread):
 1. dense: 6000 frames 256 x 256 float32, 2 % nonzero (uniform), 9 x 9
    Gaussian, dense zarr in and out;
 2. csr: ROI footprints (0-3 soft disks of radius 8 per 512 x 512 frame),
-   anndata CSR in and out, 7 x 7 Gaussian, with a block budget small enough
-   that blocks are staged (not held in memory), so resume has staged blocks
-   to keep.
+   anndata CSR in and out, 7 x 7 Gaussian, with a 4 MiB block budget: many
+   blocks, each writing the final chunks that end in it (the carry chain of
+   docs/storage.md), so a resumed run has written blocks to keep and the
+   values of the first unfinished chunk to recompute.
 
 The interrupt point is read from the CLI's own progress lines (``progress:
 K/N blocks``), so "25 %" means at least a quarter of the blocks were reported
@@ -258,7 +259,7 @@ def main(argv=None) -> int:
         "dense": ((6000, 600), lambda p, n: write_dense_uniform(p, n, 256, 256, 0.02, chunk=16),
                   gaussian_kernel(9, 2.0), "dense", "64MiB", "dense {n} x 256 x 256, 2 %, 9 x 9"),
         "csr": ((40000, 4000), lambda p, n: write_roi_csr(p, n, 512, 512),
-                gaussian_kernel(7, 1.5), "csr", "4MiB", "csr ROI {n} x 512 x 512, 7 x 7, staged"),
+                gaussian_kernel(7, 1.5), "csr", "4MiB", "csr ROI {n} x 512 x 512, 7 x 7"),
     }
     with tempfile.TemporaryDirectory(prefix="bench_resume_") as tmp:
         for key, ((full, quick), write, kernel, fmt, memory, label) in workloads.items():

@@ -15,6 +15,16 @@ cluster's threads), so that at most about ``L`` results wait in memory for
 their offsets however the scheduler orders the blocks. The ``write`` tasks
 carry the block keys (:func:`~dask_sparseconv.pipeline.graph.block_key`), so
 progress counts blocks that are on disk.
+
+Three things keep the chain moving on a distributed cluster. ``write i``
+also waits for ``carry i`` (whose value it does not use): a carry first
+fetches the previous one from another worker, and in that gap a one-thread
+worker used to start the block's 20 ms write, so that every step of the
+chain waited for a write. Priorities: carries before writes before
+computes, computes in block order. Sizes: :func:`dask.sizeof.sizeof` of a :class:`BlockResult` is its CSR's
+bytes (an unregistered object reads as ~50 bytes), so the scheduler places
+a block's carry and write on the worker that holds its result instead of
+moving the result to them.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import time
 from typing import Any
 
 import numpy as np
+from dask.sizeof import sizeof
 
 from ..storage.base import io_context
 from .tasks import BlockStats, apply, block_convolver, read_convolve, verified_stats
@@ -37,6 +48,19 @@ class BlockResult:
 
     stats: BlockStats
     csr: Any = None
+
+
+@sizeof.register(BlockResult)
+def _sizeof_block_result(result: BlockResult) -> int:
+    csr = result.csr
+    held = 0 if csr is None else int(csr.data.nbytes + csr.indices.nbytes + csr.indptr.nbytes)
+    return held + int(result.stats.counts.nbytes if result.stats.counts is not None else 0) + 512
+
+
+# task priorities (higher first on a worker and in the scheduler's queue):
+# carries, then writes, then computes in block order (compute i: -i)
+_CARRY_PRIORITY = 2
+_WRITE_PRIORITY = 1
 
 
 def lag(threads: int) -> int:
@@ -69,8 +93,9 @@ def carry_block(out, result: BlockResult, prev):
     return out.carry(result.stats.index, prev, result.csr, result.stats.counts)
 
 
-def write_block(job: tuple, kernel, result: BlockResult, prev) -> BlockStats:
-    """Write the chunks that end in a block; returns its stats (with the write time)."""
+def write_block(job: tuple, kernel, result: BlockResult, prev, after: Any = None) -> BlockStats:
+    """Write the chunks that end in a block; returns its stats (with the write time).
+    ``after``: the block's own carry, only waited for (see the module's docstring)."""
     src, out, spec = job
     stats = result.stats
     if result.csr is None:
@@ -102,10 +127,15 @@ def chain_graph(job_node, knode, out_node, bounds, done: set[int], annotations: 
     prev = None
     for i, (start, stop) in enumerate(bounds):
         gate = writes[i - L] if i >= L else None
-        with dask.annotate(**(annotations or {})):  # route: only the computes are restricted
+        # route: only the computes are restricted
+        with dask.annotate(**{"priority": -i, **(annotations or {})}):
             res = compute(job_node, knode, i, start, stop, i in done, gate,
                           dask_key_name=f"{prefix}-compute-{token}-{i:06d}")
-        writes.append(write(job_node, knode, res, prev, dask_key_name=block_key(token, i)))
+        before = prev
         if i + 1 < len(bounds):
-            prev = carry(out_node, res, prev, dask_key_name=f"{prefix}-carry-{token}-{i:06d}")
+            with dask.annotate(priority=_CARRY_PRIORITY):
+                prev = carry(out_node, res, before, dask_key_name=f"{prefix}-carry-{token}-{i:06d}")
+        with dask.annotate(priority=_WRITE_PRIORITY):
+            writes.append(write(job_node, knode, res, before, prev if i + 1 < len(bounds) else None,
+                                dask_key_name=block_key(token, i)))
     return writes

@@ -1,0 +1,60 @@
+"""The CSR output chain's graph (pipeline/csr_chain.py): what the scheduler is
+told about it (sizes, order, dependencies) and that a job built that way
+still gives scipy's result on a real LocalCluster."""
+
+import numpy as np
+import pytest
+import scipy.sparse
+from dask.sizeof import sizeof
+from pipeline_support import KERNEL, assert_matches, reference, sparse_stack
+
+from dask_sparseconv import convolve_zarr, open_stack
+from dask_sparseconv.pipeline.csr_chain import BlockResult
+from dask_sparseconv.pipeline.tasks import BlockStats
+from dask_sparseconv.storage import write_csr_stack
+
+pytestmark = pytest.mark.xdist_group("cluster")
+
+
+def test_block_result_reports_the_bytes_it_holds():
+    # the scheduler places a block's carry and write by its result's size: an
+    # unregistered object would read as ~50 bytes and the result would move
+    csr = scipy.sparse.random(40, 5000, density=0.05, format="csr", dtype=np.float32, random_state=1)
+    counts = np.diff(csr.indptr).astype(np.int64)
+    stats = BlockStats(0, 0, 40, 100, int(csr.nnz), 0.0, 0.0, 0.0, 0.0, 1, counts=counts)
+    held = csr.data.nbytes + csr.indices.nbytes + csr.indptr.nbytes
+    assert held > 40_000
+    assert held + counts.nbytes <= sizeof(BlockResult(stats, csr)) <= held + counts.nbytes + 4096
+    assert sizeof(BlockResult(stats)) < 4096  # a block a resume skipped holds no values
+
+
+def _task_keys(hlg, kind):
+    return sorted(k for k in hlg if isinstance(k, str) and k.startswith(f"sparseconv-{kind}-"))
+
+
+def test_chain_graph_orders_carries_before_writes_and_matches_scipy(local_cluster, tmp_path):
+    from distributed import Client
+
+    x = sparse_stack(60, 24, 20, density=0.05, seed=4)
+    src, target = str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr")
+    write_csr_stack(src, scipy.sparse.csr_matrix(x.reshape(60, -1)), (24, 20), chunk_size=50)
+    with Client(local_cluster) as client:
+        graph = convolve_zarr(src, KERNEL, target, "same", block_memory="8KiB", compute=False)
+        hlg = graph.__dask_graph__()
+        deps = hlg.get_all_dependencies()
+        computes, carries, writes = (_task_keys(hlg, k) for k in ("compute", "carry", "block"))
+        assert len(writes) >= 6 and len(carries) == len(writes) - 1 and len(computes) == len(writes)
+        for i, (w, c) in enumerate(zip(writes, carries)):
+            # write i waits for carry i, so the carry chain never waits behind a write
+            assert c in deps[w], f"block {i}: its write does not wait for its carry"
+            assert computes[i] in deps[c]
+        priority = {}
+        for layer in hlg.layers.values():
+            for key in layer:
+                if (layer.annotations or {}).get("priority") is not None:
+                    priority[key] = layer.annotations["priority"]
+        assert min(priority[c] for c in carries) > max(priority[w] for w in writes) > max(priority[c] for c in computes)
+        assert [priority[c] for c in computes] == sorted((priority[c] for c in computes), reverse=True)
+        client.compute(graph, sync=True)
+    got = open_stack(target)
+    assert_matches(got[:].compute().toarray().reshape(60, 24, 20), reference(x, KERNEL, "same"))
