@@ -113,29 +113,24 @@ def write_block(job: tuple, kernel, result: BlockResult, prev, after: Any = None
     return dataclasses.replace(stats, write_s=time.perf_counter() - p0)
 
 
-def chain_graph(job_node, knode, out_node, bounds, done: set[int], annotations: dict, token: str,
+def chain_graph(g, job, kernel, out, bounds, done: set[int], annotations: dict, token: str,
                 threads: int, prefix: str, block_key) -> list:
-    """The write tasks (Delayed :class:`BlockStats`, in block order) of a CSR job's chain."""
-    import dask
-    from dask import delayed
-
-    compute = delayed(compute_block, pure=False)
-    carry = delayed(carry_block, pure=False)
-    write = delayed(write_block, pure=False)
+    """Add a CSR job's chain to ``g`` (a :class:`~dask_sparseconv.pipeline.graph.TaskGraph`;
+    ``job``, ``kernel``, ``out``: references to its data nodes); returns the
+    write tasks' references (their values: :class:`BlockStats`), in block order."""
     L = lag(threads)
     writes: list = []
     prev = None
+    last = len(bounds) - 1
     for i, (start, stop) in enumerate(bounds):
         gate = writes[i - L] if i >= L else None
         # route: only the computes are restricted
-        with dask.annotate(**{"priority": -i, **(annotations or {})}):
-            res = compute(job_node, knode, i, start, stop, i in done, gate,
-                          dask_key_name=f"{prefix}-compute-{token}-{i:06d}")
+        res = g.add(f"{prefix}-compute-{token}-{i:06d}", compute_block, job, kernel, i, start, stop, i in done, gate,
+                    annotations={"priority": -i, **(annotations or {})})
         before = prev
-        if i + 1 < len(bounds):
-            with dask.annotate(priority=_CARRY_PRIORITY):
-                prev = carry(out_node, res, before, dask_key_name=f"{prefix}-carry-{token}-{i:06d}")
-        with dask.annotate(priority=_WRITE_PRIORITY):
-            writes.append(write(job_node, knode, res, before, prev if i + 1 < len(bounds) else None,
-                                dask_key_name=block_key(token, i)))
+        if i < last:
+            prev = g.add(f"{prefix}-carry-{token}-{i:06d}", carry_block, out, res, before,
+                         annotations={"priority": _CARRY_PRIORITY})
+        writes.append(g.add(block_key(token, i), write_block, job, kernel, res, before, prev if i < last else None,
+                            annotations={"priority": _WRITE_PRIORITY}))
     return writes
