@@ -32,6 +32,7 @@ import numpy as np
 import scipy.sparse
 
 from .convolver import Convolver
+from .operation import check_operation
 from .validation import VALID_BACKENDS as _VALID
 from .validation import module_available
 
@@ -90,6 +91,11 @@ class Toeplitz_convolution2d:
     device : str, optional
         Torch device for ``backend='torch'``; ``None``: CUDA when available,
         else CPU. Ignored (but stored) for other backends.
+    boundary, fillvalue, correlate : keyword only
+        Extras the peer does not have: ``scipy.signal.convolve2d``'s boundary
+        conditions and ``correlate2d``, as for
+        :class:`~dask_sparseconv.Convolver`. The defaults compute what the
+        peer computes.
 
     Examples
     --------
@@ -110,10 +116,15 @@ class Toeplitz_convolution2d:
         max_buffer_bytes: int = 256 * 1024 * 1024,
         backend: Optional[str] = None,
         device: Optional[str] = None,
+        *,
+        boundary: str = "fill",
+        fillvalue: float = 0.0,
+        correlate: bool = False,
     ):
         self._args = dict(
             x_shape=x_shape, k=k, mode=mode, dtype=dtype, verbose=verbose, method=method,
             max_buffer_bytes=max_buffer_bytes, backend=backend, device=device,
+            boundary=boundary, fillvalue=fillvalue, correlate=correlate,
         )
         # -- the peer's checks, in the peer's order, with the peer's texts --
         if not isinstance(x_shape, (tuple, list)):
@@ -218,16 +229,21 @@ class Toeplitz_convolution2d:
         try:
             # checked above, with the peer's texts; the compute dtype is chosen
             # per call by _dtypes() and inputs are cast before the call
+            # the peer has no boundary, fillvalue or correlate: extra keywords,
+            # checked with this package's texts
+            operation = check_operation(boundary, fillvalue, correlate)
             self.convolver = Convolver._checked(
                 x_shape, kernel, mode, method, backend, device if backend == "torch" else None, int(max_buffer_bytes),
+                operation,
             )
         except TypeError as exc:
             raise ConvolutionArgumentTypeError(str(exc)) from exc
         except ValueError as exc:
             raise ConvolutionArgumentError(str(exc)) from exc
         if method == "precomputed":
-            engine = self.convolver.engine(self._dtypes(self.k.dtype)[0])
-            engine.toeplitz(mode)
+            plan = self.convolver._plan(mode)  # boundaries: the padded frame, in 'valid' mode
+            engine = self.convolver.engine(self._dtypes(self.k.dtype)[0], plan.engine_shape)
+            engine.toeplitz(plan.engine_mode)
 
     # -- dtypes ------------------------------------------------------------
     def _dtypes(self, x_dtype) -> tuple[np.dtype, np.dtype]:

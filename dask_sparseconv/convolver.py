@@ -15,9 +15,11 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse
 
+from .boundaries import Extension, add_frame, fill_frame
 from .engine import Engine, engine_class
 from .engine.threads import default_threads
-from .geometry import Geometry, geometry
+from .geometry import Geometry
+from .operation import DEFAULT, Operation, check_operation
 from .validation import (
     check_choice,
     check_dtype,
@@ -85,11 +87,32 @@ def as_canonical_csr(x: Any, n_cols: int, dtype: np.dtype, name: str = "x") -> s
     return csr
 
 
+class _ModePlan:
+    """How one mode is computed: the engine's frame and mode, and what is
+    done around the engine's call (padding with ghosts, a fill frame)."""
+
+    __slots__ = ("geo", "extension", "engine_shape", "engine_mode", "fills")
+
+    def __init__(self, geo: Geometry, op: Operation):
+        self.geo = geo
+        kh, kw = geo.kernel_shape
+        # correlate2d's 'same' window for even kernels is no mode of the engines
+        standard = geo.mode != "same" or (geo.top, geo.left) == ((kh - 1) // 2, (kw - 1) // 2)
+        self.extension: Extension | None = None
+        self.engine_shape, self.engine_mode = geo.frame_shape, geo.mode
+        if geo.mode != "valid" and (op.boundary != "fill" or not standard):
+            self.extension = Extension(geo, op.boundary)
+            self.engine_shape, self.engine_mode = self.extension.frame_shape, "valid"
+        # dtype -> the fill frame (built on first use)
+        self.fills: dict[np.dtype, scipy.sparse.csr_matrix] | None = {} if op.fillvalue != 0 else None
+
+
 class Convolver:
     """Convolve batches of sparse 2-D images with one dense 2-D kernel.
 
-    Semantics are those of ``scipy.signal.convolve2d(image, kernel, mode)``
-    with zero fill, computed only where the images are nonzero.
+    Semantics are those of ``scipy.signal.convolve2d(image, kernel, mode,
+    boundary, fillvalue)`` (or ``correlate2d`` with ``correlate=True``),
+    computed only where the images are nonzero.
 
     Parameters
     ----------
@@ -117,6 +140,20 @@ class Convolver:
         ``cores // dask threads on the host`` so the two never oversubscribe.
     max_buffer_bytes : int, default 256 MiB
         Scratch-memory bound for engines with a dense accumulator.
+    boundary : {'fill', 'wrap', 'symm', 'mirror', 'nearest'}, default 'fill'
+        How the images continue past their edges, as in
+        ``scipy.signal.convolve2d`` (``'fill'``, ``'wrap'``, ``'symm'``) and
+        ``scipy.ndimage`` (``'mirror'``, ``'nearest'``; its names
+        ``'constant'``, ``'reflect'`` and ``'grid-wrap'`` are accepted for
+        ``'fill'``, ``'symm'`` and ``'wrap'``). All but a nonzero fill keep
+        the output sparse: the padding repeats nonzeros, computed from them
+        alone (:mod:`dask_sparseconv.boundaries`). Unused in ``'valid'`` mode.
+    fillvalue : float, default 0
+        The constant of ``boundary='fill'``. A nonzero value adds one fixed
+        frame to every image (nonzero within ``k - 1`` pixels of the edges).
+    correlate : bool, default False
+        Compute ``scipy.signal.correlate2d`` instead (the kernel is not
+        flipped; the ``'same'`` window is centred as scipy centres it).
 
     Examples
     --------
@@ -138,6 +175,9 @@ class Convolver:
         device: str | None = None,
         n_threads: int | None = None,
         max_buffer_bytes: int = 256 * 1024**2,
+        boundary: str = "fill",
+        fillvalue: float = 0.0,
+        correlate: bool = False,
     ):
         frame_shape = check_frame_shape(frame_shape)
         kernel = check_kernel(kernel)
@@ -148,22 +188,28 @@ class Convolver:
         max_buffer_bytes = check_positive_int(max_buffer_bytes, "max_buffer_bytes")
         if device is not None and backend != "torch":
             raise ValueError(f"device is only used by backend='torch'; got device={device!r} with backend={backend!r}")
-        self._setup(frame_shape, kernel, mode, method, backend, dtype, device, n_threads, max_buffer_bytes)
+        op = DEFAULT if boundary == "fill" and fillvalue == 0 and correlate is False else \
+            check_operation(boundary, fillvalue, correlate)
+        self._setup(frame_shape, kernel, mode, method, backend, dtype, device, n_threads, max_buffer_bytes, op)
 
     @classmethod
     def _checked(cls, frame_shape: tuple[int, int], kernel: np.ndarray, mode: str, method: str, backend: str,
-                 device: str | None, max_buffer_bytes: int) -> "Convolver":
+                 device: str | None, max_buffer_bytes: int, operation: Operation = DEFAULT) -> "Convolver":
         """A convolver from arguments the caller has checked: the drop-in class,
         which checks them with the peer's texts (a new convolver is built per
         grid point in the seed's benchmark, so checking twice is paid there).
         ``kernel`` is checked here (finite, real, non-empty) and copied."""
         self = cls.__new__(cls)
-        self._setup(frame_shape, check_kernel(kernel), mode, method, backend, None, device, None, max_buffer_bytes)
+        self._setup(frame_shape, check_kernel(kernel), mode, method, backend, None, device, None, max_buffer_bytes,
+                    operation)
         return self
 
-    def _setup(self, frame_shape, kernel, mode, method, backend, dtype, device, n_threads, max_buffer_bytes) -> None:
+    def _setup(self, frame_shape, kernel, mode, method, backend, dtype, device, n_threads, max_buffer_bytes,
+               operation: Operation = DEFAULT) -> None:
         self.frame_shape = frame_shape
         self.kernel = kernel
+        self.operation = operation
+        self._taps = operation.engine_kernel(kernel)  # what the engines convolve with
         self.mode = mode
         self.method, self.backend = method, backend
         self.dtype = dtype
@@ -171,15 +217,16 @@ class Convolver:
         self.max_buffer_bytes = max_buffer_bytes
         self.device = self._resolve_device(device) if backend == "torch" else None
         # raises for 'valid' with a too-large kernel; kept, as every call needs it
-        self._geometries = {self.mode: geometry(self.frame_shape, self.kernel.shape, self.mode)}
-        self._engines: dict[np.dtype, Engine] = {}
+        plan = _ModePlan(operation.window(frame_shape, kernel.shape, mode), operation)
+        self._plans = {mode: plan}
+        self._engines: dict[tuple, Engine] = {}
         self._lock = threading.Lock()
         # Build eagerly for the likely dtype so that init-time work (a
         # Toeplitz matrix) happens here, not on the first call.
-        eng = self.engine(self.dtype or compute_dtype(self.kernel.dtype, None))
+        eng = self.engine(self.dtype or compute_dtype(self.kernel.dtype, None), plan.engine_shape)
         prepare = getattr(eng, "prepare", None)  # per-mode set-up (Toeplitz engines)
         if prepare is not None:
-            prepare(self.mode)
+            prepare(plan.engine_mode)
 
     @staticmethod
     def _resolve_device(device: str | None) -> str:
@@ -196,35 +243,53 @@ class Convolver:
         return str(dev)
 
     # -- engines ---------------------------------------------------------
-    def engine(self, dtype: np.dtype) -> Engine:
-        """The engine computing in ``dtype``, built on first use and kept."""
+    def engine(self, dtype: np.dtype, frame_shape: tuple[int, int] | None = None) -> Engine:
+        """The engine computing in ``dtype`` on ``frame_shape`` (default: the
+        convolver's; a padded frame for boundaries), built on first use and kept."""
         dtype = np.dtype(dtype)
-        eng = self._engines.get(dtype)
+        key = (dtype, frame_shape or self.frame_shape)
+        eng = self._engines.get(key)
         if eng is None:
             with self._lock:
-                eng = self._engines.get(dtype)
+                eng = self._engines.get(key)
                 if eng is None:
                     cls = engine_class(self.method, self.backend)
                     eng = cls(
-                        self.frame_shape,
-                        self.kernel.astype(dtype),
+                        key[1],
+                        self._taps.astype(dtype),
                         dtype,
                         device=self.device,
                         n_threads=self.n_threads,
                         max_buffer_bytes=self.max_buffer_bytes,
                     )
-                    self._engines[dtype] = eng
+                    self._engines[key] = eng
         return eng
+
+    def _plan(self, mode: str | None) -> _ModePlan:
+        if mode is None:
+            mode = self.mode
+        plan = self._plans.get(mode) if isinstance(mode, str) else None
+        if plan is None:
+            mode = check_mode(mode)
+            plan = self._plans[mode] = _ModePlan(self.operation.window(self.frame_shape, self.kernel.shape, mode),
+                                                 self.operation)
+        return plan
 
     def geometry(self, mode: str | None = None) -> Geometry:
         """Output geometry for ``mode`` (default: the convolver's)."""
-        if mode is None:
-            mode = self.mode
-        geo = self._geometries.get(mode) if isinstance(mode, str) else None
-        if geo is None:
-            mode = check_mode(mode)
-            geo = self._geometries[mode] = geometry(self.frame_shape, self.kernel.shape, mode)
-        return geo
+        return self._plan(mode).geo
+
+    def fill_frame(self, dtype: Any = np.float64, mode: str | None = None) -> scipy.sparse.csr_matrix | None:
+        """What ``fillvalue`` adds to every output image, as one CSR row
+        ``(1, H_out*W_out)`` (None when ``fillvalue`` is 0)."""
+        plan = self._plan(mode)
+        if plan.fills is None:
+            return None
+        dtype = np.dtype(dtype)
+        frame = plan.fills.get(dtype)
+        if frame is None:
+            frame = plan.fills[dtype] = fill_frame(self._taps, plan.geo, self.operation.fillvalue, dtype)
+        return frame
 
     @property
     def out_shape(self) -> tuple[int, int]:
@@ -290,16 +355,24 @@ class Convolver:
         if layout == "single":
             x = x.reshape(1, H * W) if scipy.sparse.issparse(x) else np.asarray(x).reshape(1, H * W)
         csr = as_canonical_csr(x, H * W, dtype)
-        eng = self.engine(dtype)
+        plan = self._plans.get(geo.mode) or self._plan(geo.mode)
+        if plan.extension is not None:
+            csr = plan.extension(csr)
+        eng = self.engine(dtype, plan.engine_shape)
         n = csr.shape[0]
+        frame = None if plan.fills is None else self.fill_frame(dtype, geo.mode)
         if out == "dense":
-            res = eng.to_dense(csr, geo.mode)
+            res = eng.to_dense(csr, plan.engine_mode)
+            if frame is not None:
+                res.reshape(n, -1)[:, frame.indices] += frame.data
             if layout == "batch":
                 return res.reshape(n, geo.out_pixels)
             if layout == "single":
                 return res.reshape(geo.out_shape)
             return res
-        res = eng.to_csr(csr, geo.mode)
+        res = eng.to_csr(csr, plan.engine_mode)
+        if frame is not None:
+            res = add_frame(res, frame)
         if layout == "single":
             res = scipy.sparse.csr_matrix(res.reshape(geo.out_shape))
         return res
@@ -333,7 +406,10 @@ class Convolver:
         )
 
     def __repr__(self) -> str:
+        op = "" if self.operation.is_default else (
+            f", boundary={self.operation.boundary!r}, fillvalue={self.operation.fillvalue!r}, "
+            f"correlate={self.operation.correlate!r}")
         return (
             f"Convolver(frame_shape={self.frame_shape}, kernel_shape={self.kernel.shape}, mode={self.mode!r}, "
-            f"method={self.method!r}, backend={self.backend!r}, dtype={self.dtype}, device={self.device!r})"
+            f"method={self.method!r}, backend={self.backend!r}, dtype={self.dtype}, device={self.device!r}{op})"
         )

@@ -94,7 +94,8 @@ def render_preview(src: Any, wf: Any, images: Sequence[int], scale: int = 1, lab
 
     frame_shape = tuple(int(v) for v in src.frame_shape)
     conv = Convolver(frame_shape, wf.kernel.array, mode=wf.mode, method=wf.method, backend=wf.backend,
-                     dtype=wf.dtype, n_threads=1)
+                     dtype=wf.dtype, n_threads=1, boundary=wf.boundary, fillvalue=wf.fillvalue,
+                     correlate=wf.correlate)
     pairs, titles = [], []
     for i in images:
         frame = np.asarray(src.read_dense_block(int(i), int(i) + 1))[0]

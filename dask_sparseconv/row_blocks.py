@@ -61,6 +61,7 @@ def image_bytes(
     nnz_per_image: float | None = None,
     kernel_size: int = 1,
     nnz_out_per_image: float | None = None,
+    fill_nnz: int = 0,
 ) -> int:
     """Estimate the peak memory one image adds to a block task, in bytes.
 
@@ -81,6 +82,8 @@ def image_bytes(
     The worst case is right for scattered pixels but overstates clustered
     ones (the ROI benchmark's disks reach ~2 output pixels per input pixel,
     not 49) and would cut a small job into needlessly many blocks.
+    ``fill_nnz``: output nonzeros every image has whatever its input (the
+    fill frame of a nonzero ``fillvalue``).
     """
     H, W = int(frame_shape[0]), int(frame_shape[1])
     Ho, Wo = int(out_shape[0]), int(out_shape[1])
@@ -101,6 +104,7 @@ def image_bytes(
         nnz_out = min(nnz * max(int(kernel_size), 1), out_pixels)
         if nnz_out_per_image is not None:
             nnz_out = min(nnz_out, max(float(nnz_out_per_image), 0.0))
+        nnz_out = min(nnz_out + max(int(fill_nnz), 0), out_pixels)
         out = nnz_out * (out_itemsize + 8) + 8
     else:
         raise ValueError(f"out_format must be 'dense' or 'csr'; got {out_format!r}")

@@ -194,7 +194,7 @@ def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool 
 
 def _job_settings(wf) -> dict:
     return dict(mode=wf.mode, output_format=wf.output.format, method=wf.method, backend=wf.backend, dtype=wf.dtype,
-                block_memory=wf.block.memory)
+                block_memory=wf.block.memory, boundary=wf.boundary, fillvalue=wf.fillvalue, correlate=wf.correlate)
 
 
 def _plan_job(wf, src, threads: int, problems: list[tuple[str, str]]):
@@ -218,12 +218,11 @@ def _plan_job(wf, src, threads: int, problems: list[tuple[str, str]]):
 
 def _plan_sample(wf, csr, n_images, chunk_rows, frame_shape, in_dtype, out_dtype, out_format, threads: int):
     """The blocks of a sample stack not generated yet (planned from the matrix it will hold)."""
-    from ..geometry import geometry
     from ..pipeline.plan import plan_matrix
     from ..pipeline.spec import check_settings
 
     settings = check_settings(wf.kernel.array, **{k: v for k, v in _job_settings(wf).items()})
-    geo = geometry(frame_shape, wf.kernel.array.shape, wf.mode)
+    geo = settings.window(frame_shape)
     return plan_matrix(n_images, frame_shape, csr, settings, geo, in_dtype, out_dtype, out_format, threads,
                        chunk_rows=chunk_rows)
 

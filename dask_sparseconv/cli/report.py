@@ -58,7 +58,7 @@ def print_plan(plan: Plan, header: str) -> None:
     say(f"  density:      {dens_txt}")
     k = wf.kernel.array
     say(f"  kernel:       {wf.kernel.description}, {fmt_shape(k.shape)}")
-    say(f"  convolution:  mode {wf.mode}, method {wf.method}, backend {wf.backend}")
+    say(f"  operation:    {wf.operation.describe()}, mode {wf.mode}, method {wf.method}, backend {wf.backend}")
     if plan.blocks is not None:
         b = plan.blocks
         threads = f"{plan.threads} scheduler thread{'s' if plan.threads != 1 else ''}"
@@ -124,7 +124,8 @@ def describe_lines(d: dict, store: str, array: str | None, done: int | None = No
     prov = d.get("provenance")
     if prov:
         lines.append(f"provenance: written by dask-sparseconv {prov.get('version', '')}".rstrip())
-        for k in ("source", "mode", "method", "backend", "kernel_shape", "kernel_sha", "dtype", "block_rows",
+        for k in ("source", "mode", "boundary", "fillvalue", "correlate", "method", "backend", "kernel_shape",
+                  "kernel_sha", "dtype", "block_rows",
                   "n_blocks", "created", "completed"):
             if k in prov:
                 lines.append(f"  {k + ':':<14}{prov[k]}")

@@ -13,7 +13,6 @@ import numpy as np
 import scipy.sparse
 
 from ..convolver import compute_dtype
-from ..geometry import geometry
 from ..kernels import kernel_digest
 from ..row_blocks import RowBlocks
 from ..runtime.cluster import scheduler_threads
@@ -45,11 +44,15 @@ def convolve(
     frame_shape: tuple[int, int] | None = None,
     array: str | None = None,
     storage_options: dict | None = None,
+    boundary: str = "fill",
+    fillvalue: float = 0.0,
+    correlate: bool = False,
 ):
     """Convolve every image of a stack with ``kernel``, lazily.
 
-    Semantics are those of ``scipy.signal.convolve2d(image, kernel, mode)``
-    applied to each image.
+    Semantics are those of ``scipy.signal.convolve2d(image, kernel, mode,
+    boundary, fillvalue)`` (``correlate2d`` with ``correlate=True``) applied
+    to each image.
 
     Parameters
     ----------
@@ -61,7 +64,7 @@ def convolve(
     kernel : array_like
         2-D, finite kernel.
     mode : {'same', 'full', 'valid'}
-    method, backend, dtype
+    method, backend, dtype, boundary, fillvalue, correlate
         As for :class:`~dask_sparseconv.Convolver`.
     output_format : {None, 'dense', 'csr'}
         ``'dense'``: a ``(n, H_out, W_out)`` dask array of ndarrays.
@@ -83,8 +86,10 @@ def convolve(
     """
     import dask.array as da
 
-    settings = check_settings(kernel, mode, method, backend, dtype, output_format, block_memory)
+    settings = check_settings(kernel, mode, method, backend, dtype, output_format, block_memory, boundary, fillvalue,
+                              correlate)
     kernel, mode, method, backend = settings.kernel, settings.mode, settings.method, settings.backend
+    op = settings.operation
     if frame_shape is not None:
         frame_shape = check_frame_shape(frame_shape)
 
@@ -95,12 +100,12 @@ def convolve(
         fs = (int(src.frame_shape[0]), int(src.frame_shape[1]))
         if frame_shape is not None and frame_shape != fs:
             raise ValueError(f"frame_shape={frame_shape} does not match the store's frame shape {fs}")
-        geo = geometry(fs, kernel.shape, mode)
+        geo = settings.window(fs)
         out_dtype = compute_dtype(src.dtype, settings.dtype)
         fmt = settings.output_format or src.format
-        nnz_per_image, expansion = source_estimates(src, kernel, geo, fmt)
+        nnz_per_image, expansion = source_estimates(src, settings.taps, geo, fmt)
         blocks = _blocks_for(src, settings, geo, fmt, out_dtype, scheduler_threads(), nnz_per_image, expansion)
-        spec = BlockSpec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt)
+        spec = BlockSpec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt, operation=op)
         return _source_array(src, kernel, blocks, spec)
 
     if array is not None or storage_options is not None:
@@ -115,12 +120,12 @@ def convolve(
         if x.shape[1] != H * W:
             raise ValueError(f"x must have H*W = {H * W} columns for frame_shape={frame_shape}; got shape {x.shape}")
         check_real(x.dtype)
-        geo = geometry(frame_shape, kernel.shape, mode)
+        geo = settings.window(frame_shape)
         out_dtype = compute_dtype(x.dtype, settings.dtype)
         fmt = settings.output_format or "csr"
         csr = scipy.sparse.csr_matrix(x)
         blocks = plan_matrix(csr.shape[0], frame_shape, csr, settings, geo, x.dtype, out_dtype, fmt, scheduler_threads())
-        spec = BlockSpec(frame_shape, geo.out_shape, mode, method, backend, out_dtype.str, fmt)
+        spec = BlockSpec(frame_shape, geo.out_shape, mode, method, backend, out_dtype.str, fmt, operation=op)
         return _sparse_array(csr, kernel, blocks, spec)
 
     if isinstance(x, da.Array):
@@ -149,7 +154,7 @@ def convolve(
             f"x must be a stack (n_images, H, W), or (n_images, H*W) with frame_shape; got shape {x.shape}"
         )
     fs = check_frame_shape(fs)
-    geo = geometry(fs, kernel.shape, mode)
+    geo = settings.window(fs)
     out_dtype = compute_dtype(x.dtype, settings.dtype)
     in_sparse = arr is not None and scipy.sparse.issparse(getattr(arr, "_meta", None))
     fmt = settings.output_format or ("csr" if in_sparse else "dense")
@@ -161,8 +166,9 @@ def convolve(
         chunk_rows = int(max(arr.chunks[0])) if arr.chunks[0] else 1
     blocks = plan_blocks(n_images=n, chunk_rows=chunk_rows, frame_shape=fs, out_shape=geo.out_shape, in_dtype=x.dtype,
                          out_dtype=out_dtype, in_format="csr" if in_sparse else "dense", out_format=fmt, kernel=kernel,
-                         block_memory=settings.block_memory, threads=scheduler_threads())
-    spec = BlockSpec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt)
+                         block_memory=settings.block_memory, threads=scheduler_threads(),
+                         fill_nnz=settings.fill_nnz(geo) if fmt == "csr" else 0)
+    spec = BlockSpec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt, operation=op)
     arr = arr.rechunk((blocks.chunks,) + tuple((s,) for s in arr.shape[1:])) if n else arr
     return _map_array(arr, kernel, blocks, spec)
 

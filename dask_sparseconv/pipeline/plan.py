@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..convolver import compute_dtype
-from ..geometry import Geometry, geometry
+from ..geometry import Geometry
 from ..kernels import kernel_digest
 from ..row_blocks import RowBlocks, image_bytes, plan_row_blocks
 from ..runtime.cluster import scheduler_threads
@@ -28,12 +28,13 @@ BLOCKS_PER_THREAD = 2
 def plan_blocks(*, n_images: int, chunk_rows: int, frame_shape: tuple[int, int], out_shape: tuple[int, int],
                 in_dtype: Any, out_dtype: Any, in_format: str, out_format: str, kernel: np.ndarray,
                 block_memory: int, threads: int, nnz_per_image: float | None = None,
-                expansion: float | None = None) -> RowBlocks:
+                expansion: float | None = None, fill_nnz: int = 0) -> RowBlocks:
     """Row blocks for a stack on ``threads`` scheduler threads.
 
     ``nnz_per_image`` and ``expansion`` (output nonzeros per input nonzero)
     are the estimates of :mod:`~dask_sparseconv.pipeline.estimates`; without
-    them the worst case is assumed.
+    them the worst case is assumed. ``fill_nnz``: output nonzeros a nonzero
+    ``fillvalue`` adds to every image, empty ones included.
     """
     per_image = image_bytes(
         frame_shape,
@@ -45,6 +46,7 @@ def plan_blocks(*, n_images: int, chunk_rows: int, frame_shape: tuple[int, int],
         nnz_per_image=nnz_per_image,
         kernel_size=int(np.count_nonzero(kernel)) or 1,
         nnz_out_per_image=None if expansion is None or nnz_per_image is None else nnz_per_image * expansion,
+        fill_nnz=fill_nnz,
     )
     return plan_row_blocks(n_images, chunk_rows, per_image, block_memory,
                            min_blocks=BLOCKS_PER_THREAD * max(1, int(threads)), strict_chunks=(in_format == "dense"))
@@ -128,7 +130,7 @@ class JobPlan:
             diffs.append(f"source {self.source}")
         if kernel_digest(mine.kernel) != kernel_digest(theirs.kernel):
             diffs.append("kernel")
-        for name in ("mode", "method", "backend", "dtype", "output_format", "block_memory"):
+        for name in ("mode", "method", "backend", "dtype", "output_format", "block_memory", "operation"):
             if getattr(mine, name) != getattr(theirs, name):
                 diffs.append(f"{name}={getattr(mine, name)!r}")
         return ", ".join(diffs) or None
@@ -141,13 +143,15 @@ def _blocks_for(src, settings: Settings, geo: Geometry, out_format: str, out_dty
     return plan_blocks(n_images=int(src.n_images), chunk_rows=int(src.chunk_rows), frame_shape=geo.frame_shape,
                        out_shape=geo.out_shape, in_dtype=src.dtype, out_dtype=out_dtype, in_format=src.format,
                        out_format=out_format, kernel=settings.kernel, block_memory=settings.block_memory,
-                       threads=threads, nnz_per_image=nnz_per_image, expansion=expansion)
+                       threads=threads, nnz_per_image=nnz_per_image, expansion=expansion,
+                       fill_nnz=settings.fill_nnz(geo) if out_format == "csr" else 0)
 
 
 def plan_job(source: Any, kernel: Any, mode: str = "same", *, output_format: str | None = None,
              method: str = "auto", backend: str | None = "auto", dtype: Any = None, block_memory: Any = None,
              array: str | None = None, storage_options: dict | None = None,
-             threads: int | None = None) -> JobPlan:
+             threads: int | None = None, boundary: str = "fill", fillvalue: float = 0.0,
+             correlate: bool = False) -> JobPlan:
     """Plan a store-to-store job without writing anything.
 
     Opens the input read-only, checks what depends on it (the kernel fits the
@@ -161,6 +165,8 @@ def plan_job(source: Any, kernel: Any, mode: str = "same", *, output_format: str
         As for :func:`~dask_sparseconv.convolve_zarr`.
     kernel, mode, output_format, method, backend, dtype, block_memory, array, storage_options
         As for :func:`~dask_sparseconv.convolve_zarr`.
+    boundary, fillvalue, correlate
+        As for :class:`~dask_sparseconv.Convolver`.
     threads : int, optional
         Scheduler threads to plan for (default: the active scheduler's).
 
@@ -174,7 +180,8 @@ def plan_job(source: Any, kernel: Any, mode: str = "same", *, output_format: str
     ValueError, TypeError, FileNotFoundError
         For bad arguments or an input that cannot be convolved.
     """
-    settings = check_settings(kernel, mode, method, backend, dtype, output_format, block_memory)
+    settings = check_settings(kernel, mode, method, backend, dtype, output_format, block_memory, boundary, fillvalue,
+                              correlate)
     return _plan(source, settings, array=array, storage_options=storage_options, threads=threads)
 
 
@@ -184,14 +191,14 @@ def _plan(source: Any, settings: Settings, *, array: str | None, storage_options
 
     src = source if isinstance(source, StackInput) else open_input(source, array=array, storage_options=storage_options)
     fs = (int(src.frame_shape[0]), int(src.frame_shape[1]))
-    geo = geometry(fs, settings.kernel.shape, settings.mode)  # ValueError for 'valid' with a kernel larger than the frame
+    geo = settings.window(fs)  # ValueError for 'valid' with a kernel larger than the frame
     src.check_indices()  # CSR: out-of-range indices fail here, before any target exists
     if src.n_images == 0:
         raise ValueError(f"source {src.location} holds no images (shape[0] == 0); nothing to convolve")
     out_dtype = compute_dtype(src.dtype, settings.dtype)
     fmt = settings.output_format or src.format
     threads = int(threads) if threads else scheduler_threads()
-    nnz_per_image, expansion = source_estimates(src, settings.kernel, geo, fmt)
+    nnz_per_image, expansion = source_estimates(src, settings.taps, geo, fmt)
     blocks = _blocks_for(src, settings, geo, fmt, out_dtype, threads, nnz_per_image, expansion)
     return JobPlan(src, settings, geo, fmt, out_dtype, nnz_per_image, expansion, threads, blocks)
 
@@ -199,8 +206,9 @@ def _plan(source: Any, settings: Settings, *, array: str | None, storage_options
 def plan_matrix(n_images: int, frame_shape: tuple[int, int], csr: Any, settings: Settings, geo: Geometry,
                 in_dtype: Any, out_dtype: np.dtype, out_format: str, threads: int, chunk_rows: int = 1) -> RowBlocks:
     """Row blocks for an in-memory CSR stack ``(n, H*W)``."""
-    expansion = matrix_expansion(csr, settings.kernel, geo) if out_format == "csr" else None
+    expansion = matrix_expansion(csr, settings.taps, geo) if out_format == "csr" else None
     return plan_blocks(n_images=n_images, chunk_rows=chunk_rows, frame_shape=frame_shape, out_shape=geo.out_shape,
                        in_dtype=in_dtype, out_dtype=out_dtype, in_format="csr", out_format=out_format,
                        kernel=settings.kernel, block_memory=settings.block_memory, threads=threads,
-                       nnz_per_image=(csr.nnz / n_images) if n_images else None, expansion=expansion)
+                       nnz_per_image=(csr.nnz / n_images) if n_images else None, expansion=expansion,
+                       fill_nnz=settings.fill_nnz(geo) if out_format == "csr" else 0)

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ..geometry import Geometry
+from ..operation import DEFAULT, Operation, check_operation
 from ..row_blocks import parse_block_memory
 from ..validation import check_choice, check_dtype, check_kernel, check_mode, resolve_method_backend
 
@@ -27,6 +29,7 @@ class BlockSpec:
     device: str | None = None
     route: str = "any"  # 'cpu': resolve backend='auto' without an accelerator
     host_threads: tuple[tuple[str, int], ...] = ()  # (host, dask threads on it) of the cluster the job was built for
+    operation: Operation = DEFAULT  # boundary, fill value, correlation
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,26 @@ class Settings:
     dtype: np.dtype | None
     output_format: str | None
     block_memory: int
+    operation: Operation = DEFAULT
+
+    def window(self, frame_shape: tuple[int, int]) -> Geometry:
+        """The output geometry on frames of ``frame_shape`` (raises for
+        ``'valid'`` with a kernel larger than the frame)."""
+        return self.operation.window(frame_shape, self.kernel.shape, self.mode)
+
+    @property
+    def taps(self) -> np.ndarray:
+        """The kernel as the engines apply it (flipped for correlation):
+        what the planner's output estimates sample with."""
+        return self.operation.engine_kernel(self.kernel)
+
+    def fill_nnz(self, geo: Geometry) -> int:
+        """Nonzeros a nonzero ``fillvalue`` adds to every output image."""
+        if self.operation.fillvalue == 0:
+            return 0
+        from ..boundaries import fill_frame
+
+        return int(fill_frame(self.taps, geo, self.operation.fillvalue, np.float64).nnz)
 
 
 def output_formats() -> tuple[str, ...]:
@@ -61,13 +84,13 @@ def check_bool(value: Any, name: str) -> bool:
 
 
 def check_settings(kernel: Any, mode: Any, method: Any, backend: Any, dtype: Any, output_format: Any,
-                   block_memory: Any) -> Settings:
+                   block_memory: Any, boundary: Any = "fill", fillvalue: Any = 0, correlate: Any = False) -> Settings:
     """Every argument that can be checked without touching storage."""
     kernel = check_kernel(kernel)
     mode = check_mode(mode)
     method, backend = graph_engine(method, backend)
     return Settings(kernel, mode, method, backend, check_dtype(dtype), check_output_format(output_format),
-                    parse_block_memory(block_memory))
+                    parse_block_memory(block_memory), check_operation(boundary, fillvalue, correlate))
 
 
 def graph_engine(method: Any, backend: Any) -> tuple[str, str]:

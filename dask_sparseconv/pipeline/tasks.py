@@ -59,6 +59,7 @@ def block_convolver(spec: BlockSpec, kernel: np.ndarray):
     return get_convolver(
         spec.frame_shape, kernel, spec.mode, spec.method, spec.backend, spec.dtype, spec.device,
         n_threads=_engine_threads(spec), gpu_device="none" if spec.route == "cpu" else None,
+        operation=spec.operation,
     )
 
 

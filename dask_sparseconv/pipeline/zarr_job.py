@@ -38,6 +38,9 @@ def convolve_zarr(
     route: str = "any",
     lock: Any = True,
     plan: JobPlan | None = None,
+    boundary: str = "fill",
+    fillvalue: float = 0.0,
+    correlate: bool = False,
 ) -> ConvolveSummary | Any:
     """Convolve a zarr stack into a new zarr stack, out of core.
 
@@ -52,6 +55,11 @@ def convolve_zarr(
         Where to write the output (local path, fsspec URL or zarr store). It
         must not overlap the source.
     mode : {'same', 'full', 'valid'}
+    boundary, fillvalue, correlate
+        The operation, as for :class:`~dask_sparseconv.Convolver`:
+        ``scipy.signal.convolve2d``'s boundaries (and the ``scipy.ndimage``
+        names), or ``correlate2d`` with ``correlate=True``. Recorded in the
+        output's provenance; a resume compares them.
     output_format : {None, 'dense', 'csr'}
         Default: the source's format. Dense output is computed by the
         engines' dense path directly (no CSR in between).
@@ -125,7 +133,8 @@ def convolve_zarr(
         For bad arguments, all checked before anything is written.
     """
     # 1. everything that can be checked without touching storage
-    settings = check_settings(kernel, mode, method, backend, dtype, output_format, block_memory)
+    settings = check_settings(kernel, mode, method, backend, dtype, output_format, block_memory, boundary, fillvalue,
+                              correlate)
     overwrite = check_bool(overwrite, "overwrite")
     compute = check_bool(compute, "compute")
     resume = check_bool(resume, "resume")
@@ -202,6 +211,7 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
         "backend": settings.backend,
         "kernel_shape": list(kernel.shape),
         "kernel_sha": kernel_digest(kernel),
+        **settings.operation.as_attrs(),
     }
     if kernel.size <= 256:
         attrs["kernel"] = kernel.tolist()
@@ -235,7 +245,8 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
         return delayed(finish_consolidated, pure=False)(out, info, int(resume_prov.get("nnz", 0)))
     done = out.done_blocks() if resume_prov is not None else set()
     spec = BlockSpec(plan.frame_shape, plan.out_shape, settings.mode, settings.method, settings.backend,
-                     plan.out_dtype.str, fmt, route=route, host_threads=host_threads(workers))
+                     plan.out_dtype.str, fmt, route=route, host_threads=host_threads(workers),
+                     operation=settings.operation)
     return store_graph(src, out, kernel, blocks, spec, info, annotations=annotations, done=done, threads=plan.threads)
 
 

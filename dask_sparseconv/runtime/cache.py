@@ -59,6 +59,7 @@ import numpy as np
 from ..convolver import Convolver
 from ..engine.threads import default_threads
 from ..kernels import kernel_digest
+from ..operation import DEFAULT, Operation
 from ..validation import check_kernel, check_positive_int
 
 _DEFAULT_SIZE = 8
@@ -168,9 +169,11 @@ def cache_key(
     dtype: Any,
     device: str | None,
     n_threads: int,
+    operation: Operation = DEFAULT,
 ) -> tuple:
     """The key under which a convolver is cached."""
     return (
+        operation,
         (int(frame_shape[0]), int(frame_shape[1])),
         tuple(np.shape(kernel)),
         kernel_digest(kernel),
@@ -195,10 +198,12 @@ def get_convolver(
     n_threads: int | None = None,
     *,
     gpu_device: str | None = None,
+    operation: Operation = DEFAULT,
 ) -> Convolver:
     """Return the cached convolver for these arguments, building it on a miss.
 
-    Arguments are those of :class:`~dask_sparseconv.Convolver`. ``n_threads``
+    Arguments are those of :class:`~dask_sparseconv.Convolver` (``operation``:
+    its ``boundary``, ``fillvalue`` and ``correlate``, checked). ``n_threads``
     defaults to :func:`engine_threads` (see the module's thread policy).
     Concurrent calls with the same key build once; the others wait and reuse
     the result.
@@ -224,7 +229,7 @@ def get_convolver(
                                                         gpu_device=gpu_device)
     method, backend = resolve_method_backend(method, backend)
     n_threads = engine_threads() if n_threads is None else check_positive_int(n_threads, "n_threads")
-    key = cache_key(frame_shape, kernel, mode, method, backend, dtype, device, n_threads)
+    key = cache_key(frame_shape, kernel, mode, method, backend, dtype, device, n_threads, operation)
 
     with _lock:
         conv = _entries.get(key)
@@ -244,7 +249,8 @@ def get_convolver(
         try:
             conv = Convolver(
                 frame_shape, kernel, mode=mode, method=method, backend=backend, dtype=dtype, device=device,
-                n_threads=n_threads,
+                n_threads=n_threads, boundary=operation.boundary, fillvalue=operation.fillvalue,
+                correlate=operation.correlate,
             )
             if conv.backend == "torch" and str(conv.device).startswith("cpu"):
                 _cap_torch_threads(n_threads)

@@ -5,6 +5,7 @@ listing every problem with its key path (``kernel.gaussian.sigma``)."""
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,12 @@ def _relations(d: dict, base: Path) -> list[tuple[str, str]]:
     if cluster.get("route") == "gpu" and address is None:
         out.append(("cluster.route", "'gpu' needs cluster.address: a scheduler with GPU workers started with "
                                      "`dask worker <address> --resources GPU=1` (a local cluster has none)"))
+    fill, boundary = d.get("fillvalue", 0), d.get("boundary", "fill")
+    from ..boundaries import BOUNDARIES, canonical_boundary
+
+    if isinstance(fill, (int, float)) and not isinstance(fill, bool) and math.isfinite(fill) and fill != 0 \
+            and boundary in BOUNDARIES and canonical_boundary(boundary) != "fill":
+        out.append(("fillvalue", f"only used with boundary: fill; got boundary: {boundary} (remove fillvalue)"))
     method, backend = d.get("method", "auto"), d.get("backend", "auto")
     from .schema import BACKENDS, METHODS
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from .. import kernels as _kernels
+from ..boundaries import BOUNDARIES
 from ..geometry import MODES
 from ..row_blocks import DEFAULT_BLOCK_MEMORY
 from ..runtime.devices import ROUTES
@@ -163,6 +164,12 @@ def _positive_number(value: Any) -> float:
     return float(value)
 
 
+def _real(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise problem(f"expected a finite number; got {show(value)}")
+    return float(value)
+
+
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise problem(f"expected true or false; got {show(value)}")
@@ -185,6 +192,7 @@ def _size(value: Any) -> int:
 
 
 PositiveNumber = Annotated[Any, BeforeValidator(_positive_number), WithJsonSchema({"type": "number", "exclusiveMinimum": 0})]
+Real = Annotated[Any, BeforeValidator(_real), WithJsonSchema({"type": "number"})]
 Boolean = Annotated[Any, BeforeValidator(_boolean), WithJsonSchema({"type": "boolean"})]
 Options = Annotated[Any, BeforeValidator(_options), WithJsonSchema({"type": ["object", "null"],
                     "description": "fsspec options (URLs only)"})]
@@ -433,6 +441,9 @@ class Workflow(Section):
     input: InputSpec
     kernel: Annotated[Any, BeforeValidator(_kernel), WithJsonSchema(KERNEL_SCHEMA)]
     mode: Choice(MODES) = "same"
+    boundary: Choice(BOUNDARIES) = "fill"
+    fillvalue: Real = 0.0
+    correlate: Boolean = False
     method: Choice(("auto",) + METHODS) = "auto"
     backend: Choice(("auto",) + BACKENDS) = "auto"
     dtype: Choice(DTYPES, allow_none=True) = None
@@ -441,6 +452,14 @@ class Workflow(Section):
     block: BlockSpec = Field(default_factory=BlockSpec)
     #: the file it was read from (set by the loader; not a key of the file)
     source: Annotated[str | None, Field(exclude=True)] = None
+
+    @property
+    def operation(self):
+        """The :class:`~dask_sparseconv.operation.Operation` of ``boundary``,
+        ``fillvalue`` and ``correlate`` (checked together by the loader)."""
+        from ..operation import check_operation
+
+        return check_operation(self.boundary, self.fillvalue, self.correlate)
 
     def to_dict(self) -> dict:
         """Plain-data view (kernel as its spec, not the array)."""

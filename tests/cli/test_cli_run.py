@@ -127,6 +127,31 @@ def test_csr_to_csr_workflow(tmp_path):
     assert "format:     csr" in info and "state:      complete" in info and "mode:         full" in info
 
 
+def test_periodic_correlation_workflow(tmp_path):
+    """The operation keys from a workflow file: correlation with a wrapped
+    boundary, CSR out, against scipy.signal.correlate2d(boundary='wrap')."""
+    import scipy.signal
+
+    from dask_sparseconv.storage import open_input
+
+    wf = copy_workflow("periodic_correlation.yaml", tmp_path,
+                       input={"sample": {"n_images": 40, "frame_shape": [96, 80], "max_rois": 4, "radius": 9}})
+    res = ok(cli("run", wf))
+    assert "correlation, boundary wrap" in res.stdout
+    w = load_workflow(wf)
+    src, out = open_input(w.input.path), open_input(w.output.path)
+    k = w.kernel.array
+    edge = 0
+    for i in range(src.n_images):
+        x = src.read_dense_block(i, i + 1)[0]
+        edge += bool(x[0].any() or x[-1].any() or x[:, 0].any() or x[:, -1].any())
+        ref = scipy.signal.correlate2d(x.astype(np.float64), k, "same", boundary="wrap")
+        np.testing.assert_allclose(out.read_dense_block(i, i + 1)[0], ref, rtol=1e-5, atol=1e-5)
+    assert edge > 0  # some footprints touch an edge, so the wrap is exercised
+    info = ok(cli("info", w.output.path)).stdout
+    assert "boundary:     wrap" in info and "correlate:    True" in info
+
+
 def test_dry_run_plan_is_the_plan_run(tmp_path):
     """The block plan `--dry-run` prints (before the CSR sample exists, and
     after) is the one the run uses, with a budget small enough that the

@@ -287,3 +287,22 @@ def test_size_and_duration_parsers():
     for bad in ("soon", 0, -3, False):
         with pytest.raises(ValueError):
             parse_seconds(bad)
+
+
+def test_operation_keys(tmp_path):
+    wf = load_workflow(write(tmp_path, MINIMAL + "boundary: reflect\ncorrelate: true\n"))
+    assert (wf.boundary, wf.fillvalue, wf.correlate) == ("reflect", 0.0, True)
+    assert wf.operation.boundary == "symm" and wf.operation.correlate
+    wf = load_workflow(write(tmp_path, MINIMAL + "fillvalue: 2\n"))
+    assert wf.operation.fillvalue == 2.0 and wf.operation.boundary == "fill"
+    default = load_workflow(write(tmp_path, MINIMAL))
+    assert default.operation.is_default and default.to_dict()["boundary"] == "fill"
+
+
+def test_bad_operation_keys(tmp_path):
+    problems, _ = problems_of(tmp_path, MINIMAL + "boundary: periodic\nfillvalue: .nan\ncorrelate: yes please\n")
+    assert "periodic" in problems["boundary"] and "wrap" in problems["boundary"]
+    assert "finite number" in problems["fillvalue"]
+    assert "true or false" in problems["correlate"]
+    problems, _ = problems_of(tmp_path, MINIMAL + "boundary: wrap\nfillvalue: 1.5\n")
+    assert problems == {"fillvalue": "only used with boundary: fill; got boundary: wrap (remove fillvalue)"}
