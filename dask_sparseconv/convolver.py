@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse
 
 from .boundaries import Extension, add_frame, fill_frame
-from .engine import Engine, engine_class
+from .engine import Engine, engine_class, separable
 from .engine.threads import default_threads
 from .geometry import Geometry
 from .operation import DEFAULT, Operation, check_operation
@@ -123,9 +123,15 @@ class Convolver:
         caller's array do not affect the convolver.
     mode : {'same', 'full', 'valid'}, default 'same'
         Output window, as in ``scipy.signal.convolve2d``.
-    method : {'auto', 'direct', 'precomputed', 'lazy', 'gather_scatter'}, default 'auto'
+    method : {'auto', 'direct', 'precomputed', 'lazy', 'gather_scatter', 'separable'}, default 'auto'
         ``'auto'`` is ``'direct'`` (numba) when numba is installed, else
-        ``'gather_scatter'`` (numpy).
+        ``'gather_scatter'`` (numpy). With numba and a kernel of low rank
+        (a Gaussian, a box, a difference of Gaussians) ``'auto'`` weighs the
+        separable path for each call and takes it when it is cheaper for
+        that batch (``auto_separable`` is then True). ``'separable'`` forces
+        it: the kernel as ``rank`` pairs of 1-D passes
+        (:mod:`dask_sparseconv.engine.separable`; results agree with the 2-D
+        path to float rounding, docs/engine.md).
     backend : {'auto', 'numba', 'numpy', 'torch'}, default 'auto'
         Must implement ``method``; see :data:`dask_sparseconv.engine.REGISTRY`.
     dtype : {None, 'float32', 'float64'}, default None
@@ -182,6 +188,7 @@ class Convolver:
         frame_shape = check_frame_shape(frame_shape)
         kernel = check_kernel(kernel)
         mode = check_mode(mode)
+        auto = method is None or method == "auto"
         method, backend = resolve_method_backend(method, backend)
         dtype = check_dtype(dtype)
         n_threads = check_positive_int(n_threads, "n_threads", allow_none=True)
@@ -190,7 +197,7 @@ class Convolver:
             raise ValueError(f"device is only used by backend='torch'; got device={device!r} with backend={backend!r}")
         op = DEFAULT if boundary == "fill" and fillvalue == 0 and correlate is False else \
             check_operation(boundary, fillvalue, correlate)
-        self._setup(frame_shape, kernel, mode, method, backend, dtype, device, n_threads, max_buffer_bytes, op)
+        self._setup(frame_shape, kernel, mode, method, backend, dtype, device, n_threads, max_buffer_bytes, op, auto)
 
     @classmethod
     def _checked(cls, frame_shape: tuple[int, int], kernel: np.ndarray, mode: str, method: str, backend: str,
@@ -205,13 +212,15 @@ class Convolver:
         return self
 
     def _setup(self, frame_shape, kernel, mode, method, backend, dtype, device, n_threads, max_buffer_bytes,
-               operation: Operation = DEFAULT) -> None:
+               operation: Operation = DEFAULT, auto: bool = False) -> None:
         self.frame_shape = frame_shape
         self.kernel = kernel
         self.operation = operation
         self._taps = operation.engine_kernel(kernel)  # what the engines convolve with
         self.mode = mode
         self.method, self.backend = method, backend
+        # method='auto' with a low-rank kernel: each call picks the 2-D or the separable path
+        self.auto_separable = auto and (method, backend) == ("direct", "numba") and separable.worth_trying(self._taps)
         self.dtype = dtype
         self.n_threads = n_threads or default_threads()
         self.max_buffer_bytes = max_buffer_bytes
@@ -253,7 +262,7 @@ class Convolver:
             with self._lock:
                 eng = self._engines.get(key)
                 if eng is None:
-                    cls = engine_class(self.method, self.backend)
+                    cls = separable.AutoSeparable if self.auto_separable else engine_class(self.method, self.backend)
                     eng = cls(
                         key[1],
                         self._taps.astype(dtype),

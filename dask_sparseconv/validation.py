@@ -171,7 +171,9 @@ def resolve_method_backend(method: Any, backend: Any) -> tuple[str, str]:
     """Resolve ``'auto'``/``None`` method and backend to an implemented pair.
 
     ``method='auto'`` means ``'direct'`` when numba is installed, otherwise
-    ``'gather_scatter'``. ``backend=None``/``'auto'`` means numba for
+    ``'gather_scatter'`` (a :class:`~dask_sparseconv.Convolver` built with
+    ``'auto'`` may still take the separable path per call for a low-rank
+    kernel). ``backend=None``/``'auto'`` means numba for
     ``direct`` and ``gather_scatter`` when numba is installed, numpy otherwise.
     """
     has_numba = module_available("numba")
@@ -179,10 +181,10 @@ def resolve_method_backend(method: Any, backend: Any) -> tuple[str, str]:
         method = "direct" if has_numba else "gather_scatter"
     check_choice("method", method, ("auto",) + METHODS)
     if backend is None or backend == "auto":
-        if method in ("direct", "gather_scatter") and has_numba:
+        if method in ("direct", "gather_scatter", "separable") and has_numba:
             backend = "numba"
-        elif method == "direct":
-            raise ValueError("method='direct' requires numba, which is not installed; install numba or use "
+        elif method in ("direct", "separable"):
+            raise ValueError(f"method={method!r} requires numba, which is not installed; install numba or use "
                              "method='gather_scatter'")
         else:
             backend = "numpy"

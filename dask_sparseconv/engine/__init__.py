@@ -6,6 +6,11 @@
 | precomputed     |  yes  |  yes  |  yes  |
 | lazy            |  yes  |   -   |  yes  |
 | gather_scatter  |  yes  |  yes  |  yes  |
+| separable       |   -   |  yes  |   -   |
+
+``method='auto'`` on numba is ``direct``, or, for a low-rank kernel, an
+engine that picks ``direct`` or ``separable`` per call
+(:class:`~dask_sparseconv.engine.separable.AutoSeparable`).
 
 Implementations are imported only when asked for, so torch is never imported
 unless a torch engine is built.
@@ -29,6 +34,7 @@ REGISTRY: dict[tuple[str, str], str] = {
     ("gather_scatter", "numpy"): "gather_scatter:GatherScatterNumpy",
     ("gather_scatter", "numba"): "gather_scatter:GatherScatterNumba",
     ("gather_scatter", "torch"): "torch_engines:GatherScatterTorch",
+    ("separable", "numba"): "separable:SeparableNumba",
 }
 
 

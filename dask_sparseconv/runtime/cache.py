@@ -222,12 +222,15 @@ def get_convolver(
         kernel = check_kernel(kernel)
     mode = check_mode(mode)
     dtype = check_dtype(dtype)
+    asked_auto = method is None or method == "auto"
     if (backend is None or backend == "auto") and device is None:
         from .devices import resolve_auto
 
         method, backend, device, _reason = resolve_auto(frame_shape, kernel, dtype, mode, method=method,
                                                         gpu_device=gpu_device)
     method, backend = resolve_method_backend(method, backend)
+    if asked_auto and (method, backend) == ("direct", "numba"):
+        method = "auto"  # the Convolver may then take the separable path per call (low-rank kernels)
     n_threads = engine_threads() if n_threads is None else check_positive_int(n_threads, "n_threads")
     key = cache_key(frame_shape, kernel, mode, method, backend, dtype, device, n_threads, operation)
 

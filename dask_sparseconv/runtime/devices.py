@@ -64,7 +64,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..kernels import kernel_digest
-from ..validation import check_choice, check_dtype, check_mode, module_available, resolve_method_backend
+from ..validation import METHODS, check_choice, check_dtype, check_mode, module_available, resolve_method_backend
 
 logger = logging.getLogger("dask_sparseconv")
 
@@ -313,7 +313,7 @@ def resolve_auto(
     dt = check_dtype(dtype) or np.dtype(np.float64)
     if method is None:
         method = "auto"
-    check_choice("method", method, ("auto", "direct", "precomputed", "lazy", "gather_scatter"))
+    check_choice("method", method, ("auto",) + METHODS)
     setting = gpu_setting(gpu_device)
     budget_set = budget_override(device_budget)
     share = memory_share(device_memory_share)
@@ -337,8 +337,8 @@ def _cpu(method: str, why: str) -> Resolution:
 
 
 def _resolve(frame_shape, kernel, dt, mode, method, setting, budget_arg, share_arg, working) -> Resolution:
-    if method == "direct":
-        return _cpu(method, "method 'direct' has no torch engine: CPU")
+    if method in ("direct", "separable"):
+        return _cpu(method, f"method {method!r} has no torch engine: CPU")
     dev = accelerator(setting)
     if dev is None:
         why = "no accelerator (gpu_device='none')" if setting == "none" else "no CUDA device visible"

@@ -292,7 +292,10 @@ def huge_expected(x, kernel, mode):
 HUGE_KERNEL = np.array([[1.0, 0.0, -0.5, 2.0], [0.25, 1.5, 0.0, -1.0], [0.0, 3.0, 1.0, 0.5]])
 
 
-def check_huge(y, x, mode):
+def check_huge(y, x, mode, exact_zeros=True):
+    """``exact_zeros=False`` (the separable engine: the kernel as pairs of 1-D
+    passes sums in another order): a sum that cancels to zero in 2-D may
+    leave a rounding residue, so keys are compared up to values below 1e-12."""
     expected, geo = huge_expected(x, HUGE_KERNEL, mode)
     check_csr(y, 3, geo.out_pixels)
     assert y.indices.dtype == np.int64  # out_pixels > int32
@@ -300,9 +303,12 @@ def check_huge(y, x, mode):
     for img in range(3):
         for p in range(y.indptr[img], y.indptr[img + 1]):
             got[(img, int(y.indices[p]))] = float(y.data[p])
-    assert got.keys() == expected.keys()
+    if exact_zeros:
+        assert got.keys() == expected.keys()
+    else:
+        assert all(abs(got[k]) < 1e-12 for k in got.keys() - expected.keys())
     for key, v in expected.items():
-        assert got[key] == pytest.approx(v, rel=1e-12, abs=1e-12)
+        assert got.get(key, 0.0) == pytest.approx(v, rel=1e-12, abs=1e-12)
 
 
 # gather_scatter on torch allocates its accumulator per image, so it runs in a
@@ -315,7 +321,7 @@ HUGE_OK = [c for c in CELLS if c[0] != "precomputed" and c != ("gather_scatter",
 def test_frame_beyond_int32_pixels(cell, mode):
     x = huge_input()
     conv = make(cell, (HUGE, HUGE), HUGE_KERNEL, mode=mode)
-    check_huge(conv(x), x, mode)
+    check_huge(conv(x), x, mode, exact_zeros=cell[0] != "separable")
 
 
 def test_frame_beyond_int32_pixels_gather_scatter_torch_bounded_memory():

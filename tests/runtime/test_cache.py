@@ -59,9 +59,12 @@ def test_method_and_backend_are_part_of_the_key():
     a = cc.get_convolver((16, 16), K, method="auto", n_threads=1)
     b = cc.get_convolver((16, 16), K, method="lazy", backend="numpy", n_threads=1)
     assert a is not b and b.method == "lazy"
-    # 'auto' resolves before keying: an explicit equal choice is a hit
-    c = cc.get_convolver((16, 16), K, method=a.method, backend=a.backend, n_threads=1)
+    # the backend resolves before keying: an explicit equal backend is a hit
+    c = cc.get_convolver((16, 16), K, method="auto", backend=a.backend, n_threads=1)
     assert c is a
+    # method 'auto' keeps its own key (it may take the separable path per call), apart from 'direct'
+    d = cc.get_convolver((16, 16), K, method="direct", backend=a.backend, n_threads=1)
+    assert d is not a and a.method == d.method == "direct"
 
 
 def test_cached_convolver_is_correct():
