@@ -1,5 +1,6 @@
 """Draw the pictures of docs/operations.md: for each operation, the input
-frame, the kernel and the output, side by side (one PNG per operation).
+frame, the kernel and the output, side by side (one PNG per operation), and
+for the separable path the input, the row pass and the output.
 
     python docs/make_operation_figures.py      # writes docs/images/op_*.png
 
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dask_sparseconv import Convolver
+from dask_sparseconv import Convolver, kernels
+from dask_sparseconv.engine.separable import low_rank
 from dask_sparseconv.preview import to_grey
 
 OUT = Path(__file__).resolve().parent / "images"
@@ -56,9 +58,9 @@ def tile(frame: np.ndarray) -> Image.Image:
     return img.resize((img.width * SCALE, img.height * SCALE), Image.NEAREST)
 
 
-def figure(title: str, frame: np.ndarray, kernel: np.ndarray, result: np.ndarray) -> Image.Image:
+def figure(title: str, frame: np.ndarray, kernel: np.ndarray, result: np.ndarray,
+           labels: tuple[str, str, str] = ("input", "kernel", "output")) -> Image.Image:
     tiles = [tile(frame), tile(kernel), tile(result)]
-    labels = ["input", "kernel", "output"]
     widths = [max(t.width, 60) for t in tiles]  # room for a label under a narrow kernel
     width = sum(widths) + PAD * (len(tiles) + 1)
     height = max(t.height for t in tiles) + 2 * LABEL_H + 2 * PAD
@@ -81,6 +83,23 @@ def main() -> None:
         path = OUT / f"op_{name}.png"
         figure(title, frame, kernel, result).save(path, optimize=True)
         print(f"wrote {path}")
+    # separable: a Gaussian as a row pass, then a column pass over the row pass's runs
+    blobs = blob_frame()
+    gauss = kernels.gaussian(2.0)
+    f = low_rank(gauss)
+    rows = Convolver(blobs.shape, f.w[0][None, :], "same")(blobs)
+    result = Convolver(blobs.shape, gauss, "same", method="separable")(blobs)
+    path = OUT / "op_separable.png"
+    figure("separable 13x13 Gaussian: row pass, then column pass", blobs, rows, result,
+           ("input", "after the row pass", "output")).save(path, optimize=True)
+    print(f"wrote {path}")
+
+
+def blob_frame() -> np.ndarray:
+    yy, xx = np.mgrid[:40, :48]
+    f = ((yy - 12) ** 2 + (xx - 14) ** 2 <= 25).astype(float)  # a cell-like disk
+    f[28:31, 30:40] = 1.0  # a short bar
+    return f
 
 
 if __name__ == "__main__":
