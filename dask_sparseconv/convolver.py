@@ -25,6 +25,7 @@ from .validation import (
     check_dtype,
     check_frame_shape,
     check_kernel,
+    check_kernels,
     check_mode,
     check_positive_int,
     resolve_method_backend,
@@ -120,7 +121,11 @@ class Convolver:
         ``(H, W)`` of every image.
     kernel : array_like
         2-D, non-empty, finite kernel. It is copied; later changes to the
-        caller's array do not affect the convolver.
+        caller's array do not affect the convolver. A 3-D array
+        ``(K, kH, kW)`` (or a list of ``K`` kernels of one shape) is a
+        kernel bank: each call prepares its input once and returns a list of
+        ``K`` results, one per kernel (``members[k]`` is kernel ``k``'s
+        convolver).
     mode : {'same', 'full', 'valid'}, default 'same'
         Output window, as in ``scipy.signal.convolve2d``.
     method : {'auto', 'direct', 'precomputed', 'lazy', 'gather_scatter', 'separable'}, default 'auto'
@@ -186,7 +191,7 @@ class Convolver:
         correlate: bool = False,
     ):
         frame_shape = check_frame_shape(frame_shape)
-        kernel = check_kernel(kernel)
+        kernel = check_kernels(kernel)
         mode = check_mode(mode)
         auto = method is None or method == "auto"
         method, backend = resolve_method_backend(method, backend)
@@ -216,26 +221,47 @@ class Convolver:
         self.frame_shape = frame_shape
         self.kernel = kernel
         self.operation = operation
-        self._taps = operation.engine_kernel(kernel)  # what the engines convolve with
         self.mode = mode
         self.method, self.backend = method, backend
-        # method='auto' with a low-rank kernel: each call picks the 2-D or the separable path
-        self.auto_separable = auto and (method, backend) == ("direct", "numba") and separable.worth_trying(self._taps)
         self.dtype = dtype
         self.n_threads = n_threads or default_threads()
         self.max_buffer_bytes = max_buffer_bytes
         self.device = self._resolve_device(device) if backend == "torch" else None
         # raises for 'valid' with a too-large kernel; kept, as every call needs it
-        plan = _ModePlan(operation.window(frame_shape, kernel.shape, mode), operation)
+        plan = _ModePlan(operation.window(frame_shape, kernel.shape[-2:], mode), operation)
         self._plans = {mode: plan}
         self._engines: dict[tuple, Engine] = {}
         self._lock = threading.Lock()
+        self.members: list[Convolver] | None = None
+        #: whether calls weigh the separable path (method='auto', a low-rank kernel; a bank: any member)
+        self.auto_separable: bool = False
+        if kernel.ndim == 3:
+            # a kernel bank: one convolver per kernel; a call prepares the input once for all
+            self.members = [self._member(k, auto) for k in kernel]
+            self.auto_separable = any(bool(m.auto_separable) for m in self.members)
+            return
+        self._taps = operation.engine_kernel(kernel)  # what the engines convolve with
+        # method='auto' with a low-rank kernel: each call picks the 2-D or the separable path
+        self.auto_separable = bool(auto and (method, backend) == ("direct", "numba")
+                                   and separable.worth_trying(self._taps))
         # Build eagerly for the likely dtype so that init-time work (a
         # Toeplitz matrix) happens here, not on the first call.
         eng = self.engine(self.dtype or compute_dtype(self.kernel.dtype, None), plan.engine_shape)
         prepare = getattr(eng, "prepare", None)  # per-mode set-up (Toeplitz engines)
         if prepare is not None:
             prepare(plan.engine_mode)
+
+    def _member(self, kernel: np.ndarray, auto: bool) -> "Convolver":
+        """The convolver of one kernel of a bank (arguments already checked)."""
+        member = Convolver.__new__(Convolver)
+        member._setup(self.frame_shape, kernel, self.mode, self.method, self.backend, self.dtype, self.device,
+                      self.n_threads, self.max_buffer_bytes, self.operation, auto)
+        return member
+
+    @property
+    def bank_size(self) -> int | None:
+        """``K`` for a kernel bank ``(K, kH, kW)``, None for one 2-D kernel."""
+        return None if self.members is None else len(self.members)
 
     @staticmethod
     def _resolve_device(device: str | None) -> str:
@@ -255,6 +281,8 @@ class Convolver:
     def engine(self, dtype: np.dtype, frame_shape: tuple[int, int] | None = None) -> Engine:
         """The engine computing in ``dtype`` on ``frame_shape`` (default: the
         convolver's; a padded frame for boundaries), built on first use and kept."""
+        if self.members is not None:
+            raise TypeError("a kernel bank has one engine per kernel: use conv.members[k].engine(...)")
         dtype = np.dtype(dtype)
         key = (dtype, frame_shape or self.frame_shape)
         eng = self._engines.get(key)
@@ -280,7 +308,7 @@ class Convolver:
         plan = self._plans.get(mode) if isinstance(mode, str) else None
         if plan is None:
             mode = check_mode(mode)
-            plan = self._plans[mode] = _ModePlan(self.operation.window(self.frame_shape, self.kernel.shape, mode),
+            plan = self._plans[mode] = _ModePlan(self.operation.window(self.frame_shape, self.kernel.shape[-2:], mode),
                                                  self.operation)
         return plan
 
@@ -290,7 +318,10 @@ class Convolver:
 
     def fill_frame(self, dtype: Any = np.float64, mode: str | None = None) -> scipy.sparse.csr_matrix | None:
         """What ``fillvalue`` adds to every output image, as one CSR row
-        ``(1, H_out*W_out)`` (None when ``fillvalue`` is 0)."""
+        ``(1, H_out*W_out)`` (None when ``fillvalue`` is 0; a list of them,
+        one per kernel, for a kernel bank)."""
+        if self.members is not None:
+            return [m.fill_frame(dtype, mode) for m in self.members]
         plan = self._plan(mode)
         if plan.fills is None:
             return None
@@ -308,6 +339,8 @@ class Convolver:
     @property
     def nbytes(self) -> int:
         """Memory held between calls (kernel, Toeplitz matrices)."""
+        if self.members is not None:
+            return sum(m.nbytes for m in self.members)
         return sum(e.nbytes() for e in self._engines.values())
 
     # -- calling ---------------------------------------------------------
@@ -329,10 +362,11 @@ class Convolver:
 
         Returns
         -------
-        scipy.sparse.csr_matrix or ndarray
+        scipy.sparse.csr_matrix or ndarray, or a list of them
             Laid out like the input: ``(n_images, H_out*W_out)`` for a batch,
             ``(H_out, W_out)`` for one image, ``(n_images, H_out, W_out)`` for
-            a stack. CSR results are canonical with exact zeros dropped.
+            a stack. CSR results are canonical with exact zeros dropped. A
+            kernel bank returns a list of ``K`` such results, one per kernel.
         """
         geo = self.geometry(mode)
         sparse_in = scipy.sparse.issparse(x)
@@ -359,7 +393,8 @@ class Convolver:
         """The work of a call whose arguments are checked: ``x`` is a batch
         ``(n, H*W)`` (``layout`` 'batch' or 'stack') or one image (``'single'``)
         of real numbers, computed in ``dtype``. The drop-in class checks its
-        calls with the peer's texts and comes in here."""
+        calls with the peer's texts and comes in here. A kernel bank prepares
+        the input once (canonical CSR, boundary ghosts) for all its kernels."""
         H, W = self.frame_shape
         if layout == "single":
             x = x.reshape(1, H * W) if scipy.sparse.issparse(x) else np.asarray(x).reshape(1, H * W)
@@ -367,6 +402,14 @@ class Convolver:
         plan = self._plans.get(geo.mode) or self._plan(geo.mode)
         if plan.extension is not None:
             csr = plan.extension(csr)
+        if self.members is not None:
+            return [m._apply(csr, out, geo, layout, dtype, m._plan(geo.mode)) for m in self.members]
+        return self._apply(csr, out, geo, layout, dtype, plan)
+
+    def _apply(self, csr: scipy.sparse.csr_matrix, out: OutKind, geo: Geometry, layout: str, dtype: np.dtype,
+               plan: _ModePlan):
+        """The engine's call on a prepared batch ``csr`` (canonical, extended
+        by the plan's ghosts), its fill frame, and the result's layout."""
         eng = self.engine(dtype, plan.engine_shape)
         n = csr.shape[0]
         frame = None if plan.fills is None else self.fill_frame(dtype, geo.mode)
@@ -415,10 +458,11 @@ class Convolver:
         )
 
     def __repr__(self) -> str:
+        bank = "" if self.members is None else f", bank of {len(self.members)} kernels"
         op = "" if self.operation.is_default else (
             f", boundary={self.operation.boundary!r}, fillvalue={self.operation.fillvalue!r}, "
             f"correlate={self.operation.correlate!r}")
         return (
-            f"Convolver(frame_shape={self.frame_shape}, kernel_shape={self.kernel.shape}, mode={self.mode!r}, "
-            f"method={self.method!r}, backend={self.backend!r}, dtype={self.dtype}, device={self.device!r}{op})"
+            f"Convolver(frame_shape={self.frame_shape}, kernel_shape={self.kernel.shape[-2:]}, mode={self.mode!r}, "
+            f"method={self.method!r}, backend={self.backend!r}, dtype={self.dtype}, device={self.device!r}{op}{bank})"
         )

@@ -96,11 +96,16 @@ def render_preview(src: Any, wf: Any, images: Sequence[int], scale: int = 1, lab
     conv = Convolver(frame_shape, wf.kernel.array, mode=wf.mode, method=wf.method, backend=wf.backend,
                      dtype=wf.dtype, n_threads=1, boundary=wf.boundary, fillvalue=wf.fillvalue,
                      correlate=wf.correlate)
+    names = getattr(wf.kernel, "names", None)
     pairs, titles = [], []
     for i in images:
         frame = np.asarray(src.read_dense_block(int(i), int(i) + 1))[0]
         res = conv(scipy.sparse.csr_matrix(frame.reshape(1, -1)), out="dense", batched=True)
-        res = np.asarray(res).reshape(conv.out_shape)
-        pairs.append((frame, res))
+        if names:  # a kernel bank: one row per kernel, the input beside each
+            for name, r in zip(names, res):
+                pairs.append((frame, np.asarray(r).reshape(conv.out_shape)))
+                titles.append((f"image {i}: input", f"image {i}: kernel {name}, {wf.mode}"))
+            continue
+        pairs.append((frame, np.asarray(res).reshape(conv.out_shape)))
         titles.append((f"image {i}: input", f"image {i}: {wf.kernel.kind}, {wf.mode}"))
     return compose_grid(pairs, titles if labels else None, scale=scale)

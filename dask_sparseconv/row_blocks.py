@@ -62,6 +62,7 @@ def image_bytes(
     kernel_size: int = 1,
     nnz_out_per_image: float | None = None,
     fill_nnz: int = 0,
+    outputs: int = 1,
 ) -> int:
     """Estimate the peak memory one image adds to a block task, in bytes.
 
@@ -83,7 +84,8 @@ def image_bytes(
     ones (the ROI benchmark's disks reach ~2 output pixels per input pixel,
     not 49) and would cut a small job into needlessly many blocks.
     ``fill_nnz``: output nonzeros every image has whatever its input (the
-    fill frame of a nonzero ``fillvalue``).
+    fill frame of a nonzero ``fillvalue``). ``outputs``: output images per
+    input image (``K`` for a kernel bank), each estimated as above.
     """
     H, W = int(frame_shape[0]), int(frame_shape[1])
     Ho, Wo = int(out_shape[0]), int(out_shape[1])
@@ -108,7 +110,7 @@ def image_bytes(
         out = nnz_out * (out_itemsize + 8) + 8
     else:
         raise ValueError(f"out_format must be 'dense' or 'csr'; got {out_format!r}")
-    return int(math.ceil(read + csr_in + 2 * out))
+    return int(math.ceil(read + csr_in + 2 * out * max(int(outputs), 1)))
 
 
 @dataclass(frozen=True)

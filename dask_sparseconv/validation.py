@@ -98,6 +98,26 @@ def check_kernel(kernel: Any, name: str = "kernel") -> np.ndarray:
     return arr
 
 
+def check_kernels(kernel: Any, name: str = "kernel") -> np.ndarray:
+    """Validate one kernel (2-D) or a kernel bank ``(K, kH, kW)``: ``K >= 1``
+    kernels of one shape, each non-empty, finite and real. Returns a copy."""
+    if type(kernel) is np.ndarray and kernel.ndim == 2:
+        return check_kernel(kernel, name)
+    if isinstance(kernel, (list, tuple)) and kernel and all(np.ndim(k) == 2 for k in kernel):
+        shapes = {np.shape(k) for k in kernel}
+        if len(shapes) > 1:
+            raise ValueError(f"{name}: the kernels of a bank must share one shape; got shapes {sorted(shapes)} "
+                             "(pad the smaller ones with zeros)")
+    arr = np.asarray(kernel) if not isinstance(kernel, (str, bytes)) and kernel is not None else None
+    if arr is None or arr.dtype == object or arr.ndim != 3:
+        return check_kernel(kernel, name)  # 2-D, or the 2-D check's message
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} as a kernel bank (K, kH, kW) must hold at least one kernel; got shape {arr.shape}")
+    for k in range(arr.shape[0]):
+        check_kernel(arr[k], f"{name}[{k}]")
+    return arr.copy()
+
+
 def check_dtype(dtype: Any, name: str = "dtype") -> np.dtype | None:
     """Validate a compute dtype: ``None``, float32 or float64."""
     if dtype is None:

@@ -21,7 +21,7 @@ from dask_sparseconv.operation import Operation, check_operation
 from dask_sparseconv.validation import module_available
 
 ENGINES = [("direct", "numba"), ("precomputed", "numpy"), ("precomputed", "numba"), ("lazy", "numpy"),
-           ("gather_scatter", "numpy"), ("gather_scatter", "numba")]
+           ("gather_scatter", "numpy"), ("gather_scatter", "numba"), ("separable", "numba")]
 if module_available("torch"):
     ENGINES += [("precomputed", "torch"), ("lazy", "torch"), ("gather_scatter", "torch")]
 
@@ -181,7 +181,7 @@ def test_extension_places_each_nonzero_and_its_ghosts(boundary):
     H=st.integers(1, 9), W=st.integers(1, 9), kh=st.integers(1, 6), kw=st.integers(1, 6),
     mode=st.sampled_from(["full", "same", "valid"]), boundary=st.sampled_from(sorted(FOLDS)),
     fill=st.sampled_from([0.0, 0.5, -3.0]), correlate=st.booleans(), density=st.floats(0.0, 1.0),
-    seed=st.integers(0, 2**16), method=st.sampled_from(["direct", "gather_scatter", "precomputed"]),
+    seed=st.integers(0, 2**16), method=st.sampled_from(["direct", "gather_scatter", "precomputed", "separable"]),
 )
 def test_hypothesis_cases_match_scipy(H, W, kh, kw, mode, boundary, fill, correlate, density, seed, method):
     if mode == "valid" and (kh > H or kw > W):

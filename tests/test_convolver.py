@@ -205,7 +205,7 @@ def _raises(exc, *needles, **kwargs):
         (dict(method="precomputed", backend="torch", device="gpu-seven"), ValueError, ("device", "'gpu-seven'")),
         (dict(method="precomputed", backend="numpy", device="cpu"), ValueError, ("device", "'cpu'", "torch")),
         (dict(kernel=np.ones(3)), ValueError, ("kernel", "1-D")),
-        (dict(kernel=np.ones((3, 3, 1))), ValueError, ("kernel", "3-D")),
+        (dict(kernel=np.ones((3, 3, 1, 1))), ValueError, ("kernel", "4-D")),  # 3-D is a kernel bank
         (dict(kernel=np.ones((0, 3))), ValueError, ("kernel", "empty", "(0, 3)")),
         (dict(kernel=[[1.0, np.nan]]), ValueError, ("kernel", "NaN")),
         (dict(kernel=[[1.0, np.inf]]), ValueError, ("kernel", "inf")),

@@ -32,7 +32,7 @@ def cmd_validate(args) -> int:
     say(f"OK: {args.workflow}")
     src = f"{wf.input.path}" + (" (will be generated from input.sample)" if plan.sample_pending else "")
     say(f"  input:   {src}: {plan.in_format}, {fmt_int(plan.n_images)} images of {fmt_shape(plan.frame_shape)}, {plan.in_dtype}")
-    say(f"  kernel:  {wf.kernel.description}, {fmt_shape(wf.kernel.array.shape)}; mode {wf.mode}, "
+    say(f"  kernel:  {wf.kernel.description}, {fmt_shape(wf.kernel.array.shape[-2:])}; mode {wf.mode}, "
         f"{wf.operation.describe()}")
     say(f"  output:  {wf.output.path}: {plan.out_format}, {fmt_shape(plan.out_shape)}, {plan.out_dtype}"
          + target_note(plan))
@@ -111,6 +111,7 @@ def _run_locked(args, wf, overwrite, plan: Plan, lock) -> int:
                 boundary=wf.boundary,
                 fillvalue=wf.fillvalue,
                 correlate=wf.correlate,
+                kernel_names=wf.kernel.names,
                 overwrite=bool(wf.output.overwrite or args.restart),
                 compute=False,
                 array=wf.input.array,

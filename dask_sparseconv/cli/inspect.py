@@ -138,10 +138,10 @@ def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool 
     have_input = src is not None or sample_pending
     if have_input:
         try:
-            out_shape = geometry(frame_shape, wf.kernel.array.shape, wf.mode).out_shape
+            out_shape = geometry(frame_shape, wf.kernel.array.shape[-2:], wf.mode).out_shape
         except ValueError:
             problems.append(
-                ("kernel", f"kernel of shape {fmt_shape(wf.kernel.array.shape)} is larger than the {fmt_shape(frame_shape)} "
+                ("kernel", f"kernel of shape {fmt_shape(wf.kernel.array.shape[-2:])} is larger than the {fmt_shape(frame_shape)} "
                            "frames; mode: valid needs a kernel no larger than the frame (use mode: same or full)")
             )
     threads = local_threads(wf.cluster)

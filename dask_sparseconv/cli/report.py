@@ -57,7 +57,7 @@ def print_plan(plan: Plan, header: str) -> None:
     say(f"                {plan.in_format}, {fmt_int(plan.n_images)} images of {fmt_shape(plan.frame_shape)}, {plan.in_dtype}")
     say(f"  density:      {dens_txt}")
     k = wf.kernel.array
-    say(f"  kernel:       {wf.kernel.description}, {fmt_shape(k.shape)}")
+    say(f"  kernel:       {wf.kernel.description}, {fmt_shape(k.shape[-2:])}")
     say(f"  operation:    {wf.operation.describe()}, mode {wf.mode}, method {wf.method}, backend {wf.backend}")
     if plan.blocks is not None:
         b = plan.blocks
@@ -105,13 +105,22 @@ def describe_lines(d: dict, store: str, array: str | None, done: int | None = No
     else:
         how = "exact" if d.get("nnz_exact") else f"estimated from {fmt_int(d.get('sampled_images', 0))} of {fmt_int(n)} images"
         nnz_line, dens_line = f"{fmt_int(d['nnz'])} ({how})", f"{float(d['density']) * 100:.4g}%"
+    kernels = d.get("kernels")
+    if kernels:
+        fmt_text = (f"{d['format']}, a kernel bank: one {fmt_shape((H, W))} output per kernel"
+                    + (" (one anndata csr_matrix group per kernel)" if d["format"] == "csr"
+                       else f" (one array (n, {len(kernels)}, H_out, W_out))"))
+    else:
+        fmt_text = f"{d['format']}" + (" (anndata csr_matrix group)" if d["format"] == "csr" else "")
     lines = [
         f"store:      {d.get('location', store)}" + (f" (array {array})" if array else ""),
-        f"format:     {d['format']}" + (" (anndata csr_matrix group)" if d["format"] == "csr" else ""),
+        f"format:     {fmt_text}",
         f"images:     {fmt_int(n)} of {fmt_shape((H, W))}",
         f"shape:      {tuple(d['shape'])}",
         f"dtype:      {d['dtype']}",
     ]
+    if kernels:
+        lines.append(f"kernels:    {len(kernels)}: {', '.join(kernels)}")
     if "chunks" in d:
         lines.append(f"chunks:     {_chunks_text(d.get('chunks'))}")
     if "codec" in d:

@@ -499,23 +499,26 @@ class SeparableNumba(Engine):
         cap = np.int64(max(1, self.max_buffer_bytes // (self.dtype.itemsize * len(ranges))))
         idx_dt = index_dtype(n, out_pixels, int(ub_cum[-1]) + 1)
         counts = np.empty(n, dtype=np.int64)
+        # Range r writes from ub_cum[a_r] + r (its bound, plus one spare slot
+        # each for branch-free extraction), then moves down to join the one
+        # before. Slack past the values is never written: address space, not
+        # memory (the bounds are boxes, loose for images with blobs far apart).
+        out_idx = np.empty(int(ub_cum[-1]) + len(ranges), dtype=idx_dt)
+        out_val = np.empty(int(ub_cum[-1]) + len(ranges), dtype=self.dtype)
+        begin = {a: int(ub_cum[a]) + r for r, (a, _) in enumerate(ranges)}
 
-        def run(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-            size = int(ub_cum[b] - ub_cum[a]) + 1  # one spare slot: branch-free extraction
-            out_idx = np.empty(size, dtype=idx_dt)
-            out_val = np.empty(size, dtype=self.dtype)
-            m = _csr_range(np.int64(a), np.int64(b), x.indptr, x.indices, x.data, *args, cap, out_idx, out_val,
-                           np.int64(0), counts)
-            return out_idx[:m], out_val[:m]
+        def run(a: int, b: int) -> int:
+            return int(_csr_range(np.int64(a), np.int64(b), x.indptr, x.indices, x.data, *args, cap, out_idx, out_val,
+                                  np.int64(begin[a]), counts)) - begin[a]
 
-        parts = run_ranges(run, ranges)
-        if len(parts) == 1:
-            indices_out, data_out = parts[0]
-            if 2 * data_out.size < int(ub_cum[-1]):  # a loose bound: do not keep the slack alive
-                indices_out, data_out = indices_out.copy(), data_out.copy()
-        else:
-            indices_out = np.concatenate([p[0] for p in parts])
-            data_out = np.concatenate([p[1] for p in parts])
+        written = run_ranges(run, ranges)
+        end = written[0]
+        for (a, _), m in zip(ranges[1:], written[1:]):
+            if m and begin[a] != end:
+                out_idx[end:end + m] = out_idx[begin[a]:begin[a] + m]
+                out_val[end:end + m] = out_val[begin[a]:begin[a] + m]
+            end += m
+        indices_out, data_out = out_idx[:end], out_val[:end]
         indptr_out = np.empty(n + 1, dtype=idx_dt)
         indptr_out[0] = 0
         np.cumsum(counts, out=indptr_out[1:])

@@ -14,9 +14,12 @@ _DENSITY_SAFETY = 2.0
 
 
 #: CSR output estimate: at most this many images are sampled, holding at most
-#: this many scatter positions (nonzeros x taps) and output pixels (bytes of
-#: the boolean map), so sampling stays a small cost on the client; and the safety factor on the
-#: sampled ratio (other parts of the stack may spread more).
+#: this many units of counting work (nonzeros x the kernel's row intervals, a
+#: bound of support_counts' runs x intervals) and output pixels, so sampling
+#: stays a small cost on the client; and the safety factor on the sampled
+#: ratio (other parts of the stack may spread more). Counting by taps (as
+#: before runs were counted) left no image of 370 nonzeros under the limit
+#: with a 19 x 19 kernel, and such jobs were planned for the worst case.
 _EXPANSION_SAMPLE_IMAGES = 16
 _EXPANSION_MAX_POSITIONS = 1 << 16
 _EXPANSION_MAX_PIXELS = 1 << 23
@@ -38,14 +41,17 @@ def sample_expansion(samples, kernel: np.ndarray, geo) -> float | None:
     Only the first images of a sample that fit the limits above are used.
     ``None`` when no sample holds nonzeros, or one image alone is over the
     limits: the planner then assumes the worst case."""
+    from ..engine.support import kernel_row_intervals
+
     taps = int(np.count_nonzero(kernel))
     if taps == 0:
         return None
+    intervals = max(1, int(kernel_row_intervals(kernel)[0].size))
     for block in samples:
         block = block[: sample_rows(block.shape[0], geo)]
         if block.nnz == 0:
             continue
-        fit = int(np.searchsorted(block.indptr, _EXPANSION_MAX_POSITIONS // taps, side="right")) - 1
+        fit = int(np.searchsorted(block.indptr, _EXPANSION_MAX_POSITIONS // intervals, side="right")) - 1
         if fit < 1:
             return None
         block = block[:fit]

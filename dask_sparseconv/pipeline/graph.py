@@ -122,6 +122,37 @@ def store_graph(src, out, kernel: np.ndarray, blocks: RowBlocks, spec: BlockSpec
     return delayed(finish_job, pure=False)(out_node, info, *stats, dask_key_name=finish_key)
 
 
+def bank_graph(src, parent, members: list, kernel: np.ndarray, names: list[str], blocks: RowBlocks, spec: BlockSpec,
+               member_spec: BlockSpec, info: JobInfo, *, annotations: dict | None = None, done: set[int] | None = None,
+               threads: int = 1):
+    """:func:`store_graph` of a CSR kernel bank (:mod:`~dask_sparseconv.pipeline.bank`):
+    one Delayed whose result is the job's summary."""
+    import uuid
+
+    from dask import delayed
+    from dask._task_spec import TaskRef
+
+    from .bank import bank_chain_graph, finish_bank
+
+    token = uuid.uuid4().hex
+    knode = kernel_node(kernel)
+    bank_job = delayed((src, members, spec), name=f"{PREFIX}-job-{token}", traverse=False)
+    member_jobs = [delayed((src, m, member_spec), name=f"{PREFIX}-job{k}-{token}", traverse=False)
+                   for k, m in enumerate(members)]
+    member_kernels = [kernel_node(k) for k in kernel]
+    outs = [delayed(m, name=f"{PREFIX}-target{k}-{token}", traverse=False) for k, m in enumerate(members)]
+    parent_node = delayed(parent, name=f"{PREFIX}-target-{token}", traverse=False)
+    outs_node = delayed(members, name=f"{PREFIX}-targets-{token}", traverse=False)
+    g = TaskGraph(bank_job, knode, parent_node, outs_node, *member_jobs, *member_kernels, *outs)
+    ref = lambda node: TaskRef(node.key)  # noqa: E731
+    block_refs = bank_chain_graph(g, ref(bank_job), ref(knode), [ref(j) for j in member_jobs],
+                                  [ref(k) for k in member_kernels], [ref(o) for o in outs], blocks.bounds, done or set(),
+                                  annotations or {}, token, threads, PREFIX, block_key)
+    finish_key = f"{PREFIX}-finish-{token}"
+    g.add(finish_key, finish_bank, ref(parent_node), ref(outs_node), info, list(names), *block_refs)
+    return g.delayed(finish_key)
+
+
 def finish_job(out, info: JobInfo, *stats):
     """The graph's last task: ``stats`` are the blocks'."""
     import time

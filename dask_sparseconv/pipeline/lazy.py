@@ -62,7 +62,8 @@ def convolve(
         or numpy array ``(n, H, W)``, or a sparse matrix / 2-D dask array
         ``(n, H*W)`` together with ``frame_shape``.
     kernel : array_like
-        2-D, finite kernel.
+        2-D, finite kernel; or a kernel bank ``(K, kH, kW)``: each block is
+        read once and convolved with every kernel.
     mode : {'same', 'full', 'valid'}
     method, backend, dtype, boundary, fillvalue, correlate
         As for :class:`~dask_sparseconv.Convolver`.
@@ -81,8 +82,10 @@ def convolve(
 
     Returns
     -------
-    dask.array.Array
-        Chunked by row block along the image axis.
+    dask.array.Array, or a list of them
+        Chunked by row block along the image axis. A kernel bank gives a
+        ``(n, K, H_out, W_out)`` array for dense output, and a list of K CSR
+        arrays (one per kernel, sharing their block tasks) for CSR output.
     """
     import dask.array as da
 
@@ -105,8 +108,8 @@ def convolve(
         fmt = settings.output_format or src.format
         nnz_per_image, expansion = source_estimates(src, settings.taps, geo, fmt)
         blocks = _blocks_for(src, settings, geo, fmt, out_dtype, scheduler_threads(), nnz_per_image, expansion)
-        spec = BlockSpec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt, operation=op)
-        return _source_array(src, kernel, blocks, spec)
+        spec = BlockSpec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt, operation=op, bank=settings.bank)
+        return _split_bank(_source_array(src, kernel, blocks, spec), spec)
 
     if array is not None or storage_options is not None:
         raise ValueError("array= and storage_options= apply only when x is a zarr store (path, URL or zarr object)")
@@ -125,8 +128,8 @@ def convolve(
         fmt = settings.output_format or "csr"
         csr = scipy.sparse.csr_matrix(x)
         blocks = plan_matrix(csr.shape[0], frame_shape, csr, settings, geo, x.dtype, out_dtype, fmt, scheduler_threads())
-        spec = BlockSpec(frame_shape, geo.out_shape, mode, method, backend, out_dtype.str, fmt, operation=op)
-        return _sparse_array(csr, kernel, blocks, spec)
+        spec = BlockSpec(frame_shape, geo.out_shape, mode, method, backend, out_dtype.str, fmt, operation=op, bank=settings.bank)
+        return _split_bank(_sparse_array(csr, kernel, blocks, spec), spec)
 
     if isinstance(x, da.Array):
         arr = x
@@ -168,39 +171,49 @@ def convolve(
                          out_dtype=out_dtype, in_format="csr" if in_sparse else "dense", out_format=fmt, kernel=kernel,
                          block_memory=settings.block_memory, threads=scheduler_threads(),
                          fill_nnz=settings.fill_nnz(geo) if fmt == "csr" else 0)
-    spec = BlockSpec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt, operation=op)
+    spec = BlockSpec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt, operation=op, bank=settings.bank)
     arr = arr.rechunk((blocks.chunks,) + tuple((s,) for s in arr.shape[1:])) if n else arr
-    return _map_array(arr, kernel, blocks, spec)
+    return _split_bank(_map_array(arr, kernel, blocks, spec), spec)
 
 
 def _meta(spec: BlockSpec):
     dt = np.dtype(spec.dtype)
     if spec.out_format == "dense":
-        return np.empty((0, 0, 0), dtype=dt)
-    return scipy.sparse.csr_matrix((0, spec.out_shape[0] * spec.out_shape[1]), dtype=dt)
+        return np.empty((0,) * (4 if spec.bank else 3), dtype=dt)
+    return scipy.sparse.csr_matrix((0, spec.out_shape[0] * spec.out_shape[1] * spec.outputs), dtype=dt)
 
 
 def _out_block_shape(rows: int, spec: BlockSpec) -> tuple[int, ...]:
+    """A block of the lazy array: ``(rows, H_out, W_out)`` dense (a bank:
+    ``(rows, K, H_out, W_out)``), ``(rows, H_out*W_out)`` CSR (a bank: its K
+    outputs side by side, ``(rows, K*H_out*W_out)``)."""
     Ho, Wo = spec.out_shape
-    return (rows, Ho, Wo) if spec.out_format == "dense" else (rows, Ho * Wo)
+    if spec.out_format == "dense":
+        return (rows, spec.bank, Ho, Wo) if spec.bank else (rows, Ho, Wo)
+    return (rows, Ho * Wo * spec.outputs)
+
+
+def _split_bank(y, spec: BlockSpec):
+    """What :func:`convolve` returns for a CSR bank: K lazy arrays, one per
+    kernel, column slices of one array whose block tasks they share."""
+    if not (spec.bank and spec.out_format == "csr"):
+        return y
+    P = spec.out_shape[0] * spec.out_shape[1]
+    return [y[:, k * P:(k + 1) * P] for k in range(spec.bank)]
 
 
 def _map_array(arr, kernel, blocks: RowBlocks, spec: BlockSpec):
     from dask.base import tokenize
 
-    Ho, Wo = spec.out_shape
-    chunks: tuple[tuple[int, ...], ...]
-    if spec.out_format == "dense":
-        chunks = (blocks.chunks or (0,), (Ho,), (Wo,))
-    else:
-        chunks = (blocks.chunks or (0,), (Ho * Wo,))
+    chunks = ((blocks.chunks or (0,)),) + tuple((d,) for d in _out_block_shape(0, spec)[1:])
     knode = kernel_node(kernel)
     drop: tuple[int, ...]
     new: tuple[int, ...]
+    out_ndim = len(_out_block_shape(0, spec))
     if arr.ndim == 3:
-        drop, new = ((), ()) if spec.out_format == "dense" else ((2,), ())
+        drop, new = ((), (3,) if out_ndim == 4 else ()) if spec.out_format == "dense" else ((2,), ())
     else:
-        drop, new = ((), (2,)) if spec.out_format == "dense" else ((), ())
+        drop, new = ((), tuple(range(2, out_ndim))) if spec.out_format == "dense" else ((), ())
     return arr.map_blocks(
         convolve_array_block,
         knode,
@@ -222,7 +235,7 @@ def _from_tasks(delayed_blocks, blocks: RowBlocks, spec: BlockSpec):
     meta = _meta(spec)
     if not delayed_blocks:
         if spec.out_format == "dense":
-            return da.zeros((0,) + tuple(spec.out_shape), dtype=spec.dtype)
+            return da.zeros(_out_block_shape(0, spec), dtype=spec.dtype)
         return da.from_array(scipy.sparse.csr_matrix(_out_block_shape(0, spec), dtype=spec.dtype), asarray=False)
     parts = [
         da.from_delayed(d, shape=_out_block_shape(stop - start, spec), dtype=np.dtype(spec.dtype), meta=meta)

@@ -44,9 +44,11 @@ def plan_blocks(*, n_images: int, chunk_rows: int, frame_shape: tuple[int, int],
         in_format=in_format,
         out_format=out_format,
         nnz_per_image=nnz_per_image,
-        kernel_size=int(np.count_nonzero(kernel)) or 1,
+        # a bank (K, kH, kW): K outputs, each reached through at most the union of the kernels' taps
+        kernel_size=int(np.count_nonzero(np.any(kernel != 0, axis=0) if kernel.ndim == 3 else kernel)) or 1,
         nnz_out_per_image=None if expansion is None or nnz_per_image is None else nnz_per_image * expansion,
         fill_nnz=fill_nnz,
+        outputs=int(kernel.shape[0]) if kernel.ndim == 3 else 1,
     )
     return plan_row_blocks(n_images, chunk_rows, per_image, block_memory,
                            min_blocks=BLOCKS_PER_THREAD * max(1, int(threads)), strict_chunks=(in_format == "dense"))

@@ -12,7 +12,7 @@ import numpy as np
 from ..geometry import Geometry
 from ..operation import DEFAULT, Operation, check_operation
 from ..row_blocks import parse_block_memory
-from ..validation import check_choice, check_dtype, check_kernel, check_mode, resolve_method_backend
+from ..validation import check_choice, check_dtype, check_kernels, check_mode, resolve_method_backend
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,12 @@ class BlockSpec:
     route: str = "any"  # 'cpu': resolve backend='auto' without an accelerator
     host_threads: tuple[tuple[str, int], ...] = ()  # (host, dask threads on it) of the cluster the job was built for
     operation: Operation = DEFAULT  # boundary, fill value, correlation
+    bank: int = 0  # K for a kernel bank (K, kH, kW): a block's result holds K outputs; 0 for one kernel
+
+    @property
+    def outputs(self) -> int:
+        """Output images per input image: ``K`` for a kernel bank, else 1."""
+        return self.bank or 1
 
 
 @dataclass(frozen=True)
@@ -45,24 +51,41 @@ class Settings:
     block_memory: int
     operation: Operation = DEFAULT
 
+    @property
+    def bank(self) -> int:
+        """``K`` for a kernel bank ``(K, kH, kW)``, 0 for one 2-D kernel."""
+        return int(self.kernel.shape[0]) if self.kernel.ndim == 3 else 0
+
+    @property
+    def outputs(self) -> int:
+        """Output images per input image: ``K`` for a bank, else 1."""
+        return self.bank or 1
+
     def window(self, frame_shape: tuple[int, int]) -> Geometry:
         """The output geometry on frames of ``frame_shape`` (raises for
         ``'valid'`` with a kernel larger than the frame)."""
-        return self.operation.window(frame_shape, self.kernel.shape, self.mode)
+        return self.operation.window(frame_shape, self.kernel.shape[-2:], self.mode)
 
     @property
     def taps(self) -> np.ndarray:
         """The kernel as the engines apply it (flipped for correlation):
-        what the planner's output estimates sample with."""
+        what the planner's output estimates sample with. For a bank, one 2-D
+        kernel nonzero wherever any of its kernels is (so an estimate bounds
+        every kernel's output)."""
+        if self.kernel.ndim == 3:
+            return np.abs(np.stack([self.operation.engine_kernel(k) for k in self.kernel])).sum(axis=0)
         return self.operation.engine_kernel(self.kernel)
 
     def fill_nnz(self, geo: Geometry) -> int:
-        """Nonzeros a nonzero ``fillvalue`` adds to every output image."""
+        """Nonzeros a nonzero ``fillvalue`` adds to every output image (the
+        largest over a bank's kernels)."""
         if self.operation.fillvalue == 0:
             return 0
         from ..boundaries import fill_frame
 
-        return int(fill_frame(self.taps, geo, self.operation.fillvalue, np.float64).nnz)
+        kernels = self.kernel if self.kernel.ndim == 3 else [self.kernel]
+        return max(int(fill_frame(self.operation.engine_kernel(k), geo, self.operation.fillvalue, np.float64).nnz)
+                   for k in kernels)
 
 
 def output_formats() -> tuple[str, ...]:
@@ -86,7 +109,7 @@ def check_bool(value: Any, name: str) -> bool:
 def check_settings(kernel: Any, mode: Any, method: Any, backend: Any, dtype: Any, output_format: Any,
                    block_memory: Any, boundary: Any = "fill", fillvalue: Any = 0, correlate: Any = False) -> Settings:
     """Every argument that can be checked without touching storage."""
-    kernel = check_kernel(kernel)
+    kernel = check_kernels(kernel)
     mode = check_mode(mode)
     method, backend = graph_engine(method, backend)
     return Settings(kernel, mode, method, backend, check_dtype(dtype), check_output_format(output_format),

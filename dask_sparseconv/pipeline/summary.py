@@ -57,6 +57,10 @@ class ConvolveSummary(JobLayout):
         blocks``.
     resumed : bool
         Whether this run continued an incomplete output.
+    kernels : list of str or None
+        A kernel bank's kernel names (None for one kernel).
+    nnz_per_kernel : list of int or None
+        A CSR bank's nonzeros written per kernel (``nnz_out`` is their sum).
     """
 
     nnz_in: int
@@ -72,6 +76,8 @@ class ConvolveSummary(JobLayout):
     blocks_computed: int = 0
     blocks_skipped: int = 0
     resumed: bool = False
+    kernels: list | None = None
+    nnz_per_kernel: list | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +90,7 @@ class JobInfo(JobLayout):
     block_rows: int
     resumed: bool = False
     lock: tuple | None = None  # (target location, token): released by the last task when the builder took it
+    kernels: tuple | None = None  # a kernel bank's kernel names
 
     def release_lock(self) -> None:
         """Delete the target's lock if the graph's builder took it (``compute=False``:
@@ -118,6 +125,7 @@ def summarize(out: Any, info: JobInfo, stats: Sequence[Any], finish_s: float) ->
         blocks_computed=sum(1 for s in stats if not s.skipped),
         blocks_skipped=sum(1 for s in stats if s.skipped),
         resumed=info.resumed,
+        kernels=list(info.kernels) if info.kernels else None,
     )
 
 

@@ -99,14 +99,22 @@ SPARSE_RESULT_SHARE = 1 / 8
 
 def apply(conv, csr: scipy.sparse.csr_matrix, spec: BlockSpec, sparse_ok: bool = False):
     """Convolve a block. ``sparse_ok``: a dense output may come back as CSR
-    when it is sparse (for writers, which accept either)."""
+    when it is sparse (for writers, which accept either).
+
+    A kernel bank (``spec.bank`` = K) reads and prepares the block once for
+    its K kernels. Dense output: one ``(n, K, H_out, W_out)`` array (or CSR
+    ``(n, K*H_out*W_out)``, kernel-major, when sparse); CSR output: a list
+    of K CSR results."""
     n = csr.shape[0]
     if spec.out_format == "dense":
         Ho, Wo = spec.out_shape
-        taps = int(np.count_nonzero(conv.kernel))
-        if sparse_ok and csr.nnz * taps <= SPARSE_RESULT_SHARE * n * Ho * Wo:
-            return conv(csr, out="csr", batched=True)
+        taps = int(np.count_nonzero(conv.kernel))  # a bank: the K kernels' taps together
+        if sparse_ok and csr.nnz * taps <= SPARSE_RESULT_SHARE * n * Ho * Wo * spec.outputs:
+            res = conv(csr, out="csr", batched=True)
+            return scipy.sparse.hstack(res, format="csr") if spec.bank else res
         res = conv(csr, out="dense", batched=True)
+        if spec.bank:
+            return np.stack([r.reshape(n, Ho, Wo) for r in res], axis=1)
         return np.ascontiguousarray(res).reshape((n,) + tuple(spec.out_shape))
     return conv(csr, out="csr", batched=True)
 
@@ -120,14 +128,20 @@ def to_csr_rows(block, spec: BlockSpec) -> scipy.sparse.csr_matrix:
     return scipy.sparse.csr_matrix(arr.reshape(arr.shape[0], H * W))
 
 
+def _one_array(res, spec: BlockSpec):
+    """A lazy array's block: a CSR bank's K results side by side, ``(rows,
+    K*H_out*W_out)`` (the lazy bank's K arrays are column slices of it)."""
+    return scipy.sparse.hstack(res, format="csr") if spec.bank and spec.out_format == "csr" else res
+
+
 def convolve_array_block(block, kernel, spec: BlockSpec):
     """map_blocks body for in-memory / dask-array inputs."""
-    return apply(block_convolver(spec, kernel), to_csr_rows(block, spec), spec)
+    return _one_array(apply(block_convolver(spec, kernel), to_csr_rows(block, spec), spec), spec)
 
 
 def convolve_source_block(src, kernel, start: int, stop: int, spec: BlockSpec):
     """Lazy-array body for store inputs: read a block and convolve it."""
-    return apply(block_convolver(spec, kernel), src.read_block(start, stop), spec)
+    return _one_array(apply(block_convolver(spec, kernel), src.read_block(start, stop), spec), spec)
 
 
 def read_convolve(src, spec: BlockSpec, kernel, index: int, start: int, stop: int, sparse_ok: bool):

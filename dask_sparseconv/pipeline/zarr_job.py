@@ -10,7 +10,8 @@ from typing import Any
 
 from ..kernels import kernel_digest
 from ..runtime.cluster import host_threads, route_annotations, scheduler_threads, scheduler_workers
-from .graph import store_graph
+from .bank import check_kernel_names, kernel_records
+from .graph import bank_graph, store_graph
 from .plan import JobPlan, _plan
 from .resume import check_target, resume_blocks
 from .spec import BlockSpec, check_bool, check_settings
@@ -41,6 +42,7 @@ def convolve_zarr(
     boundary: str = "fill",
     fillvalue: float = 0.0,
     correlate: bool = False,
+    kernel_names: Any = None,
 ) -> ConvolveSummary | Any:
     """Convolve a zarr stack into a new zarr stack, out of core.
 
@@ -50,7 +52,15 @@ def convolve_zarr(
         Input stack: a dense ``(n, H, W)`` array or an anndata ``csr_matrix``
         group ``(n, H*W)``, local or any fsspec URL (``s3://``, ``memory://``).
     kernel : array_like
-        2-D, finite kernel.
+        2-D, finite kernel; or a kernel bank ``(K, kH, kW)`` (K kernels of
+        one shape, or a list of them), applied in one pass over the input:
+        each block is read once and convolved with every kernel. Dense
+        output: one ``(n, K, H_out, W_out)`` array; CSR output: one anndata
+        ``csr_matrix`` group per kernel under the target group, named by
+        ``kernel_names`` (:mod:`dask_sparseconv.pipeline.bank`).
+    kernel_names : list of str, optional
+        Names of a bank's kernels (default ``'0'``, ``'1'``, ...): the CSR
+        member groups and the per-kernel provenance.
     target : str, os.PathLike or zarr store
         Where to write the output (local path, fsspec URL or zarr store). It
         must not overlap the source.
@@ -135,6 +145,7 @@ def convolve_zarr(
     # 1. everything that can be checked without touching storage
     settings = check_settings(kernel, mode, method, backend, dtype, output_format, block_memory, boundary, fillvalue,
                               correlate)
+    names = check_kernel_names(kernel_names, settings.kernel)
     overwrite = check_bool(overwrite, "overwrite")
     compute = check_bool(compute, "compute")
     resume = check_bool(resume, "resume")
@@ -168,7 +179,8 @@ def convolve_zarr(
         resume_prov = check_target(tgt_loc, overwrite, resume)
         graph = _build_job(plan, src_loc, tgt_loc, target, resume_prov, overwrite=overwrite, compressor=compressor,
                            route=route, annotations=annotations, workers=workers,
-                           target_storage_options=target_storage_options, release=held if took_lock else None)
+                           target_storage_options=target_storage_options, release=held if took_lock else None,
+                           names=names)
     except BaseException:
         if took_lock:
             held.release()
@@ -191,7 +203,7 @@ def convolve_zarr(
 
 def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None, *, overwrite: bool, compressor,
                route: str, annotations: dict, workers: dict[str, int] | None, target_storage_options: dict | None,
-               release):
+               release, names: list[str] | None = None):
     """Fingerprint the input (refusing a resume whose input changed), create
     or reopen the target, and build the graph."""
     from ..storage import create_output
@@ -213,18 +225,32 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
         "kernel_sha": kernel_digest(kernel),
         **settings.operation.as_attrs(),
     }
-    if kernel.size <= 256:
+    bank = settings.bank
+    if bank:
+        attrs["kernels"] = kernel_records(kernel, names or [str(k) for k in range(bank)])
+    elif kernel.size <= 256:
         attrs["kernel"] = kernel.tolist()
     if resume_prov is not None:
         blocks = resume_blocks(blocks, resume_prov)
     else:
         # recorded, not compared as a setting: a resume compares it with check_unchanged
         attrs["source_fingerprint"] = fp.as_dict()
+    info = JobInfo(str(tgt_loc), fmt, src.n_images, plan.frame_shape, plan.out_shape, plan.out_dtype.name,
+                   blocks.block_rows, resumed=resume_prov is not None,
+                   lock=None if release is None else (tgt_loc, release.token),
+                   kernels=tuple(names) if names else None)
+    spec = BlockSpec(plan.frame_shape, plan.out_shape, settings.mode, settings.method, settings.backend,
+                     plan.out_dtype.str, fmt, route=route, host_threads=host_threads(workers),
+                     operation=settings.operation, bank=bank)
+    if bank and fmt == "csr":
+        return _build_csr_bank(plan, blocks, spec, info, attrs, target, tgt_loc, resume_prov, names or [],
+                               overwrite=overwrite, compressor=compressor, annotations=annotations,
+                               target_storage_options=target_storage_options)
     out = create_output(
         target,
         fmt,
         src.n_images,
-        plan.out_shape,
+        (bank,) + tuple(plan.out_shape) if bank else plan.out_shape,  # a dense bank: (n, K, H_out, W_out)
         plan.out_dtype,
         blocks.bounds,
         storage_options=target_storage_options,
@@ -236,18 +262,52 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
         compressor=compressor,
         resume=resume_prov is not None,  # reopens only the same job's output, else ValueError
     )
-    info = JobInfo(str(tgt_loc), fmt, src.n_images, plan.frame_shape, plan.out_shape, plan.out_dtype.name,
-                   blocks.block_rows, resumed=resume_prov is not None,
-                   lock=None if release is None else (tgt_loc, release.token))
     if resume_prov is not None and resume_prov.get("consolidated"):
         from dask import delayed
 
         return delayed(finish_consolidated, pure=False)(out, info, int(resume_prov.get("nnz", 0)))
     done = out.done_blocks() if resume_prov is not None else set()
-    spec = BlockSpec(plan.frame_shape, plan.out_shape, settings.mode, settings.method, settings.backend,
-                     plan.out_dtype.str, fmt, route=route, host_threads=host_threads(workers),
-                     operation=settings.operation)
     return store_graph(src, out, kernel, blocks, spec, info, annotations=annotations, done=done, threads=plan.threads)
+
+
+def _build_csr_bank(plan: JobPlan, blocks, spec: BlockSpec, info: JobInfo, attrs: dict, target, tgt_loc,
+                    resume_prov: dict | None, names: list[str], *, overwrite: bool, compressor, annotations: dict,
+                    target_storage_options: dict | None):
+    """A CSR bank's parent group and K member outputs (created, or reopened
+    to resume), and its graph: one compute per block feeding K write-once
+    chains (:func:`~dask_sparseconv.pipeline.bank.bank_chain_graph`)."""
+    import dataclasses
+
+    from ..storage import create_output
+    from ..storage.bank_group import BankGroup
+    from ..storage.dense_store import layout_attrs
+
+    src, kernel = plan.input, plan.kernel
+    layout = layout_attrs("csr", src.n_images, plan.out_shape, plan.out_dtype, blocks.bounds)
+    if resume_prov is None:
+        parent = BankGroup.create(tgt_loc, names, attrs, layout, overwrite=overwrite)
+    else:
+        want = {**{k: v for k, v in attrs.items() if k != "source_fingerprint"}, **layout}
+        from ..storage.progress import jsonable
+
+        diff = sorted(k for k, v in jsonable(want).items() if resume_prov.get(k) != v)
+        if diff:
+            raise ValueError(f"cannot resume {tgt_loc}: it was written with different settings ({', '.join(diff)}); "
+                             "pass overwrite=True to start over")
+        parent = BankGroup.reopen(tgt_loc, names)
+    members = []
+    for name, rec in zip(names, attrs["kernels"]):
+        member_attrs = {k: v for k, v in attrs.items() if k not in ("kernels", "kernel_shape", "kernel_sha")}
+        member_attrs.update(kernel_shape=rec["kernel_shape"], kernel_sha=rec["kernel_sha"], bank_member=name)
+        if "kernel" in rec:
+            member_attrs["kernel"] = rec["kernel"]
+        members.append(create_output(target, "csr", src.n_images, plan.out_shape, plan.out_dtype, blocks.bounds,
+                                     storage_options=target_storage_options, overwrite=False, attrs=member_attrs,
+                                     compressor=compressor, array=name, resume=resume_prov is not None))
+    done = set.intersection(*(m.done_blocks() for m in members)) if resume_prov is not None else set()
+    member_spec = dataclasses.replace(spec, bank=0)
+    return bank_graph(src, parent, members, kernel, names, blocks, spec, member_spec, info, annotations=annotations,
+                      done=done, threads=plan.threads)
 
 
 def _resolve_locations(source, target, array, storage_options, target_storage_options):

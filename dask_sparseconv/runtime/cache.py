@@ -60,7 +60,7 @@ from ..convolver import Convolver
 from ..engine.threads import default_threads
 from ..kernels import kernel_digest
 from ..operation import DEFAULT, Operation
-from ..validation import check_kernel, check_positive_int
+from ..validation import check_kernels, check_positive_int
 
 _DEFAULT_SIZE = 8
 
@@ -218,8 +218,8 @@ def get_convolver(
     from ..validation import check_dtype, check_mode, resolve_method_backend
 
     kernel = np.asarray(kernel)
-    if kernel.dtype == object or kernel.ndim != 2:
-        kernel = check_kernel(kernel)
+    if kernel.dtype == object or kernel.ndim not in (2, 3):
+        kernel = check_kernels(kernel)
     mode = check_mode(mode)
     dtype = check_dtype(dtype)
     asked_auto = method is None or method == "auto"

@@ -307,7 +307,7 @@ def resolve_auto(
 
     frame_shape = check_frame_shape(frame_shape)
     kernel = np.asarray(kernel)
-    if kernel.dtype == object or kernel.ndim != 2 or not np.issubdtype(kernel.dtype, np.number):
+    if kernel.dtype == object or kernel.ndim not in (2, 3) or not np.issubdtype(kernel.dtype, np.number):
         kernel = check_kernel(kernel)
     mode = check_mode(mode)
     dt = check_dtype(dtype) or np.dtype(np.float64)
@@ -348,7 +348,8 @@ def _resolve(frame_shape, kernel, dt, mode, method, setting, budget_arg, share_a
     if want == "precomputed":
         from ..engine.torch_engines import PrecomputedTorch, estimate_toeplitz_bytes
 
-        toeplitz = estimate_toeplitz_bytes(frame_shape, kernel, dt, mode)
+        # a kernel bank (K, kH, kW) holds one Toeplitz matrix per kernel
+        toeplitz = sum(estimate_toeplitz_bytes(frame_shape, k, dt, mode) for k in (kernel if kernel.ndim == 3 else [kernel]))
         need = toeplitz + working
         if need <= budget and toeplitz <= PrecomputedTorch.max_toeplitz_bytes:
             return Resolution("precomputed", "torch", dev, f"precomputed on {dev}: Toeplitz {_fmt(toeplitz)} + "

@@ -25,6 +25,7 @@ from zarr.errors import NodeNotFoundError
 
 from ..validation import _short, check_choice, check_positive_int
 from . import progress
+from .bank_group import BankGroup, bank_members
 from .base import OutputBase, StackInput, StackOutput
 from .csr_store import Carry, CSRInput, CSROutput, write_csr_stack
 from .dense_store import (
@@ -49,7 +50,9 @@ __all__ = [
     "open_input",
     "create_output",
     "open_stack",
+    "open_bank",
     "describe_stack",
+    "BankGroup",
     "write_dense_stack",
     "write_csr_stack",
     "same_or_inside",
@@ -242,7 +245,8 @@ def create_output(target: Any, fmt: str, n_images: int, out_shape: Sequence[int]
         out_shape = tuple(int(v) for v in out_shape)
     except Exception:
         raise TypeError(f"out_shape must be (H_out, W_out), two positive integers; got {_short(out_shape)}") from None
-    if len(out_shape) != 2 or min(out_shape) < 1:
+    # (K, H_out, W_out): a kernel bank's dense output, one (n, K, H_out, W_out) array
+    if not (len(out_shape) == 2 or (len(out_shape) == 3 and fmt == "dense")) or min(out_shape) < 1:
         raise ValueError(f"out_shape must be (H_out, W_out), two positive integers; got {_short(out_shape)}")
     dtype = check_numeric_dtype(dtype, "dtype")
     bounds = check_block_bounds(block_bounds, n_images)
@@ -318,7 +322,87 @@ def open_stack(source: Any, array: str | None = None, storage_options: dict | No
     """
     loc, node = _open_node(source, array, storage_options)
     _refuse_incomplete(loc, node, allow_incomplete)
+    members = bank_members(node)
+    if members is not None:
+        raise ValueError(f"{str(loc)!r} is the output of a kernel bank in CSR, one group per kernel ({members}): "
+                         f"open one with array={members[0]!r}, or all with dask_sparseconv.open_bank()")
+    if isinstance(node, zarr.Array) and node.ndim == 4 and kernel_records(node):
+        import dask.array as da
+
+        return da.from_zarr(node)  # a dense bank's (n, K, H_out, W_out)
     return _input_from_node(loc, node).to_dask(rows_per_chunk)
+
+
+def kernel_records(node: Any) -> list[dict] | None:
+    """A kernel bank output's per-kernel provenance (name, digest, ...), or None."""
+    prov = progress.provenance(node)
+    kernels = prov.get("kernels") if prov else None
+    return kernels if isinstance(kernels, list) else None
+
+
+def open_bank(source: Any, storage_options: dict | None = None, allow_incomplete: bool = False) -> dict:
+    """The outputs of a kernel-bank job, one lazy dask array per kernel.
+
+    Parameters
+    ----------
+    source : str, os.PathLike or zarr store
+        The target of a :func:`~dask_sparseconv.convolve_zarr` run with a
+        kernel of shape ``(K, kH, kW)``.
+    storage_options : dict, optional
+        fsspec options for URLs.
+    allow_incomplete : bool, default False
+        Read an output whose run did not finish.
+
+    Returns
+    -------
+    dict
+        Kernel name -> dask array: ``(n, H_out, W_out)`` for a dense bank
+        (slices of its ``(n, K, H_out, W_out)`` array), ``(n, H_out*W_out)``
+        with ``scipy.sparse`` chunks for a CSR bank (its member groups).
+    """
+    loc, node = _open_node(source, None, storage_options)
+    _refuse_incomplete(loc, node, allow_incomplete)
+    records = kernel_records(node)
+    if records is None:
+        raise ValueError(f"{str(loc)!r} is not the output of a kernel bank (no per-kernel provenance); "
+                         "open it with open_stack()")
+    names = [str(r.get("name")) for r in records]
+    if isinstance(node, zarr.Array):
+        import dask.array as da
+
+        arr = da.from_zarr(node)
+        return {name: arr[:, k] for k, name in enumerate(names)}
+    return {name: open_stack(source, array=name, storage_options=storage_options, allow_incomplete=allow_incomplete)
+            for name in names}
+
+
+def _describe_bank(loc: Location, node: Any, prov: dict, records: list[dict]) -> dict:
+    """:func:`describe_stack` of a kernel bank's output (dense 4-D array or CSR parent group)."""
+    names = [str(r.get("name")) for r in records]
+    shape = [int(v) for v in (prov.get("frame_shape") or [])][-2:]
+    n = int(prov.get("n_images", 0))
+    K = len(names)
+    info: dict[str, Any] = {
+        "location": str(loc), "format": prov.get("format"), "n_images": n, "frame_shape": shape,
+        "dtype": prov.get("dtype"), "provenance": prov, "complete": bool(prov.get("complete")),
+        "kernels": names, "shape": [n, K, *shape] if prov.get("format") == "dense" else [K, n, int(np.prod(shape))],
+        "nnz": prov.get("nnz") if prov.get("complete") else None, "nnz_exact": prov.get("nnz") is not None,
+        "n_blocks": int(prov.get("n_blocks", 0)),
+    }
+    info["density"] = None if info["nnz"] is None else int(info["nnz"]) / max(1, n * K * int(np.prod(shape)))
+    if isinstance(node, zarr.Array):
+        info["done_blocks"] = len({i for i in progress.done_blocks(node) if i < info["n_blocks"]})
+        info["chunks"] = list(node.chunks)
+    else:  # a block is written when every member wrote it
+        done = None
+        for name in names:
+            try:
+                mine = set(progress.done_blocks(node[name]))
+            except KeyError:
+                mine = set()
+            done = mine if done is None else done & mine
+        info["done_blocks"] = len({i for i in (done or set()) if i < info["n_blocks"]})
+    return info
 
 
 def describe_stack(source: Any, array: str | None = None, storage_options: dict | None = None,
@@ -334,6 +418,9 @@ def describe_stack(source: Any, array: str | None = None, storage_options: dict 
     """
     loc, node = _open_node(source, array, storage_options)
     prov = progress.provenance(node)
+    records = kernel_records(node)
+    if prov is not None and records is not None:
+        return _describe_bank(loc, node, prov, records)
     if prov is not None and not prov.get("complete"):
         # an interrupted run: report its layout and progress (a CSR output's
         # data/indices are longer than nnz until the run finishes)

@@ -370,7 +370,9 @@ class DenseOutput(OutputBase):
     def write_block(self, i: int, start: int, stop: int, result: Any, *, record: dict | None = None) -> int:
         """Write rows ``[start, stop)`` (block ``i``) and then mark it done.
 
-        ``result``: dense ``(rows, H_out, W_out)`` or CSR ``(rows, H_out*W_out)``.
+        ``result``: dense ``(rows, H_out, W_out)`` or CSR ``(rows, H_out*W_out)``
+        (a kernel bank's output: ``(rows, K, H_out, W_out)`` or CSR
+        ``(rows, K*H_out*W_out)``, kernel-major within each image).
         Returns the block's nnz: the CSR result's ``nnz``, or the number of
         nonzero pixels written for a dense result.
         The marker holds the block's record: ``rows``, ``nnz`` (nonzero
@@ -379,11 +381,12 @@ class DenseOutput(OutputBase):
         """
         self._check_block(i, start, stop)
         rows = stop - start
-        Ho, Wo = self.out_shape
+        shape = tuple(self.out_shape)
+        pixels = int(np.prod(shape))
         nnz = summary = None
         if scipy.sparse.issparse(result):
-            if result.shape != (rows, Ho * Wo):
-                raise ValueError(f"block {i}: result must have shape {(rows, Ho * Wo)}; got {result.shape}")
+            if result.shape != (rows, pixels):
+                raise ValueError(f"block {i}: result must have shape {(rows, pixels)}; got {result.shape}")
             csr = scipy.sparse.csr_matrix(result)
             if not csr.has_canonical_format:
                 csr = csr.copy()
@@ -391,14 +394,14 @@ class DenseOutput(OutputBase):
             nnz = int(csr.nnz)
             data = csr.data.astype(self.dtype, copy=False)
             # digest the nonzeros we have instead of a pass over every pixel written
-            positions = np.repeat(np.arange(rows, dtype=np.int64) * (Ho * Wo), np.diff(csr.indptr)) + csr.indices
+            positions = np.repeat(np.arange(rows, dtype=np.int64) * pixels, np.diff(csr.indptr)) + csr.indices
             summary = progress.nonzero_digest(positions, data)
             values = scipy.sparse.csr_matrix((data, csr.indices, csr.indptr), shape=csr.shape).toarray()
-            values = values.reshape(rows, Ho, Wo)
+            values = values.reshape((rows,) + shape)
         else:
             dense = np.asarray(result)
-            if dense.shape != (rows, Ho, Wo):
-                raise ValueError(f"block {i}: result must have shape {(rows, Ho, Wo)}; got {dense.shape}")
+            if dense.shape != (rows,) + shape:
+                raise ValueError(f"block {i}: result must have shape {(rows,) + shape}; got {dense.shape}")
             values = dense.astype(self.dtype, copy=False)
         self.node[start:stop] = values
         nonzero, digest = summary if summary is not None else progress.dense_digest(values)
@@ -412,7 +415,8 @@ class DenseOutput(OutputBase):
     def _chunk_keys(self, start: int, stop: int) -> list[str]:
         """Store keys (relative to the array) of the chunks holding rows ``[start, stop)``."""
         c = int(self.node.chunks[0])
-        return [self.node.metadata.encode_chunk_key((j, 0, 0)) for j in range(start // c, (stop - 1) // c + 1)]
+        rest = (0,) * (self.node.ndim - 1)
+        return [self.node.metadata.encode_chunk_key((j, *rest)) for j in range(start // c, (stop - 1) // c + 1)]
 
     def verify_block(self, i: int) -> dict | None:
         """Block ``i``'s record if its marker is set and what is stored now

@@ -118,6 +118,10 @@ def _relations(d: dict, base: Path) -> list[tuple[str, str]]:
     if cluster.get("route") == "gpu" and address is None:
         out.append(("cluster.route", "'gpu' needs cluster.address: a scheduler with GPU workers started with "
                                      "`dask worker <address> --resources GPU=1` (a local cluster has none)"))
+    if "kernel" in d and "kernels" in d:
+        out.append(("kernels", "give kernel (one kernel) or kernels (a bank), not both"))
+    elif "kernel" not in d and "kernels" not in d:
+        out.append(("kernel", "required key is missing (or give kernels: a list of kernels, applied in one pass)"))
     fill, boundary = d.get("fillvalue", 0), d.get("boundary", "fill")
     from ..boundaries import BOUNDARIES, canonical_boundary
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
 from .. import kernels as _kernels
@@ -247,11 +247,16 @@ class InputSpec(Section):
 class KernelSpec:
     """A checked kernel: its kind, its parameters and the array built from them."""
 
-    def __init__(self, kind: str, params: dict, array: np.ndarray):
+    def __init__(self, kind: str, params: dict, array: np.ndarray, names: list[str] | None = None):
         self.kind, self.params, self.array = kind, params, array
+        #: a kernel bank's kernel names (``kernels:``); None for one kernel
+        self.names = names
 
     @property
     def description(self) -> str:
+        if self.kind == "bank":
+            parts = ", ".join(f"{n}: {d}" for n, d in zip(self.names or [], self.params["kernels"]))
+            return f"a bank of {len(self.params['kernels'])} kernels ({parts})"
         if self.kind in ("gaussian", "box", "disk"):
             args = ", ".join(f"{k}={v}" for k, v in self.params.items())
             return f"{self.kind}({args})"
@@ -328,6 +333,58 @@ def _kernel(raw: Any, info: ValidationInfo) -> KernelSpec:
     return KernelSpec(kind, dict(params), arr)
 
 
+def _kernel_bank(raw: Any, info: ValidationInfo) -> KernelSpec:
+    """``kernels:``, a list of kernels (each as under ``kernel:``, with an
+    optional ``name``) applied in one pass. Kernels of different sizes are
+    zero-padded, centred, to the largest: in mode 'same' that leaves each
+    result as it is alone (an odd side grows by an even number of pixels)."""
+    from ..pipeline.bank import check_kernel_names
+
+    if isinstance(raw, KernelSpec):
+        return raw
+    if not isinstance(raw, list) or not raw:
+        raise problem("expected a list of kernels, each one of gaussian, box, disk, file, values with an optional "
+                      f"name (e.g. [{{gaussian: {{sigma: 1}}, name: fine}}, {{gaussian: {{sigma: 3}}}}]); got {show(raw)}")
+    specs: list[KernelSpec] = []
+    names: list[str] = []
+    sub: list[tuple[str, str]] = []
+    for i, item in enumerate(raw):
+        name: Any = str(i)
+        if isinstance(item, dict) and "name" in item:
+            item = dict(item)
+            name = item.pop("name")
+            try:
+                check_kernel_names([name], np.zeros((1, 1, 1)))
+            except (ValueError, TypeError) as exc:
+                sub.append((f"{i}.name", str(exc).split(": ", 1)[-1]))
+        try:
+            specs.append(_kernel(item, info))
+            names.append(str(name))
+        except PydanticCustomError as exc:
+            ctx = exc.context or {}
+            if ctx.get("text"):
+                sub.append((str(i), ctx["text"]))
+            sub += [(f"{i}.{k}", m) for k, m in ctx.get("sub", ())]
+    if sub:
+        raise problem("", *sub)
+    if len(set(names)) != len(names):
+        raise problem(f"kernel names must be distinct; got {names}")
+    kh = max(sp.array.shape[0] for sp in specs)
+    kw = max(sp.array.shape[1] for sp in specs)
+    odd = [(i, sp.array.shape) for i, sp in enumerate(specs)
+           if (kh - sp.array.shape[0]) % 2 or (kw - sp.array.shape[1]) % 2]
+    if odd:
+        raise problem(f"kernels of shapes {[list(sp.array.shape) for sp in specs]} cannot be centred in one "
+                      f"{kh} x {kw} shape (kernel {odd[0][0]} differs from it by an odd number of rows or columns); "
+                      "give sizes of one parity (e.g. gaussian size:)")
+    arrays = []
+    for sp in specs:
+        h, w = sp.array.shape
+        dh, dw = (kh - h) // 2, (kw - w) // 2
+        arrays.append(np.pad(sp.array.astype(np.float64), ((dh, kh - h - dh), (dw, kw - w - dw))))
+    return KernelSpec("bank", {"kernels": [sp.description for sp in specs]}, np.stack(arrays), names)
+
+
 KERNEL_SCHEMA = {
     "description": "exactly one of gaussian, box, disk, file, values (a string is shorthand for file)",
     "oneOf": [
@@ -346,6 +403,15 @@ KERNEL_SCHEMA = {
         {"type": "object", "additionalProperties": False, "required": ["values"],
          "properties": {"values": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}},
     ],
+}
+
+
+KERNELS_SCHEMA = {
+    "description": "a kernel bank: a list of kernels (each as under kernel, with an optional name) applied in one "
+                   "pass; smaller kernels are zero-padded, centred, to the largest",
+    "type": "array", "minItems": 1,
+    "items": {"anyOf": [{"type": "string"}, {"type": "object", "minProperties": 1, "maxProperties": 2,
+                                              "properties": {"name": {"type": "string"}}}]},
 }
 
 
@@ -439,7 +505,9 @@ class Workflow(Section):
 
     description: OptionalText = None
     input: InputSpec
-    kernel: Annotated[Any, BeforeValidator(_kernel), WithJsonSchema(KERNEL_SCHEMA)]
+    kernel: Annotated[Any, BeforeValidator(_kernel), WithJsonSchema(KERNEL_SCHEMA)] = None
+    #: a kernel bank: kernels applied in one pass (instead of ``kernel``)
+    kernels: Annotated[Any, BeforeValidator(_kernel_bank), WithJsonSchema(KERNELS_SCHEMA)] = None
     mode: Choice(MODES) = "same"
     boundary: Choice(BOUNDARIES) = "fill"
     fillvalue: Real = 0.0
@@ -453,6 +521,13 @@ class Workflow(Section):
     #: the file it was read from (set by the loader; not a key of the file)
     source: Annotated[str | None, Field(exclude=True)] = None
 
+    @model_validator(mode="after")
+    def _bank_is_the_kernel(self) -> "Workflow":
+        # one place for the rest of the package to look: wf.kernel (a bank: kind 'bank', a 3-D array)
+        if self.kernel is None and self.kernels is not None:
+            self.kernel = self.kernels
+        return self
+
     @property
     def operation(self):
         """The :class:`~dask_sparseconv.operation.Operation` of ``boundary``,
@@ -463,8 +538,10 @@ class Workflow(Section):
 
     def to_dict(self) -> dict:
         """Plain-data view (kernel as its spec, not the array)."""
-        d = self.model_dump(exclude={"kernel", "source"})
+        d = self.model_dump(exclude={"kernel", "kernels", "source"})
         d["kernel"] = {"kind": self.kernel.kind, **self.kernel.params, "shape": list(self.kernel.array.shape)}
+        if self.kernel.names:
+            d["kernel"]["names"] = list(self.kernel.names)
         d["source"] = self.source
         return d
 
@@ -473,6 +550,7 @@ def json_schema() -> dict:
     """The JSON schema of a workflow file (what ``dask-sparseconv schema`` prints)."""
     schema = Workflow.model_json_schema()
     schema["properties"].pop("source", None)
+    schema["oneOf"] = [{"required": ["kernel"]}, {"required": ["kernels"]}]  # one kernel, or a bank
     schema["title"] = "dask-sparseconv workflow"
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema

@@ -187,7 +187,8 @@ def _assert_nothing_written(target):
         (dict(output_format="coo"), ValueError, "output_format"),
         (dict(block_memory="10B"), ValueError, "block_memory"),
         (dict(block_memory="plenty"), ValueError, "block_memory"),
-        (dict(kernel=np.ones((2, 2, 2))), ValueError, "kernel"),
+        (dict(kernel=np.ones((2, 2, 2, 2))), ValueError, "kernel"),  # (a 3-D kernel is a bank: test_kernel_bank_jobs.py)
+        (dict(kernel=np.stack([np.ones((2, 2)), np.full((2, 2), np.nan)])), ValueError, r"kernel\[1\]"),
         (dict(kernel=[[1.0, np.inf]]), ValueError, "kernel"),
         (dict(kernel="gauss"), TypeError, "kernel"),
         (dict(kernel=np.ones((H + 1, 3)), mode="valid"), ValueError, "valid"),

@@ -59,7 +59,8 @@ def test_defaults_in_the_schema_are_the_loader_defaults(validator):
     assert block == wf.block.memory == 64 * 2**20
     assert schema["properties"]["mode"]["default"] == wf.mode == "same"
     assert schema["$defs"]["ClusterSpec"]["properties"]["threads_per_worker"]["default"] == wf.cluster.threads_per_worker
-    assert set(schema["required"]) == {"input", "kernel", "output"}
+    assert set(schema["required"]) == {"input", "output"}
+    assert schema["oneOf"] == [{"required": ["kernel"]}, {"required": ["kernels"]}]  # one kernel, or a bank
     assert "source" not in schema["properties"]  # set by the loader, not a key of the file
 
 

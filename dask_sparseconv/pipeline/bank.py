@@ -1,0 +1,206 @@
+"""Kernel banks in a store job: several kernels over one read of each block.
+
+A bank is a kernel argument of shape ``(K, kH, kW)``. Each block is read,
+converted to canonical CSR and given its boundary ghosts once; each kernel's
+engine then runs over it in memory (:class:`~dask_sparseconv.Convolver`
+with a 3-D kernel). What is written:
+
+* dense output: one ``(n, K, H_out, W_out)`` array, chunked by block with
+  all K kernels in each chunk, so a block is one write as for one kernel
+  (the graph of :mod:`~dask_sparseconv.pipeline.graph`, unchanged);
+* CSR output: one anndata ``csr_matrix`` group per kernel under the target
+  group, named by the kernel's name, each a complete output of its own
+  (provenance, markers, the write-once chain of
+  :mod:`~dask_sparseconv.pipeline.csr_chain`). Each block's compute task
+  feeds the K chains (:func:`bank_chain_graph`).
+
+Both carry per-kernel provenance: ``kernels: [{name, kernel_sha, kernel}]``
+on the output (dense) or the parent group, and each CSR member's own
+``kernel_sha``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..kernels import kernel_digest
+from .csr_chain import (
+    _CARRY_PRIORITY,
+    _WRITE_PRIORITY,
+    VERIFY_PIECE,
+    BlockResult,
+    _runs,
+    carry_block,
+    lag,
+    resume_segment,
+    segment_block,
+    segment_carry,
+    verify_blocks,
+    write_block,
+)
+from .tasks import BlockStats, read_convolve
+
+#: What a kernel's name may be: a zarr node name that is also a plain file name.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_kernel_names(names: Any, kernel: np.ndarray) -> list[str] | None:
+    """The kernels' names of a bank (default ``'0'``, ``'1'``, ...); None
+    for one 2-D kernel, which takes no names."""
+    if kernel.ndim != 3:
+        if names is not None:
+            raise ValueError(f"kernel_names is for a kernel bank (a 3-D kernel (K, kH, kW)); got a 2-D kernel and "
+                             f"kernel_names={names!r}")
+        return None
+    K = int(kernel.shape[0])
+    if names is None:
+        return [str(k) for k in range(K)]
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise TypeError(f"kernel_names must be a list of {K} strings; got {names!r}")
+    names = list(names)
+    if len(names) != K:
+        raise ValueError(f"kernel_names must name each of the {K} kernels; got {len(names)} names: {names!r}")
+    for name in names:
+        if not isinstance(name, str) or not _NAME.match(name) or name.startswith("__"):
+            raise ValueError(f"kernel_names: {name!r} is not a usable name; use letters, digits, '_', '-' and '.' "
+                             "(up to 64, not starting with '.', '-' or '__')")
+    if len(set(names)) != K:
+        raise ValueError(f"kernel_names must be distinct; got {names!r}")
+    return names
+
+
+def kernel_records(kernel: np.ndarray, names: list[str]) -> list[dict]:
+    """Per-kernel provenance of a bank: name, digest, values when small."""
+    out = []
+    for name, k in zip(names, kernel):
+        rec: dict[str, Any] = {"name": name, "kernel_sha": kernel_digest(k), "kernel_shape": list(k.shape)}
+        if k.size <= 256:
+            rec["kernel"] = k.tolist()
+        out.append(rec)
+    return out
+
+
+# -- CSR banks: K chains fed by one compute per block ----------------------------------------------
+
+
+def compute_bank_block(job: tuple, kernel, index: int, start: int, stop: int, gate: Any = None) -> list:
+    """Read and convolve block ``index`` with every kernel of the bank: one
+    :class:`~dask_sparseconv.pipeline.csr_chain.BlockResult` per kernel.
+    ``job``: ``(source, member outputs, bank spec)``; ``gate``: only waited for."""
+    import os
+    import time
+
+    from ..storage.csr_store.output import canonical_result
+
+    src, outs, spec = job
+    t0 = time.time()
+    csr, res, read_s, conv_s, engine = read_convolve(src, spec, kernel, index, start, stop, sparse_ok=False)
+    results = []
+    for k, (out, r) in enumerate(zip(outs, res)):
+        r = canonical_result(r, stop - start, out.n_cols, index)
+        # the read and the convolution are the block's, counted once (on kernel 0)
+        stats = BlockStats(index, start, stop, int(csr.nnz) if k == 0 else 0, int(r.nnz), t0,
+                           read_s if k == 0 else 0.0, conv_s if k == 0 else 0.0, 0.0, os.getpid(),
+                           counts=np.diff(r.indptr).astype(np.int64), **engine)
+        results.append(BlockResult(stats, r))
+    return results
+
+
+def pick(results: list, k: int) -> BlockResult:
+    return results[k]
+
+
+def bank_block(*stats: BlockStats) -> list:
+    """A block's key task: the K kernels' stats, once each chain wrote it."""
+    return list(stats)
+
+
+def bank_chain_graph(g, bank_job, kernel, member_jobs: list, member_kernels: list, outs: list, bounds,
+                     done: set[int], annotations: dict, token: str, threads: int, prefix: str, block_key) -> list:
+    """Add a CSR bank's K chains to ``g`` (a :class:`~dask_sparseconv.pipeline.graph.TaskGraph`);
+    returns the block tasks' references (their values: lists of K :class:`BlockStats`).
+
+    As :func:`~dask_sparseconv.pipeline.csr_chain.chain_graph`, with one
+    compute task per block for all kernels, K carries and K writes after it,
+    and a block task that waits for the K writes (progress counts blocks
+    written by every kernel; ``compute i`` waits for ``block i - L``).
+    ``done``: blocks written in every member; the others are computed and
+    written again in all of them."""
+    L = lag(threads)
+    K = len(outs)
+    blocks: list = [None] * len(bounds)
+    prev: list = [None] * K
+    last = len(bounds) - 1
+    for a, b, written in _runs(len(bounds), done):
+        if written:
+            tag = f"{token}-{a:06d}"
+            segs = []
+            for k in range(K):
+                pieces = [g.add(f"{prefix}-verify{k}-{tag}-{p:06d}", verify_blocks, member_jobs[k],
+                                [(i, *bounds[i]) for i in range(p, min(p + VERIFY_PIECE, b))],
+                                annotations={"priority": _CARRY_PRIORITY})
+                          for p in range(a, b, VERIFY_PIECE)]
+                seg = g.add(f"{prefix}-segment{k}-{tag}", resume_segment, member_jobs[k], member_kernels[k], prev[k],
+                            *pieces, annotations={"priority": _CARRY_PRIORITY})
+                if b <= last:
+                    prev[k] = g.add(f"{prefix}-carry{k}-{token}-{b - 1:06d}", segment_carry, seg,
+                                    annotations={"priority": _CARRY_PRIORITY})
+                segs.append(seg)
+            for i in range(a, b):
+                stats = [g.add(f"{prefix}-kept{k}-{token}-{i:06d}", segment_block, segs[k], i - a) for k in range(K)]
+                blocks[i] = g.add(block_key(token, i), bank_block, *stats, annotations={"priority": _WRITE_PRIORITY})
+            continue
+        for i in range(a, b):
+            start, stop = bounds[i]
+            gate = blocks[i - L] if i >= L and (i - L) not in done else None
+            res = g.add(f"{prefix}-compute-{token}-{i:06d}", compute_bank_block, bank_job, kernel, i, start, stop, gate,
+                        annotations={"priority": -i, **(annotations or {})})
+            writes = []
+            for k in range(K):
+                mine = g.add(f"{prefix}-pick{k}-{token}-{i:06d}", pick, res, k, annotations={"priority": -i})
+                before = prev[k]
+                if i < last:
+                    prev[k] = g.add(f"{prefix}-carry{k}-{token}-{i:06d}", carry_block, outs[k], mine, before,
+                                    annotations={"priority": _CARRY_PRIORITY})
+                writes.append(g.add(f"{prefix}-write{k}-{token}-{i:06d}", write_block, member_jobs[k],
+                                    member_kernels[k], mine, before, prev[k] if i < last else None,
+                                    annotations={"priority": _WRITE_PRIORITY}))
+            blocks[i] = g.add(block_key(token, i), bank_block, *writes, annotations={"priority": _WRITE_PRIORITY})
+    return blocks
+
+
+def combined_stats(per_kernel: list) -> BlockStats:
+    """One block's stats over the K kernels: read and convolution once, the
+    outputs' nonzeros and write times added up."""
+    first = per_kernel[0]
+    return dataclasses.replace(first, nnz_in=max(s.nnz_in for s in per_kernel),
+                               nnz_out=int(sum(s.nnz_out for s in per_kernel)),
+                               read_s=max(s.read_s for s in per_kernel),
+                               convolve_s=max(s.convolve_s for s in per_kernel),
+                               write_s=float(sum(s.write_s for s in per_kernel)), counts=None)
+
+
+def finish_bank(parent, outs: list, info, names: list[str], *blocks: list):
+    """The last task of a CSR bank job: finish every member (indptr, its
+    completion flag), then the parent group's completion flag; the summary."""
+    import time
+
+    from .summary import summarize
+
+    p0 = time.perf_counter()
+    for k, out in enumerate(outs):
+        out.finish(sorted((b[k] for b in blocks), key=lambda s: s.index), info.resumed)
+    per_kernel_nnz = [int(sum(b[k].nnz_out for b in blocks)) for k in range(len(outs))]
+    parent.finish(per_kernel_nnz)
+    summary = summarize(parent, info, [combined_stats(b) for b in blocks], time.perf_counter() - p0)
+    summary.kernels = list(names)
+    summary.nnz_per_kernel = per_kernel_nnz
+    info.release_lock()
+    return summary
+
+
+__all__ = ["bank_chain_graph", "check_kernel_names", "compute_bank_block", "finish_bank", "kernel_records"]
