@@ -2,8 +2,9 @@
 
 One LocalCluster (2 workers x 1 thread, processes), the ROI stack of the
 pipeline benchmark (``sample_rois``: 512 x 512 float32 frames, 0-3 disks of
-radius 8, ~0.14 % nonzero) as an anndata CSR store, mode 'same', CSR out
-(and dense out with ``--dense``). Side by side, in the same run, in
+radius 8, ~0.14 % nonzero) as an anndata CSR store and as a dense zarr
+array (chunks of 16 frames, zstd), mode 'same', CSR out (and dense out with
+``--dense``). Side by side, in the same run, in
 alternating order, medians of ``--repeats``:
 
 * **bank**: one ``convolve_zarr(source, bank, target)`` with the K kernels
@@ -50,6 +51,14 @@ def bank_of(sigmas) -> tuple[np.ndarray, list[np.ndarray]]:
     return np.stack(padded), singles
 
 
+def _dense_blocks(x, rows: int = 200):
+    """The CSR stack as a dense (n, 512, 512) numpy array, built in pieces."""
+    out = np.zeros((x.shape[0], 512, 512), dtype=x.dtype)
+    for a in range(0, x.shape[0], rows):
+        out[a:a + rows] = x[a:a + rows].toarray().reshape(-1, 512, 512)
+    return out
+
+
 def _rm(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -88,6 +97,8 @@ def main(argv=None) -> None:
     ap.add_argument("--frames", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dense", action="store_true", help="also dense output")
+    ap.add_argument("--input", choices=("csr", "dense", "both"), default="both",
+                    help="the ROI stack as an anndata CSR store, a dense zarr array, or both (default)")
     ap.add_argument("--markdown", help="also write the table to this file")
     args = ap.parse_args(argv)
 
@@ -97,8 +108,13 @@ def main(argv=None) -> None:
     bank, singles = bank_of(SIGMAS)
     names = [f"sigma{s:g}" for s in SIGMAS]
     x = sample_rois(args.frames, (512, 512), seed=0)
-    src = os.path.join(tmp, "rois.zarr")
-    write_csr_stack(src, x, (512, 512))
+    sources = {}
+    if args.input in ("csr", "both"):
+        sources["csr"] = os.path.join(tmp, "rois_csr.zarr")
+        write_csr_stack(sources["csr"], x, (512, 512))
+    if args.input in ("dense", "both"):
+        sources["dense"] = os.path.join(tmp, "rois_dense.zarr")
+        dsc.write_dense_stack(sources["dense"], _dense_blocks(x), chunks=16)
     rows = []
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster):
@@ -107,7 +123,7 @@ def main(argv=None) -> None:
         write_csr_stack(small, x[:20], (512, 512))
         run_bank(small, bank, os.path.join(tmp, "w.zarr"), "csr", names)
         run_separate(small, singles, [os.path.join(tmp, f"w{k}.zarr") for k in range(len(singles))], "csr")
-        for fmt in ("csr", "dense") if args.dense else ("csr",):
+        for (in_fmt, src), fmt in [(s, f) for s in sources.items() for f in (("csr", "dense") if args.dense else ("csr",))]:
             target = os.path.join(tmp, f"bank_{fmt}.zarr")
             targets = [os.path.join(tmp, f"single{k}_{fmt}.zarr") for k in range(len(singles))]
             tb, ts = [], []
@@ -121,15 +137,15 @@ def main(argv=None) -> None:
                     ts.append(run_separate(src, singles, targets, fmt))
                     t, summary = run_bank(src, bank, target, fmt, names)
                     tb.append(t)
-                print(f"  {fmt} repeat {r}: bank {tb[-1]:.2f} s, separate {ts[-1]:.2f} s", flush=True)
+                print(f"  {in_fmt} -> {fmt} repeat {r}: bank {tb[-1]:.2f} s, separate {ts[-1]:.2f} s", flush=True)
             ok = same(target, names, targets, fmt)
             b, s = statistics.median(tb), statistics.median(ts)
-            rows.append((fmt, b, s, s / b, summary.nnz_out if summary else 0, ok))
+            rows.append((f"{in_fmt} -> {fmt}", b, s, s / b, summary.nnz_out if summary else 0, ok))
     _rm(tmp)
-    head = (f"{args.frames} ROI frames 512 x 512 (CSR store in), K={len(SIGMAS)} Gaussians sigma {', '.join(map(str, SIGMAS))} "
+    head = (f"{args.frames} ROI frames 512 x 512 float32, K={len(SIGMAS)} Gaussians sigma {', '.join(map(str, SIGMAS))} "
             f"(bank padded to {bank.shape[1]} x {bank.shape[2]}), mode same, LocalCluster 2 workers x 1 thread; "
             f"medians of {args.repeats}, alternating order")
-    lines = [head, "", "| output | bank (s) | 4 separate jobs (s) | separate / bank | nnz out (all kernels) | results |",
+    lines = [head, "", "| store in -> out | bank (s) | 4 separate jobs (s) | separate / bank | nnz out (all kernels) | results |",
              "|---|---|---|---|---|---|"]
     for fmt, b, s, ratio, nnz, ok in rows:
         lines.append(f"| {fmt} | {b:.2f} | {s:.2f} | {ratio:.2f}x | {nnz:,} | {'same' if ok else 'DIFFER'} |")

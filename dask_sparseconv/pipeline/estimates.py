@@ -40,9 +40,16 @@ def sample_expansion(samples, kernel: np.ndarray, geo) -> float | None:
 
     Only the first images of a sample that fit the limits above are used.
     ``None`` when no sample holds nonzeros, or one image alone is over the
-    limits: the planner then assumes the worst case."""
+    limits: the planner then assumes the worst case. A kernel bank
+    ``(K, kH, kW)`` gives the mean over its kernels."""
     from ..engine.support import kernel_row_intervals
 
+    if kernel.ndim == 3:
+        # a kernel bank: the mean of its kernels' expansions on the same
+        # samples (the planner multiplies by K), not K times the largest
+        blocks = list(samples)
+        each = [sample_expansion(blocks, k, geo) for k in kernel]
+        return None if any(e is None for e in each) else float(np.mean(each))
     taps = int(np.count_nonzero(kernel))
     if taps == 0:
         return None

@@ -140,13 +140,13 @@ def bank_graph(src, parent, members: list, kernel: np.ndarray, names: list[str],
     member_jobs = [delayed((src, m, member_spec), name=f"{PREFIX}-job{k}-{token}", traverse=False)
                    for k, m in enumerate(members)]
     member_kernels = [kernel_node(k) for k in kernel]
-    outs = [delayed(m, name=f"{PREFIX}-target{k}-{token}", traverse=False) for k, m in enumerate(members)]
+    members_job = delayed((src, members, member_spec), name=f"{PREFIX}-jobs-{token}", traverse=False)
     parent_node = delayed(parent, name=f"{PREFIX}-target-{token}", traverse=False)
     outs_node = delayed(members, name=f"{PREFIX}-targets-{token}", traverse=False)
-    g = TaskGraph(bank_job, knode, parent_node, outs_node, *member_jobs, *member_kernels, *outs)
+    g = TaskGraph(bank_job, members_job, knode, parent_node, outs_node, *member_jobs, *member_kernels)
     ref = lambda node: TaskRef(node.key)  # noqa: E731
-    block_refs = bank_chain_graph(g, ref(bank_job), ref(knode), [ref(j) for j in member_jobs],
-                                  [ref(k) for k in member_kernels], [ref(o) for o in outs], blocks.bounds, done or set(),
+    block_refs = bank_chain_graph(g, ref(bank_job), ref(knode), ref(members_job), [ref(j) for j in member_jobs],
+                                  [ref(k) for k in member_kernels], ref(outs_node), blocks.bounds, done or set(),
                                   annotations or {}, token, threads, PREFIX, block_key)
     finish_key = f"{PREFIX}-finish-{token}"
     g.add(finish_key, finish_bank, ref(parent_node), ref(outs_node), info, list(names), *block_refs)

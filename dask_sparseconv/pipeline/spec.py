@@ -69,11 +69,10 @@ class Settings:
     @property
     def taps(self) -> np.ndarray:
         """The kernel as the engines apply it (flipped for correlation):
-        what the planner's output estimates sample with. For a bank, one 2-D
-        kernel nonzero wherever any of its kernels is (so an estimate bounds
-        every kernel's output)."""
+        what the planner's output estimates sample with (a bank: each of its
+        kernels, ``(K, kH, kW)``)."""
         if self.kernel.ndim == 3:
-            return np.abs(np.stack([self.operation.engine_kernel(k) for k in self.kernel])).sum(axis=0)
+            return np.stack([self.operation.engine_kernel(k) for k in self.kernel])
         return self.operation.engine_kernel(self.kernel)
 
     def fill_nnz(self, geo: Geometry) -> int:
