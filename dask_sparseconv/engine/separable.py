@@ -170,11 +170,43 @@ def low_rank(kernel: np.ndarray, rtol: float | None = None) -> LowRank:
 # ---------------------------------------------------------------------------
 
 
+@numba.njit(inline="always", **_JIT)
+def _image_runs(indices, a, e, W_in, W_out, left, jmin, jmax):
+    """``(T, cmin, cmax)`` of one image's pixels indices[a:e]: the row-buffer
+    slots its horizontal pass touches (each pixel's kernel width, merged
+    into runs per input row; indices are sorted) and its column range."""
+    T = np.int64(0)
+    cmin = W_in
+    cmax = np.int64(-1)
+    re = np.int64(-1)
+    run_end = np.int64(-2)
+    for jj in range(a, e):
+        p = np.int64(indices[jj])
+        if p >= re:
+            re = (p // W_in + 1) * W_in
+            run_end = np.int64(-2)
+        c = p - (re - W_in)
+        cmin = min(cmin, c)
+        cmax = max(cmax, c)
+        A = max(c + jmin - left, 0)
+        B = min(c + jmax - left, W_out - 1)
+        if A <= B:
+            if A <= run_end:
+                if B > run_end:
+                    T += B - run_end
+                    run_end = B
+            else:
+                T += B - A + 1
+                run_end = B
+    return T, cmin, cmax
+
+
 @numba.njit(**_JIT)
-def _bounds(indptr, indices, W_in, H_out, W_out, top, left, imin, imax, jmin, jmax, K, ub_cum):
+def _bounds(indptr, indices, W_in, H_out, W_out, top, left, imin, imax, jmin, jmax, K, ub_cum, cols):
     """ub_cum[b+1] - ub_cum[b] = an upper bound of image b's output nnz
-    (its bounding box, at most nnz * K). Returns ``T``, the row-buffer slots
-    the horizontal pass touches over the batch (merged runs per input row)."""
+    (its bounding box, at most nnz * K); cols[b] = the box's output columns
+    (first, last). Returns ``T``, the row-buffer slots the horizontal pass
+    touches over the batch."""
     n = indptr.size - 1
     ub_cum[0] = 0
     T = np.int64(0)
@@ -182,37 +214,19 @@ def _bounds(indptr, indices, W_in, H_out, W_out, top, left, imin, imax, jmin, jm
         a = np.int64(indptr[b])
         e = np.int64(indptr[b + 1])
         ub = np.int64(0)
+        cols[b, 0] = 0
+        cols[b, 1] = -1
         if e > a:
             R0 = max(np.int64(indices[a]) // W_in + imin - top, 0)
             R1 = min(np.int64(indices[e - 1]) // W_in + imax - top, H_out - 1)
-            cmin = W_in
-            cmax = np.int64(-1)
-            rs = np.int64(-1)
-            re = np.int64(-1)
-            run_end = np.int64(-2)
-            for jj in range(a, e):
-                p = np.int64(indices[jj])
-                if p >= re:
-                    rs = (p // W_in) * W_in
-                    re = rs + W_in
-                    run_end = np.int64(-2)
-                c = p - rs
-                cmin = min(cmin, c)
-                cmax = max(cmax, c)
-                A = max(c + jmin - left, 0)
-                B = min(c + jmax - left, W_out - 1)
-                if A <= B:
-                    if A <= run_end:
-                        if B > run_end:
-                            T += B - run_end
-                            run_end = B
-                    else:
-                        T += B - A + 1
-                        run_end = B
+            t, cmin, cmax = _image_runs(indices, a, e, W_in, W_out, left, jmin, jmax)
+            T += t
             C0 = max(cmin + jmin - left, 0)
             C1 = min(cmax + jmax - left, W_out - 1)
             if R1 >= R0 and C1 >= C0:
                 ub = min((e - a) * K, (R1 - R0 + 1) * (C1 - C0 + 1))
+                cols[b, 0] = C0
+                cols[b, 1] = C1
         ub_cum[b + 1] = ub_cum[b] + ub
     return T
 
@@ -227,24 +241,7 @@ def _sampled_runs(indptr, indices, step, W_in, W_out, left, jmin, jmax):
         a = np.int64(indptr[b])
         e = np.int64(indptr[b + 1])
         nnz += e - a
-        re = np.int64(-1)
-        run_end = np.int64(-2)
-        for jj in range(a, e):
-            p = np.int64(indices[jj])
-            if p >= re:
-                re = (p // W_in + 1) * W_in
-                run_end = np.int64(-2)
-            c = p - (re - W_in)
-            A = max(c + jmin - left, 0)
-            B = min(c + jmax - left, W_out - 1)
-            if A <= B:
-                if A <= run_end:
-                    if B > run_end:
-                        T += B - run_end
-                        run_end = B
-                else:
-                    T += B - A + 1
-                    run_end = B
+        T += _image_runs(indices, a, e, W_in, W_out, left, jmin, jmax)[0]
     return T, nnz
 
 
@@ -345,10 +342,11 @@ def _extract(buf, wr0, wc0, ww, wh, rlo, rhi, W_out, out_idx, out_val, pos):
 
 @numba.njit(**_JIT)
 def _csr_range(start, stop, indptr, indices, data, W_in, U, Wf, top, left, imin, imax, jmin, jmax,
-               H_out, W_out, cap, out_idx, out_val, pos, counts):
+               H_out, W_out, cap, cols, out_idx, out_val, pos, counts):
     """Convolve images [start, stop) into out_*[pos:]; counts[b] = nnz of
-    image b. Returns the new pos. Each image is done in its bounding box, in
-    bands of output rows of at most ``cap`` slots."""
+    image b. Returns the new pos. Each image is done in its bounding box
+    (output columns ``cols[b]``, from :func:`_bounds`), in bands of output
+    rows of at most ``cap`` slots."""
     dt = out_val.dtype
     buf = np.zeros(0, dtype=dt)
     tmp = np.zeros(0, dtype=dt)
@@ -363,15 +361,8 @@ def _csr_range(start, stop, indptr, indices, data, W_in, U, Wf, top, left, imin,
         if e > a:
             R0 = max(np.int64(indices[a]) // W_in + imin - top, 0)
             R1 = min(np.int64(indices[e - 1]) // W_in + imax - top, H_out - 1)
-            cmin = W_in
-            cmax = np.int64(-1)
-            for jj in range(a, e):
-                q = np.int64(indices[jj])
-                c = q - (q // W_in) * W_in
-                cmin = min(cmin, c)
-                cmax = max(cmax, c)
-            C0 = max(cmin + jmin - left, 0)
-            C1 = min(cmax + jmax - left, W_out - 1)
+            C0 = np.int64(cols[b, 0])
+            C1 = np.int64(cols[b, 1])
             if R1 >= R0 and C1 >= C0:
                 h = R1 - R0 + 1
                 w = C1 - C0 + 1
@@ -445,6 +436,7 @@ class SeparableNumba(Engine):
         #: ``nnz * row_taps + T * col_taps``
         self.row_taps = int(np.count_nonzero(self.w)) if self.rank else 0
         self.col_taps = int(np.count_nonzero(self.u)) if self.rank else 0
+        self._sample_args: dict[str, tuple] = {}
 
     def _args(self, mode: str):
         geo = self.geometry(mode)
@@ -453,17 +445,19 @@ class SeparableNumba(Engine):
         return geo, (np.int64(geo.frame_shape[1]), self.u, self.w, np.int64(geo.top), np.int64(geo.left),
                      np.int64(imin), np.int64(imax), np.int64(jmin), np.int64(jmax), np.int64(H_out), np.int64(W_out))
 
-    def count(self, x: scipy.sparse.csr_matrix, mode: str) -> tuple[np.ndarray, int]:
-        """``(ub_cum, T)``: per-image output bounds (cumulative) and the
-        row-buffer slots of the horizontal pass, in one pass over the indices."""
+    def count(self, x: scipy.sparse.csr_matrix, mode: str) -> tuple[np.ndarray, np.ndarray, int]:
+        """``(ub_cum, cols, T)``: per-image output bounds (cumulative), each
+        image's output columns, and the row-buffer slots of the horizontal
+        pass, in one pass over the indices."""
         geo = self.geometry(mode)
         H_out, W_out = geo.out_shape
         imin, imax, jmin, jmax = self.extent
         ub_cum = np.empty(x.shape[0] + 1, dtype=np.int64)
+        cols = np.empty((x.shape[0], 2), dtype=np.int64)
         T = _bounds(x.indptr, x.indices, np.int64(geo.frame_shape[1]), np.int64(H_out), np.int64(W_out),
                     np.int64(geo.top), np.int64(geo.left), np.int64(imin), np.int64(imax), np.int64(jmin),
-                    np.int64(jmax), np.int64(max(self.taps, 1)), ub_cum)
-        return ub_cum, int(T)
+                    np.int64(jmax), np.int64(max(self.taps, 1)), ub_cum, cols)
+        return ub_cum, cols, int(T)
 
     def work(self, nnz: int, T: int) -> int:
         """Estimated updates of a call: ``nnz * row taps + T * column taps`` (over the pairs)."""
@@ -472,11 +466,13 @@ class SeparableNumba(Engine):
     def sampled_work(self, x: scipy.sparse.csr_matrix, mode: str) -> float:
         """Estimated updates per input pixel, from at most ``AUTO_SAMPLE``
         images spread over the batch (every image when the sample is empty)."""
-        geo = self.geometry(mode)
-        _, _, jmin, jmax = self.extent
+        args = self._sample_args.get(mode)
+        if args is None:  # per mode, once: this runs on every call of method='auto'
+            geo = self.geometry(mode)
+            _, _, jmin, jmax = self.extent
+            args = self._sample_args[mode] = (np.int64(geo.frame_shape[1]), np.int64(geo.out_shape[1]),
+                                              np.int64(geo.left), np.int64(jmin), np.int64(jmax))
         n = x.shape[0]
-        args = (np.int64(geo.frame_shape[1]), np.int64(geo.out_shape[1]), np.int64(geo.left), np.int64(jmin),
-                np.int64(jmax))
         T, nnz = _sampled_runs(x.indptr, x.indices, np.int64(max(1, n // AUTO_SAMPLE)), *args)
         if nnz == 0:
             T, nnz = _sampled_runs(x.indptr, x.indices, np.int64(1), *args)
@@ -494,7 +490,7 @@ class SeparableNumba(Engine):
         out_pixels = geo.out_pixels
         if n == 0 or self.rank == 0 or x.nnz == 0:
             return empty_csr(n, out_pixels, self.dtype)
-        ub_cum, T = self.count(x, mode)
+        ub_cum, cols, T = self.count(x, mode)
         ranges = self._ranges(ub_cum, n, self.work(x.nnz, T))
         cap = np.int64(max(1, self.max_buffer_bytes // (self.dtype.itemsize * len(ranges))))
         idx_dt = index_dtype(n, out_pixels, int(ub_cum[-1]) + 1)
@@ -508,8 +504,8 @@ class SeparableNumba(Engine):
         begin = {a: int(ub_cum[a]) + r for r, (a, _) in enumerate(ranges)}
 
         def run(a: int, b: int) -> int:
-            return int(_csr_range(np.int64(a), np.int64(b), x.indptr, x.indices, x.data, *args, cap, out_idx, out_val,
-                                  np.int64(begin[a]), counts)) - begin[a]
+            return int(_csr_range(np.int64(a), np.int64(b), x.indptr, x.indices, x.data, *args, cap, cols, out_idx,
+                                  out_val, np.int64(begin[a]), counts)) - begin[a]
 
         written = run_ranges(run, ranges)
         end = written[0]
