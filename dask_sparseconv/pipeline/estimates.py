@@ -49,7 +49,8 @@ def sample_expansion(samples, kernel: np.ndarray, geo) -> float | None:
         # samples (the planner multiplies by K), not K times the largest
         blocks = list(samples)
         each = [sample_expansion(blocks, k, geo) for k in kernel]
-        return None if any(e is None for e in each) else float(np.mean(each))
+        known = [e for e in each if e is not None]
+        return float(np.mean(known)) if len(known) == len(each) else None
     taps = int(np.count_nonzero(kernel))
     if taps == 0:
         return None
