@@ -156,6 +156,10 @@ def low_rank(kernel: np.ndarray, rtol: float | None = None) -> LowRank:
         u[p] = rest[:, j0]
         w[p] = rest[i0, :] / rest[i0, j0]
         rest -= np.outer(u[p], w[p])
+        # exactly zero in exact arithmetic; rounding would leave ~1e-17 there,
+        # which the next pairs would carry to pixels the kernel does not reach
+        rest[i0, :] = 0.0
+        rest[:, j0] = 0.0
     residual = float(np.max(np.abs(k - u.T @ w)))
     if residual > rtol * float(np.max(np.abs(k))):
         U, sv, Vt = np.linalg.svd(k)

@@ -27,7 +27,6 @@ from scipy_oracle import convolve_rows
 from dask_sparseconv import Convolver
 from dask_sparseconv.engine import REGISTRY
 from dask_sparseconv.engine.base import INT32_MAX
-from dask_sparseconv.engine.separable import low_rank
 from dask_sparseconv.geometry import geometry
 
 MODES = ("full", "same", "valid")
@@ -47,18 +46,16 @@ def cell_kwargs(cell):
 def reference(x, frame_shape, kernel, mode, cell=None):
     """(convolve2d(image, kernel), convolve2d(|image|, |kernel|)) per image, float64, flattened.
 
-    For the separable cell the bound's kernel is ``sum_p |u_p| |w_p|^T`` over
-    its pairs (cast to the compute dtype, as the engine casts them): a
-    kernel of rank > 1 is a sum of pairs whose terms cancel only up to
-    rounding, also where the kernel's tap is zero (docs/engine.md).
+    For the separable cell the bound's kernel is the kernel's largest
+    magnitude on every tap: a kernel of rank > 1 is a sum of pairs whose
+    terms cancel only up to rounding of the kernel's scale, also where the
+    kernel's tap is zero (docs/engine.md, "Accuracy").
     """
     n, out_pixels = x.shape[0], geometry(frame_shape, kernel.shape, mode).out_pixels
     ref = convolve_rows(x, frame_shape, kernel, mode).reshape(n, out_pixels)
     magnitude = np.abs(kernel)
     if cell is not None and cell[0] == "separable":
-        f = low_rank(kernel)
-        u, w = np.abs(f.u.astype(kernel.dtype)), np.abs(f.w.astype(kernel.dtype))
-        magnitude = np.maximum(magnitude, (u.T.astype(np.float64) @ w.astype(np.float64)) * max(f.rank, 1))
+        magnitude = np.full(kernel.shape, np.abs(kernel).max() * max(1, min(kernel.shape)))
     bound = convolve_rows(abs(x), frame_shape, magnitude, mode).reshape(n, out_pixels)
     return ref, bound
 
