@@ -68,6 +68,11 @@ def print_plan(plan: Plan, header: str) -> None:
         say(f"  memory/block: about {fmt_bytes(b.estimated_block_bytes)} (budget {fmt_bytes(wf.block.memory)})")
     say(f"  output:       {wf.output.path}" + target_note(plan))
     say(f"                {plan.out_format}, {fmt_int(plan.n_images)} images of {fmt_shape(plan.out_shape)}, {plan.out_dtype}")
+    names = getattr(wf.kernel, "names", None)
+    if names:
+        layout = (f"one csr_matrix group per kernel: {', '.join(names)}" if plan.out_format == "csr"
+                  else f"one array (n, {len(names)}, H_out, W_out), kernels {', '.join(names)}")
+        say(f"                {layout}")
     say(f"  cluster:      {describe_cluster(wf.cluster)}")
 
 
@@ -85,6 +90,10 @@ def print_summary(summary, plan: Plan, elapsed: float) -> None:
     say(f"  time:       {fmt_seconds(elapsed)}")
     say(f"  throughput: {rate:,.1f} images/s, {nnz_rate:,.0f} input nonzeros/s")
     say(f"  output:     {summary.target} ({summary.format}, {summary.dtype})")
+    if getattr(summary, "kernels", None):
+        per = getattr(summary, "nnz_per_kernel", None) or [None] * len(summary.kernels)
+        say("  kernels:    " + ", ".join(f"{name}" + (f" ({fmt_int(n)} nonzeros)" if n is not None else "")
+                                          for name, n in zip(summary.kernels, per)))
     engines = (summary.extra or {}).get("engines") or {}
     if engines:
         say("  engines:    " + ", ".join(f"{label} ({fmt_int(k)} block{'s' if k != 1 else ''})"

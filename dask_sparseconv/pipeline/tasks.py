@@ -85,7 +85,9 @@ def engine_info(spec: BlockSpec, kernel: np.ndarray, conv) -> dict:
         res = resolve_auto(spec.frame_shape, kernel, spec.dtype, spec.mode, method=spec.method,
                            gpu_device="none" if spec.route == "cpu" else None)
         reason = res.reason if res.fallback else None
-    label = "/".join(p for p in (conv.method, conv.backend, conv.device) if p)
+    # method='auto' with a low-rank kernel weighs the separable path per call (engine/separable.py)
+    method = "direct|separable" if getattr(conv, "auto_separable", False) else conv.method
+    label = "/".join(p for p in (method, conv.backend, conv.device) if p)
     return {"engine": label, "fallback": reason, "worker": worker_address()}
 
 
