@@ -82,8 +82,8 @@ def matrix_expansion(csr: scipy.sparse.csr_matrix, kernel: np.ndarray, geo) -> f
 
 def source_estimates(src, kernel: np.ndarray, geo, out_format: str) -> tuple[float | None, float | None]:
     """``(nonzeros per image, output nonzeros per input nonzero)`` of a store
-    source, for sizing its row blocks (either may be None: not needed, or
-    unknown).
+    source, for sizing its row blocks and choosing how dense-output blocks
+    are computed (either may be None: unknown).
 
     CSR stores know their nonzeros; their sparsity pattern (``indptr`` and
     ``indices``, no values) is sampled for the output estimate, which only
@@ -96,7 +96,9 @@ def source_estimates(src, kernel: np.ndarray, geo, out_format: str) -> tuple[flo
     n = int(src.n_images)
     if n == 0:
         return None, None
-    rows = sample_rows(n, geo) if out_format == "csr" else 0
+    # the expansion also serves dense outputs: block tasks scatter a sparse
+    # result into the dense block instead of convolving densely (pipeline/tasks.py)
+    rows = sample_rows(n, geo)
     if src.nnz is not None:
         if not rows:
             return src.nnz / n, None

@@ -31,6 +31,7 @@ class BlockSpec:
     host_threads: tuple[tuple[str, int], ...] = ()  # (host, dask threads on it) of the cluster the job was built for
     operation: Operation = DEFAULT  # boundary, fill value, correlation
     bank: int = 0  # K for a kernel bank (K, kH, kW): a block's result holds K outputs; 0 for one kernel
+    expansion: float | None = None  # sampled output nonzeros per input nonzero (per kernel), if known
 
     @property
     def outputs(self) -> int:

@@ -93,9 +93,11 @@ def engine_info(spec: BlockSpec, kernel: np.ndarray, conv) -> dict:
 
 #: A dense output block is computed as CSR (and scattered into zeros by the
 #: writer) when its output can hold at most this share of nonzero pixels
-#: (input nonzeros x taps, the worst case): the CSR result is cheap to make
-#: for sparse outputs, and the writer digests its nonzeros instead of every
-#: pixel (timings in docs/benchmarks.md).
+#: (input nonzeros x the planner's sampled expansion, else x taps, the worst
+#: case): the CSR result is cheap to make for sparse outputs, and the writer
+#: digests its nonzeros instead of every pixel (timings in docs/benchmarks.md).
+#: With the worst case, a kernel bank of 4 Gaussians up to 19 x 19 on ROI
+#: frames went the dense way at 3x the convolution time.
 SPARSE_RESULT_SHARE = 1 / 8
 
 
@@ -111,7 +113,8 @@ def apply(conv, csr: scipy.sparse.csr_matrix, spec: BlockSpec, sparse_ok: bool =
     if spec.out_format == "dense":
         Ho, Wo = spec.out_shape
         taps = int(np.count_nonzero(conv.kernel))  # a bank: the K kernels' taps together
-        if sparse_ok and csr.nnz * taps <= SPARSE_RESULT_SHARE * n * Ho * Wo * spec.outputs:
+        reach = taps if spec.expansion is None else min(taps, spec.expansion * spec.outputs)
+        if sparse_ok and csr.nnz * reach <= SPARSE_RESULT_SHARE * n * Ho * Wo * spec.outputs:
             res = conv(csr, out="csr", batched=True)
             return scipy.sparse.hstack(res, format="csr") if spec.bank else res
         res = conv(csr, out="dense", batched=True)

@@ -241,7 +241,7 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
                    kernels=tuple(names) if names else None)
     spec = BlockSpec(plan.frame_shape, plan.out_shape, settings.mode, settings.method, settings.backend,
                      plan.out_dtype.str, fmt, route=route, host_threads=host_threads(workers),
-                     operation=settings.operation, bank=bank)
+                     operation=settings.operation, bank=bank, expansion=plan.expansion)
     if bank and fmt == "csr":
         return _build_csr_bank(plan, blocks, spec, info, attrs, target, tgt_loc, resume_prov, names or [],
                                overwrite=overwrite, compressor=compressor, annotations=annotations,
