@@ -47,6 +47,7 @@ import numpy as np
 import scipy.sparse
 
 from .base import Engine, canonical_csr, dense_out, empty_csr, index_dtype
+from .direct import DirectNumba, _out_rows
 from .threads import run_ranges, split_ranges
 
 #: rank tolerance in units of eps * max(kH, kW) (see the module docstring)
@@ -221,8 +222,7 @@ def _bounds(indptr, indices, W_in, H_out, W_out, top, left, imin, imax, jmin, jm
         cols[b, 0] = 0
         cols[b, 1] = -1
         if e > a:
-            R0 = max(np.int64(indices[a]) // W_in + imin - top, 0)
-            R1 = min(np.int64(indices[e - 1]) // W_in + imax - top, H_out - 1)
+            R0, R1 = _out_rows(indices, a, e, W_in, H_out, top, imin, imax)
             t, cmin, cmax = _image_runs(indices, a, e, W_in, W_out, left, jmin, jmax)
             T += t
             C0 = max(cmin + jmin - left, 0)
@@ -363,8 +363,7 @@ def _csr_range(start, stop, indptr, indices, data, W_in, U, Wf, top, left, imin,
         a = np.int64(indptr[b])
         e = np.int64(indptr[b + 1])
         if e > a:
-            R0 = max(np.int64(indices[a]) // W_in + imin - top, 0)
-            R1 = min(np.int64(indices[e - 1]) // W_in + imax - top, H_out - 1)
+            R0, R1 = _out_rows(indices, a, e, W_in, H_out, top, imin, imax)
             C0 = np.int64(cols[b, 0])
             C1 = np.int64(cols[b, 1])
             if R1 >= R0 and C1 >= C0:
@@ -558,8 +557,6 @@ class AutoSeparable(Engine):
 
     def __init__(self, frame_shape, kernel, dtype, **kwargs):
         super().__init__(frame_shape, kernel, dtype, **kwargs)
-        from .direct import DirectNumba
-
         self.direct = DirectNumba(frame_shape, kernel, dtype, **kwargs)
         self.separable = SeparableNumba(frame_shape, kernel, dtype, **kwargs)
         self.direct_taps = int(np.count_nonzero(self.kernel))
