@@ -422,7 +422,7 @@ class DenseOutput(OutputBase):
         """Block ``i``'s record if its marker is set and what is stored now
         matches the record; else ``None`` (redo it).
 
-        The record lists the block's chunks as stored (size and CRC-32 of
+        The record lists the block's chunks as stored (size and XXH3 digest of
         the encoded bytes, taken right after the write): they are read back
         raw and compared, with nothing decoded (~10x cheaper than decoding
         and digesting the values). A record without that list (written by
@@ -436,8 +436,10 @@ class DenseOutput(OutputBase):
             return None
         if isinstance(rec.get("chunks"), dict):
             keys = self._chunk_keys(start, stop)
-            return rec if set(rec["chunks"]) == set(keys) and progress.stored_chunks(self.node, keys) == rec["chunks"] \
-                else None
+            if set(rec["chunks"]) != set(keys):
+                return None
+            stored = progress.stored_chunks(self.node, keys, progress.chunk_hash(rec["chunks"]))
+            return rec if stored == rec["chunks"] else None
         try:
             values = np.asarray(self.node[start:stop])
         except Exception:  # a chunk that no longer decodes

@@ -284,15 +284,33 @@ def mark_block_done(node: zarr.Array | zarr.Group, i: int, record: dict | None =
         sync((node.store_path / PROGRESS / str(int(i))).set(buf))
 
 
-def stored_chunks(node: zarr.Array, keys: list[str]) -> dict[str, list | None]:
-    """``{key: [size, CRC-32 hex] or None}`` of chunk keys (relative to
+#: how :func:`stored_chunks` digests a chunk's stored bytes: XXH3-64 reads
+#: the store's buffer in place at ~30 GB/s here, against ~6 GB/s for zlib's
+#: CRC-32 (1.1 GB of dense output: 0.04 s against 0.17 s), which made the
+#: check of written blocks a tenth of a resumed run. Records written before
+#: (a bare CRC-32 hex) are still checked with CRC-32.
+CHUNK_HASH = "xxh3"
+
+
+def chunk_hash(record_chunks: dict) -> str:
+    """The digest a block record's chunk list was written with (``"xxh3"``, or ``"crc32"`` for older records)."""
+    for entry in record_chunks.values():
+        if entry is not None:
+            return CHUNK_HASH if str(entry[1]).startswith(CHUNK_HASH + ":") else "crc32"
+    return CHUNK_HASH
+
+
+def stored_chunks(node: zarr.Array, keys: list[str], hash: str = CHUNK_HASH) -> dict[str, list | None]:
+    """``{key: [size, digest] or None}`` of chunk keys (relative to
     ``node``) as they are stored now, read raw and concurrently; ``None``
     for a chunk that is not stored (zarr skips chunks that are all fill
     value). What a block record keeps, and what resume compares with it.
 
-    zlib's CRC-32 reads the store's buffer in place; CRC-32C would need a
-    copy to ``bytes`` first, which costs more than the faster checksum saves."""
+    ``hash``: ``"xxh3"`` (digest ``"xxh3:<16 hex>"``) or ``"crc32"`` (a bare
+    8-hex CRC-32, what records made by earlier builds hold)."""
     import asyncio
+
+    import xxhash
 
     proto = prototype()
 
@@ -301,7 +319,9 @@ def stored_chunks(node: zarr.Array, keys: list[str]) -> dict[str, list | None]:
         if buf is None:
             return None
         raw = buf.as_numpy_array()
-        return [int(raw.nbytes), f"{zlib.crc32(raw):08x}"]
+        if hash == "crc32":
+            return [int(raw.nbytes), f"{zlib.crc32(raw):08x}"]
+        return [int(raw.nbytes), f"{CHUNK_HASH}:{xxhash.xxh3_64_hexdigest(raw)}"]
 
     async def _all():
         return await asyncio.gather(*(_one(k) for k in keys))

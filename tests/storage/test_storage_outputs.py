@@ -104,6 +104,35 @@ def test_dense_block_from_a_sparse_result_is_digested_from_its_nonzeros(tmp_path
     assert out.verify_block(1) is None
 
 
+def test_dense_block_record_digests_chunks_and_reads_older_crc32_records(tmp_path):
+    """A block record lists its chunks' stored size and XXH3 digest; a record
+    from an earlier build (bare CRC-32 hex) still verifies, and a changed
+    chunk fails either way."""
+    import json
+    import zlib
+
+    import xxhash
+
+    n, Ho, Wo = 10, 6, 5
+    x = _result(n, Ho, Wo)
+    target = tmp_path / "out.zarr"
+    out = create_output(target, "dense", n, (Ho, Wo), "float32", _bounds(n, 5), attrs=PROV)
+    out.write_block(0, 0, 5, x[:5])
+    out.write_block(1, 5, 10, x[5:])
+    rec = out.verify_block(1)
+    raw = (target / "c" / "1" / "0" / "0").read_bytes()
+    assert rec["chunks"] == {"c/1/0/0": [len(raw), f"xxh3:{xxhash.xxh3_64_hexdigest(raw)}"]}
+    # rewrite block 1's record the way earlier builds did
+    old = {**rec, "chunks": {"c/1/0/0": [len(raw), f"{zlib.crc32(raw):08x}"]}}
+    (target / "_progress" / "1").write_text(json.dumps(old))
+    assert out.verify_block(1)["chunks"] == old["chunks"]
+    arr = zarr.open_array(target, mode="r+")
+    arr[6, 1, 1] = arr[6, 1, 1] + 1
+    arr[1, 1, 1] = arr[1, 1, 1] + 1
+    assert out.verify_block(1) is None and out.verify_block(0) is None
+    np.testing.assert_array_equal(arr[:][[0, 2, 3, 4]], x[[0, 2, 3, 4]])
+
+
 def test_dense_output_chunk_rows(tmp_path):
     bounds = _bounds(20, 6)
     out = create_output(tmp_path / "a.zarr", "dense", 20, (4, 4), "float64", bounds, chunk_rows=3, compressor=None)
