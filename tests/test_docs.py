@@ -4,10 +4,15 @@ Blocks of one file share a namespace (they read as one session), run in a
 fresh interpreter whose working directory is a temporary folder, so relative
 paths such as ``"in.zarr"`` land there. A doc whose examples start a cluster
 runs in the ``cluster`` xdist group like the other multi-process tests.
+A doc whose examples use ``s3://dsc-docs/...`` gets moto's S3 server
+(tests/s3_server.py) with that bucket, named to them the way users name
+theirs: boto's environment variables.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import subprocess
 import sys
@@ -40,5 +45,15 @@ def test_doc_examples_run(path: Path, tmp_path: Path):
     script = "\n\n".join(f"# --- block {i} of {path.name}\n{b}" for i, b in enumerate(blocks))
     # `-c`, as in a notebook: worker processes spawned by a LocalCluster do
     # not re-run a __main__ file (which a script without a main guard would).
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    with contextlib.ExitStack() as stack:
+        env = None
+        if "s3://dsc-docs/" in script:
+            from s3_server import MotoServer
+
+            server = MotoServer(tmp_path)
+            stack.callback(server.stop)
+            server.bucket("dsc-docs")
+            env = {**os.environ, **server.env()}
+        proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=400, env=env)
     assert proc.returncode == 0, f"{path.name} examples failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

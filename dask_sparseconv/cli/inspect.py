@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .cluster import local_threads
-from .errors import EXIT_USAGE, RUNNING, CLIError, Terminated
+from .errors import EXIT_RUNTIME, EXIT_USAGE, RUNNING, CLIError, Terminated
 from .report import fmt_int, fmt_shape, say
 
 
@@ -93,6 +93,8 @@ def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool 
     in_dtype, in_format, chunk_rows, nnz, exact = np.dtype(np.float32), "dense", 1, None, False
     try:
         exists = path_exists(inp.path, inp.storage_options)
+    except PermissionError as exc:
+        raise _access_refused("input", inp.path, exc) from None
     except Exception as exc:  # bad storage options, unknown protocol, ...
         problems.append(("input.path", f"cannot check {inp.path!r}: {exc}"))
         exists = None
@@ -159,11 +161,13 @@ def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool 
             problems.append(("block.memory", str(exc).replace("block_memory=", "").replace("block_memory", "block.memory")))
     try:
         target_exists = path_exists(wf.output.path, wf.output.storage_options)
+    except PermissionError as exc:
+        raise _access_refused("output", wf.output.path, exc) from None
     except Exception as exc:
         problems.append(("output.path", f"cannot check {wf.output.path!r}: {exc}"))
         target_exists = False
     if not target_exists and not problems_about(problems, "output.path"):
-        try:  # a local target under a regular file or in a read-only folder: refuse before starting anything
+        try:  # a local target under a regular file or in a read-only folder, a missing bucket: refuse before starting
             from ..storage import check_target_writable, resolve_location
 
             loc = resolve_location(wf.output.path, None, wf.output.storage_options or None, name="target")
@@ -292,6 +296,16 @@ def _resumable(path: str, storage_options: dict) -> dict | None:
     except Exception:
         pass
     return {"done": done, "n_blocks": prov.get("n_blocks"), "provenance": prov}
+
+
+def _access_refused(section: str, path: str, exc: PermissionError) -> CLIError:
+    """The store refused our credentials (S3: 403 Forbidden, SignatureDoesNotMatch): a runtime
+    failure of the environment (exit 1), reported at once, before anything is written."""
+    return CLIError(
+        f"{section}.path: the store refused access to {path} ({exc}): check the credentials in "
+        f"{section}.storage_options or the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile)",
+        EXIT_RUNTIME,
+    )
 
 
 def inspect_or_exit(wf, **kw) -> Plan:

@@ -174,7 +174,15 @@ def open_input(source: Any, array: str | None = None, storage_options: dict | No
     return _input_from_node(loc, node)
 
 
+#: fsspec protocols whose first path component is a bucket or container,
+#: which writing a key does not create (s3fs, gcsfs, adlfs, ossfs)
+_BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
+
+
 def check_target_writable(loc: Location, target: Any) -> None:
+    if loc.kind == "url":
+        _check_bucket(loc, target)
+        return
     if loc.kind == "object":
         if loc.store.read_only:
             raise PermissionError(f"target {str(loc)!r} is a read-only zarr store; open it with mode='a' or 'w' to write to it")
@@ -191,6 +199,21 @@ def check_target_writable(loc: Location, target: Any) -> None:
             raise NotADirectoryError(f"target {target!r} cannot be created: {probe!r} is a file, not a directory")
         if not os.access(probe, os.W_OK):
             raise PermissionError(f"target {target!r} is not writable: no write permission on {probe!r}")
+
+
+def _check_bucket(loc: Location, target: Any) -> None:
+    """An object-store target's bucket must exist: without this check the
+    first write fails on a worker, after the job started (S3: NoSuchBucket)."""
+    import fsspec.core
+
+    fs, path = fsspec.core.url_to_fs(str(loc.root), **(loc.storage_options or {}))
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & _BUCKET_PROTOCOLS:
+        return
+    bucket = path.strip("/").split("/", 1)[0]
+    if bucket and not fs.exists(bucket):
+        raise FileNotFoundError(f"target {target!r} cannot be created: the bucket {bucket!r} does not exist, or these "
+                                "credentials cannot see it (create it first; check storage_options)")
 
 
 def create_output(target: Any, fmt: str, n_images: int, out_shape: Sequence[int], dtype: Any,

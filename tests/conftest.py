@@ -1,6 +1,7 @@
-"""Fixtures of the pipeline tests: one 2-process LocalCluster per module of
-the "cluster" xdist group. Helpers (stacks, scipy reference) are in
-pipeline_support.py."""
+"""Fixtures shared by the test packages: one 2-process LocalCluster per
+module (the pipeline tests of the "cluster" xdist group, the object-store
+tests) and moto's S3 server. Helpers (stacks, scipy reference) are in
+pipeline_support.py; the S3 server itself in s3_server.py."""
 
 from __future__ import annotations
 
@@ -34,3 +35,15 @@ def local_cluster():
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """moto's S3 server as a process on 127.0.0.1 (module-scoped); each test makes its own bucket."""
+    from s3_server import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
+    finally:
+        server.stop()
