@@ -115,6 +115,7 @@ def _run_locked(args, wf, overwrite, plan: Plan, lock) -> int:
                 overwrite=bool(wf.output.overwrite or args.restart),
                 compute=False,
                 array=wf.input.array,
+                level=wf.input.level,
                 storage_options=wf.input.storage_options or None,
                 target_storage_options=wf.output.storage_options or None,
                 compressor=None if wf.output.compressor == "none" else "default",

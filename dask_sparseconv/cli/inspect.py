@@ -119,9 +119,10 @@ def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool 
         from ..storage import open_input
 
         try:
-            src = open_input(inp.path, array=inp.array, storage_options=inp.storage_options or None)
+            src = open_input(inp.path, array=inp.array, storage_options=inp.storage_options or None, level=inp.level)
         except Exception as exc:  # the storage layer words its errors for users
-            key = "input.array" if inp.array is not None and "array" in str(exc) else "input.path"
+            key = "input.array" if inp.array is not None and "array" in str(exc) else \
+                "input.level" if inp.level is not None and "level" in str(exc) else "input.path"
             problems.append((key, f"cannot open {inp.path}: {exc}"))
         else:
             n_images, frame_shape = int(src.n_images), tuple(int(v) for v in src.frame_shape)

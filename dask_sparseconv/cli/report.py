@@ -130,6 +130,16 @@ def describe_lines(d: dict, store: str, array: str | None, done: int | None = No
     ]
     if kernels:
         lines.append(f"kernels:    {len(kernels)}: {', '.join(kernels)}")
+    ngff = d.get("ngff")
+    if ngff:
+        axes = ", ".join(f"{a.get('name')}" + (f" ({a['type']}" + (f", {a['unit']}" if a.get("unit") else "") + ")"
+                                                if a.get("type") else "") for a in ngff["axes"])
+        frames = " x ".join(str(a) for a in ngff["frame_axes"]) or "none"
+        lines[1] = f"format:     OME-Zarr image (NGFF {ngff['version']}), read as a dense stack"
+        lines.append(f"axes:       {axes}; images run over {frames}, frames are the last two")
+        lines.append("levels:     " + ", ".join(f"{i}: {lv['path']} {tuple(lv['shape'])}"
+                                              + (" (read)" if i == ngff["level"] else "")
+                                              for i, lv in enumerate(ngff["levels"])))
     if "chunks" in d:
         lines.append(f"chunks:     {_chunks_text(d.get('chunks'))}")
     if "codec" in d:

@@ -43,6 +43,7 @@ def convolve_zarr(
     fillvalue: float = 0.0,
     correlate: bool = False,
     kernel_names: Any = None,
+    level: int | None = None,
 ) -> ConvolveSummary | Any:
     """Convolve a zarr stack into a new zarr stack, out of core.
 
@@ -102,6 +103,13 @@ def convolve_zarr(
         created (empty, marked incomplete) when the graph is built.
     array : str, optional
         Member of ``source`` to read when it is a group holding several.
+    level : int, optional
+        When ``source`` is an OME-Zarr image (NGFF 0.4/0.5 ``multiscales``
+        group): the pyramid level to convolve (default 0, full resolution),
+        read in place. Its last two (spatial) axes are the frame; every other
+        axis (``t``, ``c``, ``z``, ...) counts images in C order, so the
+        output is ``(prod(other axes), H_out, W_out)`` with the image's axes
+        recorded in its provenance (``frame_axes``). See docs/storage.md.
     storage_options, target_storage_options : dict, optional
         fsspec options for the source and the target.
     compressor : 'default', None or a zarr codec
@@ -161,7 +169,7 @@ def convolve_zarr(
     workers = scheduler_workers()
     threads = scheduler_threads(workers)
     if plan is None:
-        plan = _plan(source, settings, array=array, storage_options=storage_options, threads=threads)
+        plan = _plan(source, settings, array=array, storage_options=storage_options, threads=threads, level=level)
     else:
         why = plan.mismatch(src_loc.key(), settings)
         if why:
@@ -225,6 +233,12 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
         "kernel_sha": kernel_digest(kernel),
         **settings.operation.as_attrs(),
     }
+    ngff = getattr(src, "ngff", None)
+    if ngff is not None:  # an OME-Zarr image: which axes the images were (reshape the output by them)
+        lead = [int(v) for v in src.array.shape[:-2]]
+        attrs["source_ngff"] = {"version": ngff["version"], "level": ngff["level"],
+                                "frame_axes": ngff["frame_axes"], "frame_axes_shape": lead,
+                                "axes": ngff["axes"]}
     bank = settings.bank
     if bank:
         attrs["kernels"] = kernel_records(kernel, names or [str(k) for k in range(bank)])

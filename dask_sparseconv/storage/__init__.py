@@ -38,6 +38,7 @@ from .dense_store import (
     write_dense_stack,
 )
 from .location import Location, resolve_location, same_or_inside, stores_overlap
+from .ome_zarr import OmeZarrInput
 
 __all__ = [
     "FORMATS",
@@ -60,6 +61,7 @@ __all__ = [
     "resolve_location",
     "Location",
     "DenseInput",
+    "OmeZarrInput",
     "CSRInput",
     "DenseOutput",
     "CSROutput",
@@ -124,7 +126,14 @@ def _open_node(source: Any, array: str | None, storage_options: dict | None, nam
     return loc, node
 
 
-def _input_from_node(loc: Location, node: Any, name: str = "source") -> InputStack:
+def _input_from_node(loc: Location, node: Any, name: str = "source", level: int | None = None) -> InputStack:
+    # an OME-Zarr image is a group of arrays (its pyramid): it is read as a
+    # dense stack, so it has no entry of its own among the output FORMATS
+    if OmeZarrInput.detect(node):
+        return OmeZarrInput(loc, node, level)
+    if level is not None:
+        raise ValueError(f"level={level!r} picks a pyramid level of an OME-Zarr image; {name} {str(loc)!r} is not one "
+                         "(no multiscales metadata): leave level out")
     for fmt in FORMATS.values():
         if fmt.input.detect(node):
             return fmt.input(loc, node)
@@ -137,7 +146,7 @@ def _input_from_node(loc: Location, node: Any, name: str = "source") -> InputSta
 
 
 def open_input(source: Any, array: str | None = None, storage_options: dict | None = None,
-               allow_incomplete: bool = False) -> InputStack:
+               allow_incomplete: bool = False, level: int | None = None) -> InputStack:
     """Open an input stack read-only.
 
     Parameters
@@ -151,10 +160,14 @@ def open_input(source: Any, array: str | None = None, storage_options: dict | No
     allow_incomplete : bool
         Read an output of this package whose run did not finish (refused by
         default, like :func:`open_stack`).
+    level : int, optional
+        For an OME-Zarr (NGFF 0.4/0.5) image group: the pyramid level to read
+        (default 0, full resolution). Its last two axes are the frame; every
+        other axis (t, c, z, ...) counts images, in C order.
 
     Returns
     -------
-    DenseInput or CSRInput
+    DenseInput, OmeZarrInput or CSRInput
         ``format``, ``n_images``, ``frame_shape``, ``dtype``, ``chunk_rows``,
         ``nnz``, ``location``, ``read_block``, ``read_dense_block``,
         ``bytes_per_image_dense``.
@@ -171,7 +184,7 @@ def open_input(source: Any, array: str | None = None, storage_options: dict | No
     """
     loc, node = _open_node(source, array, storage_options)
     _refuse_incomplete(loc, node, allow_incomplete)
-    return _input_from_node(loc, node)
+    return _input_from_node(loc, node, level=level)
 
 
 #: fsspec protocols whose first path component is a bucket or container,

@@ -12,6 +12,7 @@ writers never share a chunk.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numba
@@ -234,23 +235,32 @@ class DenseInput(InputBase):
 
     format = "dense"
 
-    def __init__(self, loc: Location, arr: zarr.Array):
-        if arr.ndim != 3:
+    def __init__(self, loc: Location, arr: zarr.Array, *, frame_axes: int = 1):
+        # frame_axes: how many leading axes count images (an OME-Zarr image's
+        # t, c, z...: storage/ome_zarr.py); a plain array must be (n, H, W)
+        if arr.ndim != frame_axes + 2:
             raise ValueError(f"source {loc} is a {arr.ndim}-D zarr array of shape {arr.shape}; a dense stack must be 3-D "
                              "(n_images, H, W)")
         try:
             self.dtype = check_numeric_dtype(arr.dtype, "source dtype")
         except TypeError:
             raise TypeError(f"source {loc} has dtype {arr.dtype}; a dense stack must hold real numbers or bools") from None
-        if arr.shape[1] < 1 or arr.shape[2] < 1:
-            raise ValueError(f"source {loc} has frames of shape {arr.shape[1:]}; H and W must be at least 1")
+        if arr.shape[-2] < 1 or arr.shape[-1] < 1:
+            raise ValueError(f"source {loc} has frames of shape {arr.shape[-2:]}; H and W must be at least 1")
         self._loc = loc
         self._arr = arr
-        self.n_images = int(arr.shape[0])
-        self.frame_shape = (int(arr.shape[1]), int(arr.shape[2]))
+        self._lead = tuple(int(v) for v in arr.shape[:-2])
+        self.n_images = int(np.prod(self._lead))
+        self.frame_shape = (int(arr.shape[-2]), int(arr.shape[-1]))
         self.nnz = None
         shards = getattr(arr, "shards", None)
-        self.chunk_rows = int((shards or arr.chunks)[0])
+        if frame_axes == 0:  # one 2-D image
+            self.chunk_rows = 1
+        else:
+            along = int((shards or arr.chunks)[-3])
+            # images [k*c, (k+1)*c) must lie in one chunk of the last leading
+            # axis and in one index of the axes before it: c divides that axis
+            self.chunk_rows = along if frame_axes == 1 else math.gcd(along, self._lead[-1])
         self.chunks = tuple(int(c) for c in arr.chunks)
 
     @property
@@ -269,8 +279,27 @@ class DenseInput(InputBase):
     def read_dense_block(self, start: int, stop: int) -> np.ndarray:
         """Images ``[start, stop)`` as a C-contiguous ``(rows, H, W)`` array."""
         start, stop = check_rows(start, stop, self.n_images, f"source {self._loc}")
-        out = read_rows(self._arr, start, stop, "dense array", f"{self._loc}")
-        return np.ascontiguousarray(out)
+        if len(self._lead) == 1:
+            return np.ascontiguousarray(read_rows(self._arr, start, stop, "dense array", f"{self._loc}"))
+        if not self._lead:  # one 2-D image
+            return np.ascontiguousarray(self._arr[...])[None][start:stop]
+        # images are the leading axes in C order: read runs along the last one
+        out = np.empty((stop - start,) + self.frame_shape, dtype=self._arr.dtype)
+        last = self._lead[-1]
+        row = start
+        while row < stop:
+            index = np.unravel_index(row, self._lead)
+            a = int(index[-1])
+            b = min(last, a + (stop - row))
+            where = tuple(int(i) for i in index[:-1])
+            try:
+                out[row - start: row - start + (b - a)] = self._arr[where + (slice(a, b),)]
+            except Exception as exc:  # zarr / numcodecs decode errors have no common base class
+                raise ValueError(f"could not read the dense array at {self._loc}: images {row}-{row + b - a - 1} "
+                                 f"(index {where + (slice(a, b),)}) failed to decode ({type(exc).__name__}: {exc}); "
+                                 "the store is corrupt or was written incompletely") from exc
+            row += b - a
+        return out
 
     def read_block(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
         """Images ``[start, stop)`` as canonical CSR ``(rows, H*W)`` of the input dtype."""
@@ -289,7 +318,8 @@ class DenseInput(InputBase):
         """A lazy ``(n, H, W)`` dask array chunked like the zarr array."""
         import dask.array as da
 
-        return da.from_zarr(self._arr)
+        arr = da.from_zarr(self._arr)
+        return arr if len(self._lead) == 1 else arr.reshape((self.n_images,) + self.frame_shape)
 
     def describe(self, sample_chunks: int = 4) -> dict:
         """Layout and an nnz estimate from up to ``sample_chunks`` evenly spaced row chunks."""

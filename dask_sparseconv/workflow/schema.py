@@ -238,6 +238,8 @@ def _sample(value: Any) -> Any:
 class InputSpec(Section):
     path: PathText
     array: OptionalText = None
+    level: Annotated[Integer(0, allow_none=True),
+                     Field(description="an OME-Zarr image's pyramid level to read (default 0)")] = None
     storage_options: Options = Field(default_factory=dict)
     sample: Annotated[SampleSpec | None, BeforeValidator(_sample),
                       Field(description="true, or a mapping: generate a sample stack when path is missing")] = None
