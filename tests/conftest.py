@@ -1,7 +1,7 @@
 """Fixtures shared by the test packages: one 2-process LocalCluster per
-module (the pipeline tests of the "cluster" xdist group, the object-store
-tests) and moto's S3 server. Helpers (stacks, scipy reference) are in
-pipeline_support.py; the S3 server itself in s3_server.py."""
+module (the pipeline tests of the "cluster" xdist group) and moto's S3
+server (the object-store tests and the docs' S3 example). Helpers: each
+package's *_support.py, tests/scipy_oracle.py, tests/s3_server.py."""
 
 from __future__ import annotations
 

@@ -47,6 +47,7 @@ def convolve(
     boundary: str = "fill",
     fillvalue: float = 0.0,
     correlate: bool = False,
+    level: int | None = None,
 ):
     """Convolve every image of a stack with ``kernel``, lazily.
 
@@ -56,11 +57,20 @@ def convolve(
 
     Parameters
     ----------
-    x : str, os.PathLike, zarr.Array, zarr.Group, dask.array.Array, numpy.ndarray or scipy.sparse matrix
-        The stack: a zarr store (path or URL, dense ``(n, H, W)`` array or
-        anndata-style CSR group; ``array`` picks a member of a group), a dask
-        or numpy array ``(n, H, W)``, or a sparse matrix / 2-D dask array
-        ``(n, H*W)`` together with ``frame_shape``.
+    x : str, os.PathLike, zarr object, dask or numpy array, scipy.sparse matrix or array, sparse.COO or xarray.DataArray
+        The stack: a zarr store (path or URL, dense ``(n, H, W)`` array,
+        anndata-style CSR group or OME-Zarr image; ``array`` picks a member
+        of a group, ``level`` an OME-Zarr pyramid level), a dask or numpy
+        array ``(n, H, W)``, or a sparse matrix / 2-D dask array
+        ``(n, H*W)`` together with ``frame_shape``. Also (the result follows
+        the input's container, :mod:`dask_sparseconv.pipeline.interop`): an
+        ``xarray.DataArray`` whose last two dims are the frame (every dim
+        before them counts images; dims, the image dims' coords and attrs
+        are kept, the spatial coords follow the mode); a pydata/sparse
+        ``COO`` ``(n, H, W)`` (or ``(n, H*W)`` with ``frame_shape``) or a
+        dask array of them (CSR results come back as COO of the same
+        layout); a ``scipy.sparse`` array such as ``csr_array``, or a dask
+        array of them (CSR results come back as ``csr_array``).
     kernel : array_like
         2-D, finite kernel; or a kernel bank ``(K, kH, kW)``: each block is
         read once and convolved with every kernel.
@@ -77,7 +87,7 @@ def convolve(
         Memory budget of one block task (default 64 MiB).
     frame_shape : tuple of int, optional
         ``(H, W)``, required for ``(n, H*W)`` inputs.
-    array, storage_options
+    array, storage_options, level
         Passed to the store opener for zarr inputs.
 
     Returns
@@ -96,10 +106,21 @@ def convolve(
     if frame_shape is not None:
         frame_shape = check_frame_shape(frame_shape)
 
+    from .interop import adapt
+
+    x, rewrap, frame_shape = adapt(x, frame_shape, settings.output_format)
+    if rewrap is not None:  # xarray, pydata/sparse, scipy.sparse arrays: computed as the plain kind, dressed back
+        y = convolve(x, kernel, mode, method=method, backend=backend, dtype=dtype, output_format=output_format,
+                     block_memory=block_memory, frame_shape=frame_shape if x.ndim == 2 else None, array=array,
+                     storage_options=storage_options, boundary=boundary, fillvalue=fillvalue, correlate=correlate)
+        geo = settings.window(frame_shape if frame_shape is not None and x.ndim == 2
+                              else (int(x.shape[1]), int(x.shape[2])))
+        return [rewrap(part, geo) for part in y] if isinstance(y, list) else rewrap(y, geo)
+
     if _is_store_like(x):
         from ..storage import open_input
 
-        src = open_input(x, array=array, storage_options=storage_options)
+        src = open_input(x, array=array, storage_options=storage_options, level=level)
         fs = (int(src.frame_shape[0]), int(src.frame_shape[1]))
         if frame_shape is not None and frame_shape != fs:
             raise ValueError(f"frame_shape={frame_shape} does not match the store's frame shape {fs}")
@@ -111,8 +132,8 @@ def convolve(
         spec = BlockSpec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt, operation=op, bank=settings.bank)
         return _split_bank(_source_array(src, kernel, blocks, spec), spec)
 
-    if array is not None or storage_options is not None:
-        raise ValueError("array= and storage_options= apply only when x is a zarr store (path, URL or zarr object)")
+    if array is not None or storage_options is not None or level is not None:
+        raise ValueError("array=, level= and storage_options= apply only when x is a zarr store (path, URL or zarr object)")
 
     if scipy.sparse.issparse(x):
         if x.ndim != 2:

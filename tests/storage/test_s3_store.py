@@ -36,10 +36,15 @@ def assert_matches(result, ref):
 
 
 @pytest.fixture(scope="module")
-def client(local_cluster):
-    from distributed import Client
+def client():
+    """2 worker processes x 1 thread. Not the pipeline tests' 400 MB cluster:
+    a worker that has loaded s3fs/aiobotocore sits near 270 MB, and under a
+    busy suite crossed the 80 % of 400 MB where dask pauses it (both paused:
+    the job waited forever)."""
+    from distributed import Client, LocalCluster
 
-    with Client(local_cluster) as c:
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, memory_limit="2GiB",
+                      dashboard_address=":0", host="127.0.0.1") as cluster, Client(cluster) as c:
         yield c
 
 
