@@ -11,7 +11,16 @@ from .report import fmt_seconds
 
 
 class ProgressReporter:
-    """Block progress: a redrawn bar on a terminal, plain periodic lines otherwise."""
+    """Block progress: a redrawn bar on a terminal, plain periodic lines otherwise.
+
+    Written here rather than taken from tqdm or rich (issue #14 asked):
+    the plain ``progress: K/N blocks (P%), ... elapsed, about ... left``
+    lines are an interface (logs of batch jobs, benchmarks/bench_resume.py
+    and the tests parse them) that neither library prints as such, so a
+    library would only replace the ~10 lines of the terminal bar, at the
+    cost of a dependency. dask's own ``distributed.progress`` counts every
+    task of the graph (reads, writes, chain links), not row blocks.
+    """
 
     def __init__(self, total: int, stream=None, tty: bool | None = None, interval: float = 2.0, width: int = 30):
         self.total = max(0, int(total))
