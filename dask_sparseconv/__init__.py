@@ -52,9 +52,11 @@ _LAZY = {
 def __getattr__(name: str):
     if name in _LAZY:
         mod = _LAZY[name]
-        if mod is None:
-            return import_module(f".{name}", __name__)
-        return getattr(import_module(f".{mod}", __name__), name)
+        value = import_module(f".{name}", __name__) if mod is None else getattr(import_module(f".{mod}", __name__), name)
+        # kept, so that later lookups skip this hook (4-5 us each: a notebook
+        # building convolvers in a loop as dsc.Toeplitz_convolution2d paid it per object)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

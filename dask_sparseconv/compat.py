@@ -32,7 +32,7 @@ import numpy as np
 import scipy.sparse
 
 from .convolver import Convolver
-from .operation import check_operation
+from .operation import DEFAULT, check_operation
 from .validation import VALID_BACKENDS as _VALID
 from .validation import module_available
 
@@ -231,7 +231,10 @@ class Toeplitz_convolution2d:
             # per call by _dtypes() and inputs are cast before the call
             # the peer has no boundary, fillvalue or correlate: extra keywords,
             # checked with this package's texts
-            operation = check_operation(boundary, fillvalue, correlate)
+            # the defaults skip the checks (~4 us of a ~13 us construction)
+            operation = DEFAULT if boundary == "fill" and type(fillvalue) in (int, float) and fillvalue == 0 \
+                and correlate is False else \
+                check_operation(boundary, fillvalue, correlate)
             self.convolver = Convolver._checked(
                 x_shape, kernel, mode, method, backend, device if backend == "torch" else None, int(max_buffer_bytes),
                 operation,

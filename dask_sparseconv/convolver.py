@@ -200,7 +200,7 @@ class Convolver:
         max_buffer_bytes = check_positive_int(max_buffer_bytes, "max_buffer_bytes")
         if device is not None and backend != "torch":
             raise ValueError(f"device is only used by backend='torch'; got device={device!r} with backend={backend!r}")
-        op = DEFAULT if boundary == "fill" and fillvalue == 0 and correlate is False else \
+        op = DEFAULT if boundary == "fill" and type(fillvalue) in (int, float) and fillvalue == 0 and correlate is False else \
             check_operation(boundary, fillvalue, correlate)
         self._setup(frame_shape, kernel, mode, method, backend, dtype, device, n_threads, max_buffer_bytes, op, auto)
 
