@@ -101,6 +101,9 @@ def convolve(
 
     settings = check_settings(kernel, mode, method, backend, dtype, output_format, block_memory, boundary, fillvalue,
                               correlate)
+    if settings.container is not None:
+        raise ValueError(f"output_format={settings.container!r} names a store format: write it with convolve_zarr; "
+                         "convolve() returns dask arrays ('dense' or 'csr')")
     kernel, mode, method, backend = settings.kernel, settings.mode, settings.method, settings.backend
     op = settings.operation
     if frame_shape is not None:

@@ -51,6 +51,9 @@ class Settings:
     output_format: str | None
     block_memory: int
     operation: Operation = DEFAULT
+    #: where a dense result is stored when that is not a plain array:
+    #: 'ome-zarr' (an NGFF image group); ``output_format`` is then 'dense'
+    container: str | None = None
 
     @property
     def bank(self) -> int:
@@ -112,8 +115,15 @@ def check_settings(kernel: Any, mode: Any, method: Any, backend: Any, dtype: Any
     kernel = check_kernels(kernel)
     mode = check_mode(mode)
     method, backend = graph_engine(method, backend)
-    return Settings(kernel, mode, method, backend, check_dtype(dtype), check_output_format(output_format),
-                    parse_block_memory(block_memory), check_operation(boundary, fillvalue, correlate))
+    fmt = check_output_format(output_format)
+    container = None
+    if fmt == "ome-zarr":  # computed as dense, stored in an NGFF image group
+        if kernel.ndim == 3:
+            raise ValueError("output_format='ome-zarr' takes one kernel; a kernel bank writes 'dense' "
+                             "(n, K, H_out, W_out) or 'csr' (one group per kernel)")
+        fmt, container = "dense", "ome-zarr"
+    return Settings(kernel, mode, method, backend, check_dtype(dtype), fmt, parse_block_memory(block_memory),
+                    check_operation(boundary, fillvalue, correlate), container)
 
 
 def graph_engine(method: Any, backend: Any) -> tuple[str, str]:

@@ -238,7 +238,7 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
         lead = [int(v) for v in src.array.shape[:-2]]
         attrs["source_ngff"] = {"version": ngff["version"], "level": ngff["level"],
                                 "frame_axes": ngff["frame_axes"], "frame_axes_shape": lead,
-                                "axes": ngff["axes"]}
+                                "axes": ngff["axes"], "scale": ngff["scale"], "translation": ngff["translation"]}
     bank = settings.bank
     if bank:
         attrs["kernels"] = kernel_records(kernel, names or [str(k) for k in range(bank)])
@@ -249,7 +249,7 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
     else:
         # recorded, not compared as a setting: a resume compares it with check_unchanged
         attrs["source_fingerprint"] = fp.as_dict()
-    info = JobInfo(str(tgt_loc), fmt, src.n_images, plan.frame_shape, plan.out_shape, plan.out_dtype.name,
+    info = JobInfo(str(tgt_loc), settings.container or fmt, src.n_images, plan.frame_shape, plan.out_shape, plan.out_dtype.name,
                    blocks.block_rows, resumed=resume_prov is not None,
                    lock=None if release is None else (tgt_loc, release.token),
                    kernels=tuple(names) if names else None)
@@ -262,7 +262,7 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
                                target_storage_options=target_storage_options)
     out = create_output(
         target,
-        fmt,
+        settings.container or fmt,  # 'ome-zarr': a dense output inside an NGFF image group
         src.n_images,
         (bank,) + tuple(plan.out_shape) if bank else plan.out_shape,  # a dense bank: (n, K, H_out, W_out)
         plan.out_dtype,

@@ -38,7 +38,7 @@ from .dense_store import (
     write_dense_stack,
 )
 from .location import Location, resolve_location, same_or_inside, stores_overlap
-from .ome_zarr import OmeZarrInput
+from .ome_zarr import OmeZarrInput, OmeZarrOutput
 
 __all__ = [
     "FORMATS",
@@ -87,6 +87,8 @@ FORMATS: dict[str, StorageFormat] = {
     "dense": StorageFormat("dense", DenseInput, DenseOutput, "a 3-D zarr array (n_images, H, W)"),
     "csr": StorageFormat("csr", CSRInput, CSROutput,
                          "an anndata csr_matrix group (n_images, H*W) with a frame_shape attribute"),
+    "ome-zarr": StorageFormat("ome-zarr", OmeZarrInput, OmeZarrOutput,
+                              "an OME-Zarr (NGFF 0.5) image group: the input's image axes, then H, W"),
 }
 
 

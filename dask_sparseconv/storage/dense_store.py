@@ -433,14 +433,29 @@ class DenseOutput(OutputBase):
             if dense.shape != (rows,) + shape:
                 raise ValueError(f"block {i}: result must have shape {(rows,) + shape}; got {dense.shape}")
             values = dense.astype(self.dtype, copy=False)
-        self.node[start:stop] = values
+        self._write_rows(start, stop, values)
         nonzero, digest = summary if summary is not None else progress.dense_digest(values)
         rec = {**(record or {}), "rows": [int(start), int(stop)], "nnz": nonzero, "digest": digest,
                "chunks": progress.stored_chunks(self.node, self._chunk_keys(start, stop))}
-        progress.mark_block_done(self.node, i, rec)
+        progress.mark_block_done(self.marker_node, i, rec)
         # the count is made here anyway (for the record): hand it back so the
         # caller need not make a second pass over the block
         return nnz if nnz is not None else nonzero
+
+    # -- where the values and markers go (an OME-Zarr output: a level array inside its group) --
+    @property
+    def marker_node(self) -> zarr.Array:
+        """The array whose ``_progress/<i>`` keys hold the block records."""
+        return self.node
+
+    def done_blocks(self) -> set[int]:
+        return {i for i in progress.done_blocks(self.marker_node) if i < len(self.block_bounds)}
+
+    def _write_rows(self, start: int, stop: int, values: np.ndarray) -> None:
+        self.node[start:stop] = values
+
+    def _read_rows(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.node[start:stop])
 
     def _chunk_keys(self, start: int, stop: int) -> list[str]:
         """Store keys (relative to the array) of the chunks holding rows ``[start, stop)``."""
@@ -460,7 +475,7 @@ class DenseOutput(OutputBase):
         their nnz and value digest."""
         if not 0 <= int(i) < len(self.block_bounds):
             return None
-        rec = progress.read_block_record(self.node, int(i))
+        rec = progress.read_block_record(self.marker_node, int(i))
         start, stop = self.block_bounds[int(i)]
         if rec is None or rec.get("rows") != [start, stop]:
             return None
@@ -471,7 +486,7 @@ class DenseOutput(OutputBase):
             stored = progress.stored_chunks(self.node, keys, progress.chunk_hash(rec["chunks"]))
             return rec if stored == rec["chunks"] else None
         try:
-            values = np.asarray(self.node[start:stop])
+            values = self._read_rows(start, stop)
         except Exception:  # a chunk that no longer decodes
             return None
         if not progress.verify_digest(values, rec.get("nnz"), rec.get("digest")):

@@ -1,4 +1,4 @@
-"""OME-Zarr (NGFF 0.4 and 0.5) image groups as inputs.
+"""OME-Zarr (NGFF 0.4 and 0.5) image groups as inputs, and NGFF 0.5 outputs.
 
 An NGFF image is a zarr group whose attributes hold ``multiscales``
 metadata (0.4: ``attrs["multiscales"]``; 0.5: ``attrs["ome"]["multiscales"]``):
@@ -19,14 +19,16 @@ level is another job.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import zarr
 
-from .dense_store import DenseInput
+from .dense_store import DenseInput, DenseOutput
 from .location import Location
 
-__all__ = ["OmeZarrInput", "ngff_multiscales"]
+__all__ = ["OmeZarrInput", "OmeZarrOutput", "ngff_multiscales"]
 
 
 def ngff_multiscales(node: Any) -> tuple[str, dict] | None:
@@ -52,6 +54,17 @@ def _axes(ms: dict, ndim: int, where: str) -> list[dict]:
         raise ValueError(f"OME-Zarr image {where}: its multiscales metadata names {len(axes)} axes "
                          f"({', '.join(str(a.get('name')) for a in axes)}) for a {ndim}-D array")
     return axes
+
+
+def _transforms(dataset: dict, ndim: int) -> tuple[list[float], list[float]]:
+    """A level's scale and translation (identity where its metadata has none)."""
+    scale, translation = [1.0] * ndim, [0.0] * ndim
+    for t in dataset.get("coordinateTransformations") or []:
+        if t.get("type") == "scale" and len(t.get("scale") or []) == ndim:
+            scale = [float(v) for v in t["scale"]]
+        elif t.get("type") == "translation" and len(t.get("translation") or []) == ndim:
+            translation = [float(v) for v in t["translation"]]
+    return scale, translation
 
 
 class OmeZarrInput(DenseInput):
@@ -91,6 +104,7 @@ class OmeZarrInput(DenseInput):
             raise ValueError(f"OME-Zarr image {loc}: its last two axes ({axes[-2].get('name')}, {axes[-1].get('name')}) "
                              "must be spatial (type 'space'), as NGFF requires; they are the frames convolved")
         super().__init__(loc, arr, frame_axes=arr.ndim - 2)
+        scale, translation = _transforms(datasets[level], arr.ndim)
         self.ngff: dict[str, Any] = {
             "version": version,
             "axes": axes,
@@ -98,6 +112,8 @@ class OmeZarrInput(DenseInput):
             "level": level,
             "levels": levels,
             "name": ms.get("name"),
+            "scale": scale,
+            "translation": translation,
         }
 
     @property
@@ -116,3 +132,133 @@ class OmeZarrInput(DenseInput):
     def __repr__(self) -> str:
         axes = ",".join(str(a.get("name")) for a in self.ngff["axes"])
         return f"OmeZarrInput({self._loc}, axes={axes}, level={self.ngff['level']}, shape={tuple(self._arr.shape)})"
+
+
+#: the path of the one level an OME-Zarr output holds (full resolution)
+LEVEL = "0"
+
+
+def _output_axes(attrs: dict, n_images: int) -> tuple[list[dict], tuple[int, ...], list[float], list[float]]:
+    """The output image's axes, the shape of its image axes, and its level's
+    scale and translation before the mode's shift: the input's, when it was an
+    OME-Zarr image whose image axes hold ``n_images``; else images along a
+    ``t`` (time) axis with unit pixels."""
+    ngff = attrs.get("source_ngff") or {}
+    lead = tuple(int(v) for v in ngff.get("frame_axes_shape") or ())
+    if ngff and lead and int(np.prod(lead)) == n_images:
+        axes = [dict(a) for a in ngff["axes"]]
+        return axes, lead, list(ngff["scale"]), list(ngff["translation"])
+    axes = [{"name": "t", "type": "time"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    return axes, (int(n_images),), [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]
+
+
+class OmeZarrOutput(DenseOutput):
+    """A dense output written as an OME-Zarr (NGFF 0.5) image group.
+
+    The group holds one level, the array ``0``: the input's image axes (``t,
+    c, z, ...``, or ``t`` for a plain stack) then ``H_out, W_out``, chunked so
+    that each chunk lies inside one row block (one image-axis run of ``g``
+    images, ``g`` dividing the block and the last image axis). Its
+    ``multiscales`` metadata keeps the input's axes and units; the level's
+    scale is the input level's, and the translation of the two spatial axes
+    moves by the mode's offset (output pixel ``o`` is input pixel ``o + s``,
+    ``s`` = window start minus ``same``'s: ``-(k-1)//2`` for ``full``,
+    ``k//2`` for ``valid``). Provenance is the group's ``dask_sparseconv``
+    attribute; block records are under the level array, as for a dense
+    output.
+    """
+
+    format = "ome-zarr"
+
+    def __init__(self, loc: Location, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
+                 block_bounds, chunk_rows: int, lead: tuple[int, ...]):
+        super().__init__(loc, n_images, out_shape, dtype, block_bounds, chunk_rows)
+        self.lead = tuple(int(v) for v in lead)
+
+    def _open_node(self) -> zarr.Group:
+        return self._loc.open(mode="r+")
+
+    @property
+    def level_array(self) -> zarr.Array:
+        return self.node[LEVEL]
+
+    @property
+    def marker_node(self) -> zarr.Array:
+        return self.level_array
+
+    @classmethod
+    def create(cls, loc: Location, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
+               block_bounds, *, chunk_rows: int | None, chunk_nnz: int | None,
+               compressor: Any, attrs: dict | None, overwrite: bool) -> "OmeZarrOutput":
+        from . import progress
+        from .dense_store import create_kwargs, layout_attrs, resolve_compressors
+
+        attrs = dict(attrs or {})
+        axes, lead, scale, translation = _output_axes(attrs, n_images)
+        Ho, Wo = (int(v) for v in out_shape)
+        block_rows = int(block_bounds[0][1] - block_bounds[0][0])
+        run = math.gcd(block_rows, lead[-1])
+        kernel_shape = attrs.get("kernel_shape") or [1, 1]
+        mode = attrs.get("mode", "same")
+        for axis, k in ((-2, int(kernel_shape[-2])), (-1, int(kernel_shape[-1]))):
+            start = {"full": 0, "same": (k - 1) // 2, "valid": k - 1}[mode] - (k - 1) // 2
+            translation[axis] = translation[axis] + start * scale[axis]
+        ome = {"version": "0.5", "multiscales": [{
+            "name": attrs.get("source_ngff", {}).get("name") or "dask-sparseconv output",
+            "axes": axes,
+            "datasets": [{"path": LEVEL, "coordinateTransformations": [
+                {"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}]}],
+        }]}
+        kw = create_kwargs(loc)
+        kw["path"] = kw.pop("name")
+        group = zarr.create_group(zarr_format=3, overwrite=overwrite, attributes={"ome": ome}, **kw)
+        group.create_array(LEVEL, shape=lead + (Ho, Wo), chunks=(1,) * (len(lead) - 1) + (run, Ho, Wo), dtype=dtype,
+                           compressors=resolve_compressors(compressor), fill_value=0,
+                           dimension_names=[str(a.get("name")) for a in axes])
+        progress.init_provenance(group, attrs, layout_attrs("ome-zarr", n_images, out_shape, dtype, block_bounds))
+        out = cls(loc, n_images, (Ho, Wo), np.dtype(dtype), block_bounds, run, lead)
+        out.attach(group)
+        return out
+
+    @classmethod
+    def reopen(cls, loc: Location, node: Any, prov: dict, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
+               block_bounds) -> "OmeZarrOutput":
+        arr = node[LEVEL]
+        out = cls(loc, n_images, out_shape, dtype, block_bounds, int(arr.chunks[-3]), tuple(arr.shape[:-2]))
+        out.attach(node)
+        return out
+
+    def _runs(self, start: int, stop: int):
+        """``(first image, count, index)`` of each run of images ``[start, stop)``
+        along the last image axis (``index``: the level array's index for it)."""
+        last = self.lead[-1]
+        row = start
+        while row < stop:
+            index = np.unravel_index(row, self.lead)
+            a = int(index[-1])
+            b = min(last, a + (stop - row))
+            yield row, b - a, tuple(int(i) for i in index[:-1]) + (slice(a, b),)
+            row += b - a
+
+    def _write_rows(self, start: int, stop: int, values: np.ndarray) -> None:
+        arr = self.level_array
+        for row, count, index in self._runs(start, stop):
+            arr[index] = values[row - start: row - start + count]
+
+    def _read_rows(self, start: int, stop: int) -> np.ndarray:
+        arr = self.level_array
+        return np.concatenate([np.asarray(arr[index]) for _, _, index in self._runs(start, stop)])
+
+    def _chunk_keys(self, start: int, stop: int) -> list[str]:
+        """Keys (relative to the group) of the level's chunks holding images ``[start, stop)``."""
+        arr = self.level_array
+        run = int(arr.chunks[-3])
+        keys = []
+        for _row, _count, index in self._runs(start, stop):
+            s = index[-1]
+            for j in range(s.start // run, (s.stop - 1) // run + 1):
+                keys.append(f"{LEVEL}/" + arr.metadata.encode_chunk_key(index[:-1] + (j, 0, 0)))
+        return keys
+
+    def __repr__(self) -> str:
+        return f"OmeZarrOutput({self._loc}, shape={self.lead + tuple(self.out_shape)}, dtype={self.dtype})"

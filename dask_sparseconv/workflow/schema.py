@@ -39,9 +39,15 @@ SECURITY_KEYS = ("ca_file", "cert_file", "key_file")
 
 
 def formats() -> tuple[str, ...]:
+    """Output formats: every registered on-disk format."""
     from ..storage import FORMATS
 
     return tuple(FORMATS)
+
+
+def sample_formats() -> tuple[str, ...]:
+    """What input.sample can generate: the stack formats (an OME-Zarr image is only an output here)."""
+    return tuple(f for f in formats() if f != "ome-zarr")
 
 
 # -- values -----------------------------------------------------------------------
@@ -223,7 +229,7 @@ class SampleSpec(Section):
                                            "minItems": 2, "maxItems": 2})] = (512, 512)
     max_rois: Integer(0) = 3
     radius: PositiveNumber = 8.0
-    format: Choice(formats) = "dense"
+    format: Choice(sample_formats) = "dense"
     seed: Integer(0) = 0
 
 

@@ -124,3 +124,99 @@ def test_cli_info_and_run_with_input_level(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dask_sparseconv.cli", "validate", str(wf)], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "input.level" in r.stderr and "from 0 to 1" in r.stderr, r.stderr
+
+
+# -- OME-Zarr out ----------------------------------------------------------------------------
+ome_models = pytest.importorskip("ome_zarr_models.v05")
+
+
+def _validated(path):
+    """The output as the OME-Zarr community's models read it (raises if it is not valid NGFF 0.5)."""
+    return ome_models.Image.from_zarr(zarr.open_group(str(path), mode="r"))
+
+
+@pytest.mark.parametrize("mode", ["full", "same", "valid"])
+def test_ome_zarr_output_keeps_axes_units_and_moves_the_translation(tmp_path, mode):
+    image = _image((2, 3, 30, 26), seed=6)
+    group = _write_ome(tmp_path / "img.zarr", image, "tzyx", "0.5", chunks=(1, 3, 30, 26))
+    stored = group[_level_path(group, 0)][:]
+    target = tmp_path / "out.ome.zarr"
+    summary = convolve_zarr(str(tmp_path / "img.zarr"), KERNEL, str(target), mode, output_format="ome-zarr",
+                            block_memory="30KB")
+    assert summary.format == "ome-zarr" and summary.blocks >= 2
+    image_model = _validated(target)
+    ms = image_model.ome_attributes.multiscales[0]
+    assert [a.name for a in ms.axes] == ["t", "z", "y", "x"]
+    assert [a.unit for a in ms.axes][-2:] == ["micrometer", "micrometer"]
+    out = zarr.open_group(str(target), mode="r")
+    ref = convolve_stack(stored.reshape(6, 30, 26), KERNEL, mode)
+    level = out["0"][:]
+    assert level.shape == (2, 3) + ref.shape[1:]
+    np.testing.assert_allclose(level.reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
+    # output pixel o is input pixel o + s: s = -(k-1)//2 (full), 0 (same), k//2 (valid); kernel 4 x 3
+    shift = {"full": [-1, -1], "same": [0, 0], "valid": [2, 1]}[mode]
+    transforms = out.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    assert transforms[1]["translation"] == [0.0, 0.0, float(shift[0]), float(shift[1])]
+    assert out.attrs["dask_sparseconv"]["complete"] is True
+    # read back by the reference reader and by this package
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    nodes = list(Reader(parse_url(str(target)))())
+    np.testing.assert_allclose(np.asarray(nodes[0].data[0]).reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(open_stack(str(target)).compute()), ref.astype(np.float32),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_plain_stack_to_ome_zarr_and_resume(tmp_path):
+    """A plain (n, H, W) stack becomes a t, y, x image; an interrupted run
+    resumes from the block records under the level array."""
+    import dask
+
+    x = _image((40, 20, 18), seed=8)
+    write_dense_stack(str(tmp_path / "in.zarr"), x, chunks=4)
+    target = str(tmp_path / "out.zarr")
+    kw = dict(output_format="ome-zarr", block_memory="20KB")
+    graph = convolve_zarr(str(tmp_path / "in.zarr"), KERNEL, target, "same", compute=False, **kw)
+    hlg = dict(graph.__dask_graph__())
+    blocks = sorted((k for k in hlg if isinstance(k, str) and k.startswith("sparseconv-block-")),
+                    key=lambda k: int(k.rsplit("-", 1)[1]))
+    assert len(blocks) >= 4
+    dask.get(hlg, blocks[:3])
+    with pytest.raises(ValueError, match="incomplete"):
+        open_stack(target)
+    assert describe_stack(target)["done_blocks"] == 3
+    summary = convolve_zarr(str(tmp_path / "in.zarr"), KERNEL, target, "same", **kw)
+    assert summary.resumed and (summary.blocks_skipped, summary.blocks_computed) == (3, len(blocks) - 3)
+    ms = _validated(target).ome_attributes.multiscales[0]
+    assert [(a.name, a.type) for a in ms.axes] == [("t", "time"), ("y", "space"), ("x", "space")]
+    np.testing.assert_allclose(zarr.open_group(target, mode="r")["0"][:], convolve_stack(x, KERNEL, "same"),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_ome_zarr_output_from_the_cli_and_refusals(tmp_path):
+    image = _image((4, 24, 22), seed=9)
+    _write_ome(tmp_path / "img.zarr", image, "cyx", "0.4")
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(yaml.safe_dump({
+        "input": {"path": str(tmp_path / "img.zarr")},
+        "kernel": {"values": KERNEL.tolist()},
+        "mode": "valid",
+        "output": {"path": str(tmp_path / "out.zarr"), "format": "ome-zarr"},
+        "cluster": {"n_workers": 1, "threads_per_worker": 1, "dashboard_address": None},
+    }))
+    r = subprocess.run([sys.executable, "-m", "dask_sparseconv.cli", "run", str(wf)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    _validated(tmp_path / "out.zarr")
+    r = subprocess.run([sys.executable, "-m", "dask_sparseconv.cli", "info", str(tmp_path / "out.zarr")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "OME-Zarr image (NGFF 0.5)" in r.stdout and "provenance: written by" in r.stdout
+    from dask_sparseconv import convolve
+
+    with pytest.raises(ValueError, match="output_format='ome-zarr' names a store format: write it with convolve_zarr"):
+        convolve(image, KERNEL, output_format="ome-zarr")
+    with pytest.raises(ValueError, match="output_format='ome-zarr' takes one kernel"):
+        convolve_zarr(str(tmp_path / "img.zarr"), np.stack([KERNEL, KERNEL]), str(tmp_path / "o2.zarr"),
+                      output_format="ome-zarr")
+    assert not (tmp_path / "o2.zarr").exists()
