@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
+
 from ..kernels import kernel_digest
 from ..runtime.cluster import host_threads, route_annotations, scheduler_threads, scheduler_workers
 from .bank import check_kernel_names, kernel_records
@@ -44,6 +46,7 @@ def convolve_zarr(
     correlate: bool = False,
     kernel_names: Any = None,
     level: int | None = None,
+    pyramid: int = 0,
 ) -> ConvolveSummary | Any:
     """Convolve a zarr stack into a new zarr stack, out of core.
 
@@ -110,6 +113,10 @@ def convolve_zarr(
         axis (``t``, ``c``, ``z``, ...) counts images in C order, so the
         output is ``(prod(other axes), H_out, W_out)`` with the image's axes
         recorded in its provenance (``frame_axes``). See docs/storage.md.
+    pyramid : int, default 0
+        With ``output_format='ome-zarr'``: downsampled levels to write below
+        the full-resolution one (level ``j``: the ``2^j x 2^j`` mean), by the
+        same block tasks.
     storage_options, target_storage_options : dict, optional
         fsspec options for the source and the target.
     compressor : 'default', None or a zarr codec
@@ -160,6 +167,10 @@ def convolve_zarr(
     annotations = route_annotations(route)
     if target is None:
         raise TypeError("target must be a local path, an fsspec URL or a zarr store; got None")
+    if isinstance(pyramid, bool) or not isinstance(pyramid, (int, np.integer)) or not 0 <= pyramid <= 16:
+        raise ValueError(f"pyramid must be an integer from 0 to 16 (downsampled levels); got {pyramid!r}")
+    if pyramid and settings.container != "ome-zarr":
+        raise ValueError(f"pyramid={pyramid} applies to output_format='ome-zarr' only; got output_format={output_format!r}")
     if plan is not None and not isinstance(plan, JobPlan):
         raise TypeError(f"plan must be a JobPlan from plan_job() or None; got {type(plan).__name__}")
     src_loc, tgt_loc = _resolve_locations(source, target, array, storage_options, target_storage_options)
@@ -188,7 +199,7 @@ def convolve_zarr(
         graph = _build_job(plan, src_loc, tgt_loc, target, resume_prov, overwrite=overwrite, compressor=compressor,
                            route=route, annotations=annotations, workers=workers,
                            target_storage_options=target_storage_options, release=held if took_lock else None,
-                           names=names)
+                           names=names, pyramid=int(pyramid))
     except BaseException:
         if took_lock:
             held.release()
@@ -211,7 +222,7 @@ def convolve_zarr(
 
 def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None, *, overwrite: bool, compressor,
                route: str, annotations: dict, workers: dict[str, int] | None, target_storage_options: dict | None,
-               release, names: list[str] | None = None):
+               release, names: list[str] | None = None, pyramid: int = 0):
     """Fingerprint the input (refusing a resume whose input changed), create
     or reopen the target, and build the graph."""
     from ..storage import create_output
@@ -239,6 +250,8 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
         attrs["source_ngff"] = {"version": ngff["version"], "level": ngff["level"],
                                 "frame_axes": ngff["frame_axes"], "frame_axes_shape": lead,
                                 "axes": ngff["axes"], "scale": ngff["scale"], "translation": ngff["translation"]}
+    if pyramid:
+        attrs["ome_pyramid"] = pyramid  # a setting: a resume with another pyramid is another job
     bank = settings.bank
     if bank:
         attrs["kernels"] = kernel_records(kernel, names or [str(k) for k in range(bank)])

@@ -152,6 +152,13 @@ def _output_axes(attrs: dict, n_images: int) -> tuple[list[dict], tuple[int, ...
     return axes, (int(n_images),), [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]
 
 
+def _mean_pool(frames: np.ndarray, f: int) -> np.ndarray:
+    """``(n, H, W)`` -> ``(n, H // f, W // f)``: the mean of each ``f x f`` block (a ragged edge is dropped)."""
+    n, H, W = frames.shape
+    h, w = H // f, W // f
+    return frames[:, : h * f, : w * f].reshape(n, h, f, w, f).mean(axis=(2, 4), dtype=np.float64)
+
+
 class OmeZarrOutput(DenseOutput):
     """A dense output written as an OME-Zarr (NGFF 0.5) image group.
 
@@ -165,15 +172,19 @@ class OmeZarrOutput(DenseOutput):
     ``s`` = window start minus ``same``'s: ``-(k-1)//2`` for ``full``,
     ``k//2`` for ``valid``). Provenance is the group's ``dask_sparseconv``
     attribute; block records are under the level array, as for a dense
-    output.
+    output. ``attrs["ome_pyramid"] = N`` adds levels ``1..N``, each a
+    ``2^j x 2^j`` mean of level 0 (scale times ``2^j``, translation moved to
+    the pooled pixels' centre), written by the same block tasks.
     """
 
     format = "ome-zarr"
 
     def __init__(self, loc: Location, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
-                 block_bounds, chunk_rows: int, lead: tuple[int, ...]):
+                 block_bounds, chunk_rows: int, lead: tuple[int, ...], pyramid: int = 0):
         super().__init__(loc, n_images, out_shape, dtype, block_bounds, chunk_rows)
         self.lead = tuple(int(v) for v in lead)
+        #: downsampled levels below level 0 (level j: 2^j x 2^j mean pooling of level 0)
+        self.pyramid = int(pyramid)
 
     def _open_node(self) -> zarr.Group:
         return self._loc.open(mode="r+")
@@ -203,20 +214,32 @@ class OmeZarrOutput(DenseOutput):
         for axis, k in ((-2, int(kernel_shape[-2])), (-1, int(kernel_shape[-1]))):
             start = {"full": 0, "same": (k - 1) // 2, "valid": k - 1}[mode] - (k - 1) // 2
             translation[axis] = translation[axis] + start * scale[axis]
+        pyramid = int(attrs.get("ome_pyramid", 0))
+        if pyramid and min(Ho, Wo) < 2 ** pyramid:
+            raise ValueError(f"pyramid={pyramid} needs output frames of at least {2 ** pyramid} pixels on each side; "
+                             f"they are {Ho} x {Wo}")
+        datasets = []
+        for j in range(pyramid + 1):
+            f = 2 ** j  # level j pixel (y, x) averages level 0 pixels [f*y, f*y + f): its centre is (f - 1) / 2 further
+            sc = scale[:-2] + [scale[-2] * f, scale[-1] * f]
+            tr = translation[:-2] + [translation[-2] + (f - 1) / 2 * scale[-2], translation[-1] + (f - 1) / 2 * scale[-1]]
+            datasets.append({"path": str(j), "coordinateTransformations": [
+                {"type": "scale", "scale": sc}, {"type": "translation", "translation": tr}]})
         ome = {"version": "0.5", "multiscales": [{
             "name": attrs.get("source_ngff", {}).get("name") or "dask-sparseconv output",
             "axes": axes,
-            "datasets": [{"path": LEVEL, "coordinateTransformations": [
-                {"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}]}],
+            "datasets": datasets,
         }]}
         kw = create_kwargs(loc)
         kw["path"] = kw.pop("name")
         group = zarr.create_group(zarr_format=3, overwrite=overwrite, attributes={"ome": ome}, **kw)
-        group.create_array(LEVEL, shape=lead + (Ho, Wo), chunks=(1,) * (len(lead) - 1) + (run, Ho, Wo), dtype=dtype,
-                           compressors=resolve_compressors(compressor), fill_value=0,
-                           dimension_names=[str(a.get("name")) for a in axes])
+        for j in range(pyramid + 1):
+            h, w = Ho // 2 ** j, Wo // 2 ** j
+            group.create_array(str(j), shape=lead + (h, w), chunks=(1,) * (len(lead) - 1) + (run, h, w), dtype=dtype,
+                               compressors=resolve_compressors(compressor), fill_value=0,
+                               dimension_names=[str(a.get("name")) for a in axes])
         progress.init_provenance(group, attrs, layout_attrs("ome-zarr", n_images, out_shape, dtype, block_bounds))
-        out = cls(loc, n_images, (Ho, Wo), np.dtype(dtype), block_bounds, run, lead)
+        out = cls(loc, n_images, (Ho, Wo), np.dtype(dtype), block_bounds, run, lead, pyramid)
         out.attach(group)
         return out
 
@@ -224,7 +247,8 @@ class OmeZarrOutput(DenseOutput):
     def reopen(cls, loc: Location, node: Any, prov: dict, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
                block_bounds) -> "OmeZarrOutput":
         arr = node[LEVEL]
-        out = cls(loc, n_images, out_shape, dtype, block_bounds, int(arr.chunks[-3]), tuple(arr.shape[:-2]))
+        out = cls(loc, n_images, out_shape, dtype, block_bounds, int(arr.chunks[-3]), tuple(arr.shape[:-2]),
+                  int(prov.get("ome_pyramid", 0)))
         out.attach(node)
         return out
 
@@ -241,23 +265,27 @@ class OmeZarrOutput(DenseOutput):
             row += b - a
 
     def _write_rows(self, start: int, stop: int, values: np.ndarray) -> None:
-        arr = self.level_array
-        for row, count, index in self._runs(start, stop):
-            arr[index] = values[row - start: row - start + count]
+        # a block holds whole frames, so each level of the pyramid is made from it here
+        for j in range(self.pyramid + 1):
+            arr = self.node[str(j)]
+            level = values if j == 0 else _mean_pool(values, 2 ** j).astype(values.dtype, copy=False)
+            for row, count, index in self._runs(start, stop):
+                arr[index] = level[row - start: row - start + count]
 
     def _read_rows(self, start: int, stop: int) -> np.ndarray:
         arr = self.level_array
         return np.concatenate([np.asarray(arr[index]) for _, _, index in self._runs(start, stop)])
 
     def _chunk_keys(self, start: int, stop: int) -> list[str]:
-        """Keys (relative to the group) of the level's chunks holding images ``[start, stop)``."""
-        arr = self.level_array
-        run = int(arr.chunks[-3])
+        """Keys (relative to the group) of every level's chunks holding images ``[start, stop)``."""
         keys = []
-        for _row, _count, index in self._runs(start, stop):
-            s = index[-1]
-            for j in range(s.start // run, (s.stop - 1) // run + 1):
-                keys.append(f"{LEVEL}/" + arr.metadata.encode_chunk_key(index[:-1] + (j, 0, 0)))
+        for level in range(self.pyramid + 1):
+            arr = self.node[str(level)]
+            run = int(arr.chunks[-3])
+            for _row, _count, index in self._runs(start, stop):
+                s = index[-1]
+                for j in range(s.start // run, (s.stop - 1) // run + 1):
+                    keys.append(f"{level}/" + arr.metadata.encode_chunk_key(index[:-1] + (j, 0, 0)))
         return keys
 
     def __repr__(self) -> str:

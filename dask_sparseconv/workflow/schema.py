@@ -431,9 +431,17 @@ def _compressor(value: Any) -> str:
 class OutputSpec(Section):
     path: PathText
     format: Choice(formats, allow_none=True) = None
+    pyramid: Annotated[Integer(0), Field(description="format ome-zarr: downsampled levels to write (2x2 means)")] = 0
     overwrite: Boolean = False
     storage_options: Options = Field(default_factory=dict)
     compressor: Annotated[Any, BeforeValidator(_compressor), WithJsonSchema({"enum": ["default", "none", None]})] = "default"
+
+    @model_validator(mode="after")
+    def _pyramid_needs_ome_zarr(self) -> "OutputSpec":
+        if self.pyramid and self.format != "ome-zarr":
+            raise problem(f"pyramid: {self.pyramid} needs format: ome-zarr (got format: {self.format}); "
+                          "downsampled levels are an OME-Zarr image's")
+        return self
 
 
 # -- cluster ----------------------------------------------------------------------------

@@ -220,3 +220,39 @@ def test_ome_zarr_output_from_the_cli_and_refusals(tmp_path):
         convolve_zarr(str(tmp_path / "img.zarr"), np.stack([KERNEL, KERNEL]), str(tmp_path / "o2.zarr"),
                       output_format="ome-zarr")
     assert not (tmp_path / "o2.zarr").exists()
+
+
+def test_pyramid_levels_are_means_of_level_0_and_resume_checks_them(tmp_path):
+    import dask
+
+    image = _image((2, 4, 40, 36), seed=10)
+    _write_ome(tmp_path / "img.zarr", image, "czyx", "0.5", chunks=(1, 2, 40, 36))
+    target = str(tmp_path / "out.zarr")
+    kw = dict(output_format="ome-zarr", pyramid=2, block_memory="30KB")
+    graph = convolve_zarr(str(tmp_path / "img.zarr"), KERNEL, target, "same", compute=False, **kw)
+    hlg = dict(graph.__dask_graph__())
+    blocks = sorted(k for k in hlg if isinstance(k, str) and k.startswith("sparseconv-block-"))
+    dask.get(hlg, blocks[:1])
+    # damage a written level-2 chunk: that block is recomputed, not trusted
+    g = zarr.open_group(target, mode="r+")
+    g["2"][0, 0] = 99.0
+    summary = convolve_zarr(str(tmp_path / "img.zarr"), KERNEL, target, "same", **kw)
+    assert summary.resumed and summary.blocks_skipped == 0
+    image_model = _validated(target)
+    datasets = image_model.ome_attributes.multiscales[0].datasets
+    assert [d.path for d in datasets] == ["0", "1", "2"]
+    g = zarr.open_group(target, mode="r")
+    level0 = g["0"][:]
+    np.testing.assert_allclose(level0.reshape(8, 40, 36), convolve_stack(image.reshape(8, 40, 36), KERNEL, "same"),
+                               rtol=1e-5, atol=1e-5)
+    for j, f in ((1, 2), (2, 4)):
+        pooled = level0.reshape(2, 4, 40 // f, f, 36 // f, f).mean(axis=(3, 5))
+        np.testing.assert_allclose(g[str(j)][:], pooled, rtol=1e-5, atol=1e-6)
+    tr = g.attrs["ome"]["multiscales"][0]["datasets"][2]["coordinateTransformations"]
+    assert tr[0]["scale"][-2:] == [4.0, 4.0] and tr[1]["translation"][-2:] == [1.5, 1.5]
+    with pytest.raises(ValueError, match=r"pyramid=1 applies to output_format='ome-zarr' only"):
+        convolve_zarr(str(tmp_path / "img.zarr"), KERNEL, str(tmp_path / "o.zarr"), pyramid=1)
+    with pytest.raises(ValueError, match=r"pyramid=6 needs output frames of at least 64 pixels"):
+        convolve_zarr(str(tmp_path / "img.zarr"), KERNEL, str(tmp_path / "o.zarr"), output_format="ome-zarr",
+                      pyramid=6)
+    assert not (tmp_path / "o.zarr").exists() and not (tmp_path / "o.zarr.lock").exists()
