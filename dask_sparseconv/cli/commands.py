@@ -116,6 +116,7 @@ def _run_locked(args, wf, overwrite, plan: Plan, lock) -> int:
                 compute=False,
                 array=wf.input.array,
                 level=wf.input.level,
+                spatial_axes=wf.input.spatial_axes,
                 pyramid=wf.output.pyramid,
                 storage_options=wf.input.storage_options or None,
                 target_storage_options=wf.output.storage_options or None,

@@ -119,10 +119,12 @@ def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool 
         from ..storage import open_input
 
         try:
-            src = open_input(inp.path, array=inp.array, storage_options=inp.storage_options or None, level=inp.level)
+            src = open_input(inp.path, array=inp.array, storage_options=inp.storage_options or None, level=inp.level,
+                             spatial_axes=inp.spatial_axes)
         except Exception as exc:  # the storage layer words its errors for users
             key = "input.array" if inp.array is not None and "array" in str(exc) else \
-                "input.level" if inp.level is not None and "level" in str(exc) else "input.path"
+                "input.level" if inp.level is not None and "level" in str(exc) else \
+                "input.spatial_axes" if inp.spatial_axes is not None and "spatial_axes" in str(exc) else "input.path"
             problems.append((key, f"cannot open {inp.path}: {exc}"))
         else:
             n_images, frame_shape = int(src.n_images), tuple(int(v) for v in src.frame_shape)

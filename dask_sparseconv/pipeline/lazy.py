@@ -48,6 +48,7 @@ def convolve(
     fillvalue: float = 0.0,
     correlate: bool = False,
     level: int | None = None,
+    spatial_axes: Any = None,
 ):
     """Convolve every image of a stack with ``kernel``, lazily.
 
@@ -87,7 +88,7 @@ def convolve(
         Memory budget of one block task (default 64 MiB).
     frame_shape : tuple of int, optional
         ``(H, W)``, required for ``(n, H*W)`` inputs.
-    array, storage_options, level
+    array, storage_options, level, spatial_axes
         Passed to the store opener for zarr inputs.
 
     Returns
@@ -123,7 +124,7 @@ def convolve(
     if _is_store_like(x):
         from ..storage import open_input
 
-        src = open_input(x, array=array, storage_options=storage_options, level=level)
+        src = open_input(x, array=array, storage_options=storage_options, level=level, spatial_axes=spatial_axes)
         fs = (int(src.frame_shape[0]), int(src.frame_shape[1]))
         if frame_shape is not None and frame_shape != fs:
             raise ValueError(f"frame_shape={frame_shape} does not match the store's frame shape {fs}")
@@ -135,8 +136,9 @@ def convolve(
         spec = BlockSpec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt, operation=op, bank=settings.bank)
         return _split_bank(_source_array(src, kernel, blocks, spec), spec)
 
-    if array is not None or storage_options is not None or level is not None:
-        raise ValueError("array=, level= and storage_options= apply only when x is a zarr store (path, URL or zarr object)")
+    if array is not None or storage_options is not None or level is not None or spatial_axes is not None:
+        raise ValueError("array=, level=, spatial_axes= and storage_options= apply only when x is a zarr store "
+                         "(path, URL or zarr object)")
 
     if scipy.sparse.issparse(x):
         if x.ndim != 2:

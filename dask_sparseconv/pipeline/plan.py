@@ -153,7 +153,7 @@ def plan_job(source: Any, kernel: Any, mode: str = "same", *, output_format: str
              method: str = "auto", backend: str | None = "auto", dtype: Any = None, block_memory: Any = None,
              array: str | None = None, storage_options: dict | None = None,
              threads: int | None = None, boundary: str = "fill", fillvalue: float = 0.0,
-             correlate: bool = False, level: int | None = None) -> JobPlan:
+             correlate: bool = False, level: int | None = None, spatial_axes: Any = None) -> JobPlan:
     """Plan a store-to-store job without writing anything.
 
     Opens the input read-only, checks what depends on it (the kernel fits the
@@ -165,7 +165,7 @@ def plan_job(source: Any, kernel: Any, mode: str = "same", *, output_format: str
     ----------
     source : str, os.PathLike, zarr.Array, zarr.Group or an opened input
         As for :func:`~dask_sparseconv.convolve_zarr`.
-    kernel, mode, output_format, method, backend, dtype, block_memory, array, storage_options, level
+    kernel, mode, output_format, method, backend, dtype, block_memory, array, storage_options, level, spatial_axes
         As for :func:`~dask_sparseconv.convolve_zarr`.
     boundary, fillvalue, correlate
         As for :class:`~dask_sparseconv.Convolver`.
@@ -184,15 +184,16 @@ def plan_job(source: Any, kernel: Any, mode: str = "same", *, output_format: str
     """
     settings = check_settings(kernel, mode, method, backend, dtype, output_format, block_memory, boundary, fillvalue,
                               correlate)
-    return _plan(source, settings, array=array, storage_options=storage_options, threads=threads, level=level)
+    return _plan(source, settings, array=array, storage_options=storage_options, threads=threads, level=level,
+                 spatial_axes=spatial_axes)
 
 
 def _plan(source: Any, settings: Settings, *, array: str | None, storage_options: dict | None,
-          threads: int | None, level: int | None = None) -> JobPlan:
+          threads: int | None, level: int | None = None, spatial_axes: Any = None) -> JobPlan:
     from ..storage import StackInput, open_input
 
     src = source if isinstance(source, StackInput) else open_input(source, array=array, storage_options=storage_options,
-                                                                      level=level)
+                                                                      level=level, spatial_axes=spatial_axes)
     fs = (int(src.frame_shape[0]), int(src.frame_shape[1]))
     geo = settings.window(fs)  # ValueError for 'valid' with a kernel larger than the frame
     src.check_indices()  # CSR: out-of-range indices fail here, before any target exists

@@ -47,6 +47,7 @@ def convolve_zarr(
     kernel_names: Any = None,
     level: int | None = None,
     pyramid: int = 0,
+    spatial_axes: Any = None,
 ) -> ConvolveSummary | Any:
     """Convolve a zarr stack into a new zarr stack, out of core.
 
@@ -113,6 +114,9 @@ def convolve_zarr(
         axis (``t``, ``c``, ``z``, ...) counts images in C order, so the
         output is ``(prod(other axes), H_out, W_out)`` with the image's axes
         recorded in its provenance (``frame_axes``). See docs/storage.md.
+    spatial_axes : pair of str, optional
+        For an OME-Zarr source: the two axes that form the frame, rows first
+        (default: its last two), e.g. ``("z", "x")``.
     pyramid : int, default 0
         With ``output_format='ome-zarr'``: downsampled levels to write below
         the full-resolution one (level ``j``: the ``2^j x 2^j`` mean), by the
@@ -180,7 +184,8 @@ def convolve_zarr(
     workers = scheduler_workers()
     threads = scheduler_threads(workers)
     if plan is None:
-        plan = _plan(source, settings, array=array, storage_options=storage_options, threads=threads, level=level)
+        plan = _plan(source, settings, array=array, storage_options=storage_options, threads=threads, level=level,
+                     spatial_axes=spatial_axes)
     else:
         why = plan.mismatch(src_loc.key(), settings)
         if why:
@@ -249,7 +254,8 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
         lead = [int(v) for v in src.array.shape[:-2]]
         attrs["source_ngff"] = {"version": ngff["version"], "level": ngff["level"],
                                 "frame_axes": ngff["frame_axes"], "frame_axes_shape": lead,
-                                "axes": ngff["axes"], "scale": ngff["scale"], "translation": ngff["translation"]}
+                                "spatial_axes": ngff["spatial_axes"], "axes": ngff["read_axes"],
+                                "scale": ngff["scale"], "translation": ngff["translation"]}
     if pyramid:
         attrs["ome_pyramid"] = pyramid  # a setting: a resume with another pyramid is another job
     bank = settings.bank

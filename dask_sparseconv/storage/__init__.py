@@ -128,14 +128,18 @@ def _open_node(source: Any, array: str | None, storage_options: dict | None, nam
     return loc, node
 
 
-def _input_from_node(loc: Location, node: Any, name: str = "source", level: int | None = None) -> InputStack:
+def _input_from_node(loc: Location, node: Any, name: str = "source", level: int | None = None,
+                     spatial_axes: Any = None) -> InputStack:
     # an OME-Zarr image is a group of arrays (its pyramid): it is read as a
     # dense stack, so it has no entry of its own among the output FORMATS
     if OmeZarrInput.detect(node):
-        return OmeZarrInput(loc, node, level)
+        return OmeZarrInput(loc, node, level, spatial_axes)
     if level is not None:
         raise ValueError(f"level={level!r} picks a pyramid level of an OME-Zarr image; {name} {str(loc)!r} is not one "
                          "(no multiscales metadata): leave level out")
+    if spatial_axes is not None:
+        raise ValueError(f"spatial_axes={spatial_axes!r} names axes of an OME-Zarr image; {name} {str(loc)!r} is not "
+                         "one (no multiscales metadata): leave spatial_axes out")
     for fmt in FORMATS.values():
         if fmt.input.detect(node):
             return fmt.input(loc, node)
@@ -148,7 +152,7 @@ def _input_from_node(loc: Location, node: Any, name: str = "source", level: int 
 
 
 def open_input(source: Any, array: str | None = None, storage_options: dict | None = None,
-               allow_incomplete: bool = False, level: int | None = None) -> InputStack:
+               allow_incomplete: bool = False, level: int | None = None, spatial_axes: Any = None) -> InputStack:
     """Open an input stack read-only.
 
     Parameters
@@ -166,6 +170,10 @@ def open_input(source: Any, array: str | None = None, storage_options: dict | No
         For an OME-Zarr (NGFF 0.4/0.5) image group: the pyramid level to read
         (default 0, full resolution). Its last two axes are the frame; every
         other axis (t, c, z, ...) counts images, in C order.
+    spatial_axes : pair of str, optional
+        For an OME-Zarr image: the two axes that form the frame, rows first
+        (default: its last two, ``y, x``), e.g. ``("z", "x")`` to convolve
+        x-z sections; every other axis counts images, in array order.
 
     Returns
     -------
@@ -186,7 +194,7 @@ def open_input(source: Any, array: str | None = None, storage_options: dict | No
     """
     loc, node = _open_node(source, array, storage_options)
     _refuse_incomplete(loc, node, allow_incomplete)
-    return _input_from_node(loc, node, level=level)
+    return _input_from_node(loc, node, level=level, spatial_axes=spatial_axes)
 
 
 #: fsspec protocols whose first path component is a bucket or container,

@@ -67,6 +67,37 @@ def _transforms(dataset: dict, ndim: int) -> tuple[list[float], list[float]]:
     return scale, translation
 
 
+class _AxesView:
+    """A zarr array read with its axes in another order (``perm[v]``: the
+    array axis at view position ``v``): what ``spatial_axes`` naming axes
+    other than the last two needs. Indexing reads the array and transposes
+    the result; other attributes (codecs, metadata) are the array's."""
+
+    def __init__(self, arr: zarr.Array, perm: tuple[int, ...]):
+        self._arr, self._perm = arr, tuple(perm)
+        self.shape = tuple(int(arr.shape[p]) for p in perm)
+        self.chunks = tuple(int(arr.chunks[p]) for p in perm)
+        shards = getattr(arr, "shards", None)
+        self.shards = tuple(int(shards[p]) for p in perm) if shards else None
+        self.ndim = arr.ndim
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # pickle asks for __setstate__ etc. before _arr exists: not the array's
+            raise AttributeError(name)
+        return getattr(self._arr, name)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        array_key: list[Any] = [slice(None)] * self.ndim
+        for v, k in enumerate(key):
+            array_key[self._perm[v]] = k
+        out = np.asarray(self._arr[tuple(array_key)])
+        kept = [self._perm[v] for v, k in enumerate(key) if not isinstance(k, (int, np.integer))]
+        # out's axes are the kept array axes in array order; put them in view order
+        return out.transpose(np.argsort(np.argsort(kept))) if kept else out
+
+
 class OmeZarrInput(DenseInput):
     """One level of an OME-Zarr image, read as a dense stack of 2-D frames.
 
@@ -75,7 +106,8 @@ class OmeZarrInput(DenseInput):
     level read and every level's path and shape.
     """
 
-    def __init__(self, loc: Location, group: zarr.Group, level: int | None = None):
+    def __init__(self, loc: Location, group: zarr.Group, level: int | None = None,
+                 spatial_axes: Any = None):
         found = ngff_multiscales(group)
         if found is None:
             raise ValueError(f"source {loc} is not an OME-Zarr image group (no multiscales metadata)")
@@ -99,26 +131,50 @@ class OmeZarrInput(DenseInput):
         if not isinstance(arr, zarr.Array) or arr.ndim < 2:
             raise ValueError(f"OME-Zarr image {loc}: level {levels[level]['path']!r} is not an array of 2 or more axes")
         axes = _axes(ms, arr.ndim, str(loc))
-        frame = [a for a in axes[-2:] if a.get("type") not in (None, "space")]
-        if frame:
-            raise ValueError(f"OME-Zarr image {loc}: its last two axes ({axes[-2].get('name')}, {axes[-1].get('name')}) "
-                             "must be spatial (type 'space'), as NGFF requires; they are the frames convolved")
-        super().__init__(loc, arr, frame_axes=arr.ndim - 2)
+        names = [str(a.get("name")) for a in axes]
+        if spatial_axes is None:
+            frame = [a for a in axes[-2:] if a.get("type") not in (None, "space")]
+            if frame:
+                raise ValueError(f"OME-Zarr image {loc}: its last two axes ({names[-2]}, {names[-1]}) must be spatial "
+                                 "(type 'space'), as NGFF requires; they are the frames convolved")
+            rows, cols = arr.ndim - 2, arr.ndim - 1
+        else:
+            if isinstance(spatial_axes, str) or not hasattr(spatial_axes, "__len__") or len(spatial_axes) != 2 \
+                    or len({str(a) for a in spatial_axes}) != 2 or not all(str(a) in names for a in spatial_axes):
+                raise ValueError(f"spatial_axes must name two different axes of the OME-Zarr image {loc} (its axes: "
+                                 f"{', '.join(names)}), rows first; got {spatial_axes!r}")
+            rows, cols = (names.index(str(a)) for a in spatial_axes)
+        lead = [i for i in range(arr.ndim) if i not in (rows, cols)]
+        perm = tuple(lead + [rows, cols])
+        view = arr if perm == tuple(range(arr.ndim)) else _AxesView(arr, perm)
+        super().__init__(loc, view, frame_axes=arr.ndim - 2)
+        self._perm, self._level_array = perm, arr
         scale, translation = _transforms(datasets[level], arr.ndim)
         self.ngff: dict[str, Any] = {
             "version": version,
-            "axes": axes,
-            "frame_axes": [a.get("name") for a in axes[:-2]],
+            "axes": axes,  # as stored
+            "frame_axes": [names[i] for i in lead],
+            "spatial_axes": [names[rows], names[cols]],
             "level": level,
             "levels": levels,
             "name": ms.get("name"),
-            "scale": scale,
-            "translation": translation,
+            # in the order images and frames are read: the image axes, then the frame's rows and columns
+            "read_axes": [axes[i] for i in perm],
+            "scale": [scale[i] for i in perm],
+            "translation": [translation[i] for i in perm],
         }
+
+    def to_dask(self, rows_per_chunk: int | None = None):
+        import dask.array as da
+
+        arr = da.from_zarr(self._level_array).transpose(self._perm)
+        return arr.reshape((self.n_images,) + self.frame_shape)
 
     @property
     def location(self) -> str:
-        return f"{self._loc.description} (OME-Zarr level {self.ngff['level']}: {self.ngff['levels'][self.ngff['level']]['path']})"
+        level = self.ngff["level"]
+        rows, cols = self.ngff["spatial_axes"]
+        return f"{self._loc.description} (OME-Zarr level {level}: {self.ngff['levels'][level]['path']}, frames {rows} x {cols})"
 
     @staticmethod
     def detect(node: Any) -> bool:

@@ -241,11 +241,24 @@ def _sample(value: Any) -> Any:
     return value
 
 
+def _axis_pair(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, str) and v for v in value) \
+            or value[0] == value[1]:
+        raise problem(f"expected two different axis names such as [z, x]; got {show(value)}")
+    return list(value)
+
+
 class InputSpec(Section):
     path: PathText
     array: OptionalText = None
     level: Annotated[Integer(0, allow_none=True),
                      Field(description="an OME-Zarr image's pyramid level to read (default 0)")] = None
+    spatial_axes: Annotated[Any, BeforeValidator(_axis_pair),
+                            WithJsonSchema({"type": ["array", "null"], "items": {"type": "string"}, "minItems": 2,
+                                            "maxItems": 2}),
+                            Field(description="an OME-Zarr image's two frame axes, rows first (default: its last two)")] = None
     storage_options: Options = Field(default_factory=dict)
     sample: Annotated[SampleSpec | None, BeforeValidator(_sample),
                       Field(description="true, or a mapping: generate a sample stack when path is missing")] = None

@@ -256,3 +256,59 @@ def test_pyramid_levels_are_means_of_level_0_and_resume_checks_them(tmp_path):
         convolve_zarr(str(tmp_path / "img.zarr"), KERNEL, str(tmp_path / "o.zarr"), output_format="ome-zarr",
                       pyramid=6)
     assert not (tmp_path / "o.zarr").exists() and not (tmp_path / "o.zarr.lock").exists()
+
+
+def test_spatial_axes_convolve_other_sections(tmp_path):
+    """spatial_axes=("z", "x"): x-z sections are the frames; c and y count
+    images (in array order); an OME-Zarr output keeps that axis order."""
+    from dask_sparseconv import convolve
+
+    image = _image((2, 6, 20, 18), seed=11)
+    group = _write_ome(tmp_path / "img.zarr", image, "czyx", "0.5", chunks=(1, 3, 10, 18))
+    stored = group[_level_path(group, 0)][:]
+    sections = stored.transpose(0, 2, 1, 3).reshape(40, 6, 18)  # c, y, z, x
+    src = open_input(str(tmp_path / "img.zarr"), spatial_axes=("z", "x"))
+    assert (src.n_images, src.frame_shape) == (40, (6, 18))
+    np.testing.assert_array_equal(src.read_dense_block(7, 29), sections[7:29])
+    ref = convolve_stack(sections, KERNEL, "full")
+    target = tmp_path / "out.zarr"
+    convolve_zarr(str(tmp_path / "img.zarr"), KERNEL, str(target), "full", output_format="ome-zarr",
+                  spatial_axes=["z", "x"], block_memory="20KB")
+    ms = _validated(target).ome_attributes.multiscales[0]
+    assert [a.name for a in ms.axes] == ["c", "y", "z", "x"]
+    level = zarr.open_group(str(target), mode="r")["0"][:]
+    np.testing.assert_allclose(level.reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
+    lazy = convolve(str(tmp_path / "img.zarr"), KERNEL, "full", spatial_axes=("z", "x"))
+    np.testing.assert_allclose(lazy.compute(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"spatial_axes must name two different axes .*its axes: c, z, y, x"):
+        open_input(str(tmp_path / "img.zarr"), spatial_axes=("z", "q"))
+    write_dense_stack(str(tmp_path / "plain.zarr"), image[0])
+    with pytest.raises(ValueError, match=r"spatial_axes=.* names axes of an OME-Zarr image"):
+        open_input(str(tmp_path / "plain.zarr"), spatial_axes=("y", "x"))
+
+
+def test_workflow_spatial_axes_key(tmp_path):
+    image = _image((3, 5, 16, 14), seed=12)
+    group = _write_ome(tmp_path / "img.zarr", image, "tzyx", "0.5")
+    stored = group[_level_path(group, 0)][:]
+    wf = {
+        "input": {"path": str(tmp_path / "img.zarr"), "spatial_axes": ["z", "y"]},
+        "kernel": {"values": KERNEL.tolist()},
+        "mode": "same",
+        "output": {"path": str(tmp_path / "out.zarr")},
+        "cluster": {"n_workers": 1, "threads_per_worker": 1, "dashboard_address": None},
+    }
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump(wf))
+    r = subprocess.run([sys.executable, "-m", "dask_sparseconv.cli", "run", str(path)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    ref = convolve_stack(stored.transpose(0, 3, 1, 2).reshape(42, 5, 16), KERNEL, "same")  # t, x, z, y
+    np.testing.assert_allclose(open_stack(str(tmp_path / "out.zarr")).compute(), ref, rtol=1e-5, atol=1e-5)
+    for bad, says in ((["y", "y"], "two different axis names"), (["z", "w"], "its axes: t, z, y, x")):
+        wf["input"]["spatial_axes"] = bad
+        wf["output"]["path"] = str(tmp_path / "out2.zarr")
+        path.write_text(yaml.safe_dump(wf))
+        r = subprocess.run([sys.executable, "-m", "dask_sparseconv.cli", "validate", str(path)], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and "input.spatial_axes" in r.stderr and says in r.stderr, r.stderr
