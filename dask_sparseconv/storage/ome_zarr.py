@@ -281,10 +281,17 @@ class OmeZarrOutput(DenseOutput):
             tr = translation[:-2] + [translation[-2] + (f - 1) / 2 * scale[-2], translation[-1] + (f - 1) / 2 * scale[-1]]
             datasets.append({"path": str(j), "coordinateTransformations": [
                 {"type": "scale", "scale": sc}, {"type": "translation", "translation": tr}]})
+        from . import progress as _progress
+
         ome = {"version": "0.5", "multiscales": [{
             "name": attrs.get("source_ngff", {}).get("name") or "dask-sparseconv output",
             "axes": axes,
             "datasets": datasets,
+            # what the strict NGFF schema asks of a pyramid: how its levels were made
+            "type": "mean",
+            "metadata": {"description": "level j: the mean of 2^j x 2^j pixels of level 0",
+                         "method": "dask_sparseconv.storage.ome_zarr._mean_pool",
+                         "version": _progress.package_version()},
         }]}
         kw = create_kwargs(loc)
         kw["path"] = kw.pop("name")

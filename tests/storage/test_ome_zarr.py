@@ -131,8 +131,14 @@ ome_models = pytest.importorskip("ome_zarr_models.v05")
 
 
 def _validated(path):
-    """The output as the OME-Zarr community's models read it (raises if it is not valid NGFF 0.5)."""
-    return ome_models.Image.from_zarr(zarr.open_group(str(path), mode="r"))
+    """The output checked against the NGFF 0.5 JSON schema (strict), as
+    bundled and applied by ngff-zarr, then read by the OME-Zarr community's
+    models (each raises if it is not valid NGFF 0.5)."""
+    from ngff_zarr.validate import validate
+
+    group = zarr.open_group(str(path), mode="r")
+    validate(group.attrs.asdict(), version="0.5", model="image", strict=True)
+    return ome_models.Image.from_zarr(group)
 
 
 @pytest.mark.parametrize("mode", ["full", "same", "valid"])
