@@ -226,6 +226,21 @@ def check_numeric_dtype(dtype: Any, name: str) -> np.dtype:
 # --------------------------------------------------------------------------
 # input
 # --------------------------------------------------------------------------
+def image_runs(lead: tuple[int, ...], start: int, stop: int):
+    """Images ``[start, stop)`` of an array whose leading axes ``lead`` count
+    images in C order, as runs along the last of them: ``(first image,
+    count, index)``, ``index`` selecting the run (integers for the other
+    leading axes, a slice for the last). One zarr read or write per run."""
+    last = lead[-1]
+    row = start
+    while row < stop:
+        at = np.unravel_index(row, lead)
+        a = int(at[-1])
+        b = min(last, a + (stop - row))
+        yield row, b - a, tuple(int(i) for i in at[:-1]) + (slice(a, b),)
+        row += b - a
+
+
 class DenseInput(InputBase):
     """A read-only dense stack ``(n_images, H, W)`` in a zarr array.
 
@@ -285,20 +300,13 @@ class DenseInput(InputBase):
             return np.ascontiguousarray(self._arr[...])[None][start:stop]
         # images are the leading axes in C order: read runs along the last one
         out = np.empty((stop - start,) + self.frame_shape, dtype=self._arr.dtype)
-        last = self._lead[-1]
-        row = start
-        while row < stop:
-            index = np.unravel_index(row, self._lead)
-            a = int(index[-1])
-            b = min(last, a + (stop - row))
-            where = tuple(int(i) for i in index[:-1])
+        for row, count, index in image_runs(self._lead, start, stop):
             try:
-                out[row - start: row - start + (b - a)] = self._arr[where + (slice(a, b),)]
+                out[row - start: row - start + count] = self._arr[index]
             except Exception as exc:  # zarr / numcodecs decode errors have no common base class
-                raise ValueError(f"could not read the dense array at {self._loc}: images {row}-{row + b - a - 1} "
-                                 f"(index {where + (slice(a, b),)}) failed to decode ({type(exc).__name__}: {exc}); "
+                raise ValueError(f"could not read the dense array at {self._loc}: images {row}-{row + count - 1} "
+                                 f"(index {index}) failed to decode ({type(exc).__name__}: {exc}); "
                                  "the store is corrupt or was written incompletely") from exc
-            row += b - a
         return out
 
     def read_block(self, start: int, stop: int) -> scipy.sparse.csr_matrix:

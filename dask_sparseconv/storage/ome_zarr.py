@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .dense_store import DenseInput, DenseOutput
+from .dense_store import DenseInput, DenseOutput, image_runs
 from .location import Location
 
 __all__ = ["OmeZarrInput", "OmeZarrOutput", "ngff_multiscales"]
@@ -316,16 +316,7 @@ class OmeZarrOutput(DenseOutput):
         return out
 
     def _runs(self, start: int, stop: int):
-        """``(first image, count, index)`` of each run of images ``[start, stop)``
-        along the last image axis (``index``: the level array's index for it)."""
-        last = self.lead[-1]
-        row = start
-        while row < stop:
-            index = np.unravel_index(row, self.lead)
-            a = int(index[-1])
-            b = min(last, a + (stop - row))
-            yield row, b - a, tuple(int(i) for i in index[:-1]) + (slice(a, b),)
-            row += b - a
+        return image_runs(self.lead, start, stop)
 
     def _write_rows(self, start: int, stop: int, values: np.ndarray) -> None:
         # a block holds whole frames, so each level of the pyramid is made from it here

@@ -64,6 +64,20 @@ def _write_input(url: str, fmt: str, x: np.ndarray, opts: dict) -> None:
                         chunk_size=128)
 
 
+def _leave_partial(src: str, target: str, k: int, **kw) -> int:
+    """What a run stopped part-way leaves: build the job's graph and compute
+    only its first ``k`` block tasks (here, on the threaded scheduler);
+    return the number of blocks."""
+    import dask
+
+    graph = convolve_zarr(src, KERNEL, target, "same", compute=False, **kw)
+    hlg = dict(graph.__dask_graph__())
+    blocks = sorted((key for key in hlg if isinstance(key, str) and key.startswith("sparseconv-block-")),
+                    key=lambda key: int(key.rsplit("-", 1)[1]))
+    dask.get(hlg, blocks[:k])
+    return len(blocks)
+
+
 # -- the API on a LocalCluster of worker processes -------------------------------------------
 @pytest.mark.parametrize("in_fmt, out_fmt", [("dense", "dense"), ("csr", "csr"), ("dense", "csr")])
 def test_convolve_zarr_reads_and_writes_s3_on_worker_processes(s3_server, client, frames, in_fmt, out_fmt):
@@ -87,26 +101,20 @@ def test_resume_on_s3_keeps_written_blocks(s3_server, client, frames):
     """A run stopped part-way (only some block tasks computed) leaves an
     incomplete output in the bucket; the next run skips the written blocks
     and ends equal to scipy."""
-    import dask
-
     bucket = s3_server.bucket()
     opts = s3_server.storage_options()
     src, target = f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr"
     _write_input(src, "csr", frames, opts)
     kw = dict(output_format="dense", block_memory=20_000, storage_options=opts, target_storage_options=opts)
-    graph = convolve_zarr(src, KERNEL, target, "same", compute=False, **kw)
-    hlg = dict(graph.__dask_graph__())
-    blocks = sorted((k for k in hlg if isinstance(k, str) and k.startswith("sparseconv-block-")),
-                    key=lambda k: int(k.rsplit("-", 1)[1]))
-    assert len(blocks) >= 4
-    dask.get(hlg, blocks[:2])
+    n_blocks = _leave_partial(src, target, 2, **kw)
+    assert n_blocks >= 4
     with pytest.raises(ValueError, match="incomplete"):
         open_stack(target, storage_options=opts)
     # the input's fingerprint came from the objects' ETags (listed, not re-read)
     prov = describe_stack(target, storage_options=opts)["provenance"]
     assert prov["source_fingerprint"]["method"] == "store-checksum"
     summary = convolve_zarr(src, KERNEL, target, "same", **kw)
-    assert summary.resumed and (summary.blocks_skipped, summary.blocks_computed) == (2, len(blocks) - 2)
+    assert summary.resumed and (summary.blocks_skipped, summary.blocks_computed) == (2, n_blocks - 2)
     assert_matches(open_stack(target, storage_options=opts).compute(), reference(frames, KERNEL, "same"))
 
 
@@ -114,17 +122,12 @@ def test_resume_on_s3_refuses_an_input_rewritten_in_place(s3_server, client, fra
     """The input re-exported to the same URL with new values between the
     interrupted run and the next (same shape, chunks and codecs): the next
     run refuses to mix the two and names the input."""
-    import dask
-
     bucket = s3_server.bucket()
     opts = s3_server.storage_options()
     src, target = f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr"
     _write_input(src, "dense", frames, opts)
     kw = dict(output_format="csr", block_memory=20_000, storage_options=opts, target_storage_options=opts)
-    graph = convolve_zarr(src, KERNEL, target, "same", compute=False, **kw)
-    hlg = dict(graph.__dask_graph__())
-    blocks = sorted(k for k in hlg if isinstance(k, str) and k.startswith("sparseconv-block-"))
-    dask.get(hlg, blocks[:1])
+    _leave_partial(src, target, 1, **kw)
     changed = frames.copy()
     changed[0, 0, 0] += 1.0  # one value in the first chunk
     write_dense_stack(src, changed, chunks=4, storage_options=opts, overwrite=True)
