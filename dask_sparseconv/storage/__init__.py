@@ -130,8 +130,8 @@ def _open_node(source: Any, array: str | None, storage_options: dict | None, nam
 
 def _input_from_node(loc: Location, node: Any, name: str = "source", level: int | None = None,
                      spatial_axes: Any = None) -> InputStack:
-    # an OME-Zarr image is a group of arrays (its pyramid): it is read as a
-    # dense stack, so it has no entry of its own among the output FORMATS
+    # first, as the one format that takes level= and spatial_axes= (the loop
+    # below would find it too, without them)
     if OmeZarrInput.detect(node):
         return OmeZarrInput(loc, node, level, spatial_axes)
     if level is not None:

@@ -245,9 +245,18 @@ class OmeZarrOutput(DenseOutput):
     def _open_node(self) -> zarr.Group:
         return self._loc.open(mode="r+")
 
+    #: the opened level arrays (each a metadata read): per process, not pickled
+    _CACHE_KEYS = ("_levels",)
+
+    def _level(self, j: int) -> zarr.Array:
+        levels = self.__dict__.setdefault("_levels", {})
+        if j not in levels:
+            levels[j] = self.node[str(j)]
+        return levels[j]
+
     @property
     def level_array(self) -> zarr.Array:
-        return self.node[LEVEL]
+        return self._level(0)
 
     @property
     def marker_node(self) -> zarr.Array:
@@ -321,7 +330,7 @@ class OmeZarrOutput(DenseOutput):
     def _write_rows(self, start: int, stop: int, values: np.ndarray) -> None:
         # a block holds whole frames, so each level of the pyramid is made from it here
         for j in range(self.pyramid + 1):
-            arr = self.node[str(j)]
+            arr = self._level(j)
             level = values if j == 0 else _mean_pool(values, 2 ** j).astype(values.dtype, copy=False)
             for row, count, index in self._runs(start, stop):
                 arr[index] = level[row - start: row - start + count]
@@ -334,7 +343,7 @@ class OmeZarrOutput(DenseOutput):
         """Keys (relative to the group) of every level's chunks holding images ``[start, stop)``."""
         keys = []
         for level in range(self.pyramid + 1):
-            arr = self.node[str(level)]
+            arr = self._level(level)
             run = int(arr.chunks[-3])
             for _row, _count, index in self._runs(start, stop):
                 s = index[-1]

@@ -345,7 +345,9 @@ def read_block_record(node: zarr.Array, i: int) -> dict | None:
 def done_blocks(node: zarr.Array | zarr.Group) -> set[int]:
     """Indices of blocks whose marker exists."""
     if isinstance(node, zarr.Group) and (provenance(node) or {}).get("format") == "ome-zarr":
-        node = node["0"]  # an OME-Zarr output keeps its block records under its level (storage/ome_zarr.py)
+        from .ome_zarr import LEVEL  # (ome_zarr imports this module)
+
+        node = node[LEVEL]  # an OME-Zarr output keeps its block records under its level array
     prefix = _prefix(node)
     store = node.store
 

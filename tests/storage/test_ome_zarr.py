@@ -38,6 +38,12 @@ def _write_ome(path, image, axes: str, version: str, chunks=None):
     return group
 
 
+def _cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``dask-sparseconv ARGS`` in a subprocess (its local cluster's workers are processes too)."""
+    return subprocess.run([sys.executable, "-m", "dask_sparseconv.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def _level_path(group, level: int) -> str:
     attrs = group.attrs.asdict()
     ms = (attrs.get("ome") or attrs)["multiscales"][0]
@@ -98,8 +104,7 @@ def test_single_yx_image(tmp_path):
 def test_cli_info_and_run_with_input_level(tmp_path):
     image = _image((3, 2, 32, 28), seed=4)
     group = _write_ome(tmp_path / "img.zarr", image, "tcyx", "0.5")
-    r = subprocess.run([sys.executable, "-m", "dask_sparseconv.cli", "info", str(tmp_path / "img.zarr")],
-                       capture_output=True, text=True, timeout=120)
+    r = _cli("info", str(tmp_path / "img.zarr"), timeout=120)
     assert r.returncode == 0, r.stderr
     assert "OME-Zarr image (NGFF 0.5)" in r.stdout and "images run over t x c" in r.stdout
     assert "levels:     0: " in r.stdout and "(read)" in r.stdout
@@ -112,8 +117,7 @@ def test_cli_info_and_run_with_input_level(tmp_path):
         "output": {"path": str(tmp_path / "out.zarr"), "format": "csr"},
         "cluster": {"n_workers": 1, "threads_per_worker": 1, "dashboard_address": None},
     }))
-    r = subprocess.run([sys.executable, "-m", "dask_sparseconv.cli", "run", str(wf)], capture_output=True, text=True,
-                       timeout=300)
+    r = _cli("run", str(wf), timeout=300)
     assert r.returncode == 0, r.stderr
     assert "6 images of 16 x 14" in r.stdout
     result = open_stack(str(tmp_path / "out.zarr")).compute().toarray()
@@ -121,8 +125,7 @@ def test_cli_info_and_run_with_input_level(tmp_path):
     np.testing.assert_allclose(result.reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
     # a level the image does not have: exit 2, the key named
     wf.write_text(wf.read_text().replace("level: 1", "level: 4"))
-    r = subprocess.run([sys.executable, "-m", "dask_sparseconv.cli", "validate", str(wf)], capture_output=True,
-                       text=True, timeout=120)
+    r = _cli("validate", str(wf), timeout=120)
     assert r.returncode == 2 and "input.level" in r.stderr and "from 0 to 1" in r.stderr, r.stderr
 
 
@@ -211,12 +214,10 @@ def test_ome_zarr_output_from_the_cli_and_refusals(tmp_path):
         "output": {"path": str(tmp_path / "out.zarr"), "format": "ome-zarr"},
         "cluster": {"n_workers": 1, "threads_per_worker": 1, "dashboard_address": None},
     }))
-    r = subprocess.run([sys.executable, "-m", "dask_sparseconv.cli", "run", str(wf)], capture_output=True, text=True,
-                       timeout=300)
+    r = _cli("run", str(wf), timeout=300)
     assert r.returncode == 0, r.stderr
     _validated(tmp_path / "out.zarr")
-    r = subprocess.run([sys.executable, "-m", "dask_sparseconv.cli", "info", str(tmp_path / "out.zarr")],
-                       capture_output=True, text=True, timeout=120)
+    r = _cli("info", str(tmp_path / "out.zarr"), timeout=120)
     assert r.returncode == 0 and "OME-Zarr image (NGFF 0.5)" in r.stdout and "provenance: written by" in r.stdout
     from dask_sparseconv import convolve
 
@@ -306,8 +307,7 @@ def test_workflow_spatial_axes_key(tmp_path):
     }
     path = tmp_path / "wf.yaml"
     path.write_text(yaml.safe_dump(wf))
-    r = subprocess.run([sys.executable, "-m", "dask_sparseconv.cli", "run", str(path)], capture_output=True, text=True,
-                       timeout=300)
+    r = _cli("run", str(path), timeout=300)
     assert r.returncode == 0, r.stderr
     ref = convolve_stack(stored.transpose(0, 3, 1, 2).reshape(42, 5, 16), KERNEL, "same")  # t, x, z, y
     np.testing.assert_allclose(open_stack(str(tmp_path / "out.zarr")).compute(), ref, rtol=1e-5, atol=1e-5)
@@ -315,6 +315,5 @@ def test_workflow_spatial_axes_key(tmp_path):
         wf["input"]["spatial_axes"] = bad
         wf["output"]["path"] = str(tmp_path / "out2.zarr")
         path.write_text(yaml.safe_dump(wf))
-        r = subprocess.run([sys.executable, "-m", "dask_sparseconv.cli", "validate", str(path)], capture_output=True,
-                           text=True, timeout=120)
+        r = _cli("validate", str(path), timeout=120)
         assert r.returncode == 2 and "input.spatial_axes" in r.stderr and says in r.stderr, r.stderr

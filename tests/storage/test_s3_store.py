@@ -64,6 +64,15 @@ def _write_input(url: str, fmt: str, x: np.ndarray, opts: dict) -> None:
                         chunk_size=128)
 
 
+def _bucket_with_input(s3_server, fmt: str, x: np.ndarray) -> tuple[str, dict, str, str]:
+    """A new bucket holding ``x`` as ``in.zarr`` (dense or CSR): ``(bucket, storage options, input URL, output URL)``."""
+    bucket = s3_server.bucket()
+    opts = s3_server.storage_options()
+    src, target = f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr"
+    _write_input(src, fmt, x, opts)
+    return bucket, opts, src, target
+
+
 def _leave_partial(src: str, target: str, k: int, **kw) -> int:
     """What a run stopped part-way leaves: build the job's graph and compute
     only its first ``k`` block tasks (here, on the threaded scheduler);
@@ -101,10 +110,7 @@ def test_resume_on_s3_keeps_written_blocks(s3_server, client, frames):
     """A run stopped part-way (only some block tasks computed) leaves an
     incomplete output in the bucket; the next run skips the written blocks
     and ends equal to scipy."""
-    bucket = s3_server.bucket()
-    opts = s3_server.storage_options()
-    src, target = f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr"
-    _write_input(src, "csr", frames, opts)
+    bucket, opts, src, target = _bucket_with_input(s3_server, "csr", frames)
     kw = dict(output_format="dense", block_memory=20_000, storage_options=opts, target_storage_options=opts)
     n_blocks = _leave_partial(src, target, 2, **kw)
     assert n_blocks >= 4
@@ -122,10 +128,7 @@ def test_resume_on_s3_refuses_an_input_rewritten_in_place(s3_server, client, fra
     """The input re-exported to the same URL with new values between the
     interrupted run and the next (same shape, chunks and codecs): the next
     run refuses to mix the two and names the input."""
-    bucket = s3_server.bucket()
-    opts = s3_server.storage_options()
-    src, target = f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr"
-    _write_input(src, "dense", frames, opts)
+    bucket, opts, src, target = _bucket_with_input(s3_server, "dense", frames)
     kw = dict(output_format="csr", block_memory=20_000, storage_options=opts, target_storage_options=opts)
     _leave_partial(src, target, 1, **kw)
     changed = frames.copy()
@@ -185,10 +188,7 @@ def _error(stderr: str) -> str:
 
 @pytest.mark.parametrize("out_fmt", ["dense", "csr"])
 def test_cli_run_with_credentials_in_the_workflow(s3_server, frames, tmp_path, out_fmt):
-    bucket = s3_server.bucket()
-    opts = s3_server.storage_options()
-    src, target = f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr"
-    _write_input(src, "dense", frames, opts)
+    bucket, opts, src, target = _bucket_with_input(s3_server, "dense", frames)
     wf = _workflow(tmp_path, src, target, opts, out_fmt)
     r = _cli("run", wf)
     assert r.returncode == 0, r.stderr
@@ -232,10 +232,7 @@ def test_cli_resumes_an_interrupted_s3_output(s3_server, tmp_path):
 
     rng = np.random.default_rng(43)
     x = np.where(rng.random((240, H, W)) < 0.05, rng.standard_normal((240, H, W)), 0).astype(np.float32)
-    bucket = s3_server.bucket()
-    opts = s3_server.storage_options()
-    src, target = f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr"
-    _write_input(src, "dense", x, opts)
+    bucket, opts, src, target = _bucket_with_input(s3_server, "dense", x)
     wf = _workflow(tmp_path, src, target, opts, "csr")
     for _attempt in range(3):  # SIGINT can land after the last block: then try again from scratch
         proc = subprocess.Popen([sys.executable, "-m", "dask_sparseconv.cli", "run", wf, "--restart"],
@@ -266,10 +263,7 @@ def test_cli_resumes_an_interrupted_s3_output(s3_server, tmp_path):
 
 @pytest.mark.parametrize("where", ["input", "output"])
 def test_cli_missing_bucket_is_one_line_exit_2(s3_server, frames, tmp_path, where):
-    bucket = s3_server.bucket()
-    opts = s3_server.storage_options()
-    src, target = f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr"
-    _write_input(src, "dense", frames, opts)
+    bucket, opts, src, target = _bucket_with_input(s3_server, "dense", frames)
     if where == "input":
         src = "s3://no-such-bucket-dsc/in.zarr"
     else:
@@ -315,10 +309,7 @@ def test_cli_refuses_a_target_whose_s3_lock_is_held(s3_server, frames, tmp_path)
     from dask_sparseconv.storage import resolve_location
     from dask_sparseconv.storage.job_lock import JobLock
 
-    bucket = s3_server.bucket()
-    opts = s3_server.storage_options()
-    src, target = f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr"
-    _write_input(src, "dense", frames, opts)
+    bucket, opts, src, target = _bucket_with_input(s3_server, "dense", frames)
     loc = resolve_location(target, None, opts, name="target")
     with JobLock.acquire(loc, what="the test"):
         before = s3_server.keys(bucket)
