@@ -136,6 +136,9 @@ class RowBlocks:
     chunk_rows: int
     block_memory: int
     bytes_per_image: int
+    #: frames larger than a block: the blocks count tiles of this grid (and
+    #: ``n_images``, ``block_rows``, ``bytes_per_image`` are in tiles)
+    tiles: Any = None
 
     @property
     def n_blocks(self) -> int:

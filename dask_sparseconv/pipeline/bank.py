@@ -98,12 +98,12 @@ def compute_bank_block(job: tuple, kernel, index: int, start: int, stop: int, ga
 
     src, outs, spec = job
     t0 = time.time()
-    csr, res, read_s, conv_s, engine = read_convolve(src, spec, kernel, index, start, stop, sparse_ok=False)
+    nnz_in, res, read_s, conv_s, engine = read_convolve(src, spec, kernel, index, start, stop, sparse_ok=False)
     results = []
     for k, (out, r) in enumerate(zip(outs, res)):
         r = canonical_result(r, stop - start, out.n_cols, index)
         # the read and the convolution are the block's, counted once (on kernel 0)
-        stats = BlockStats(index, start, stop, int(csr.nnz) if k == 0 else 0, int(r.nnz), t0,
+        stats = BlockStats(index, start, stop, nnz_in if k == 0 else 0, int(r.nnz), t0,
                            read_s if k == 0 else 0.0, conv_s if k == 0 else 0.0, 0.0, os.getpid(),
                            counts=np.diff(r.indptr).astype(np.int64), **engine)
         results.append(BlockResult(stats, r))

@@ -85,11 +85,11 @@ def lag(threads: int) -> int:
 
 def _convolved(src, spec, kernel, out, index: int, start: int, stop: int) -> BlockResult:
     t0 = time.time()
-    csr, res, read_s, conv_s, engine = read_convolve(src, spec, kernel, index, start, stop, sparse_ok=False)
+    nnz_in, res, read_s, conv_s, engine = read_convolve(src, spec, kernel, index, start, stop, sparse_ok=False)
     from ..storage.csr_store.output import canonical_result
 
     res = canonical_result(res, stop - start, out.n_cols, index)
-    stats = BlockStats(index, start, stop, int(csr.nnz), int(res.nnz), t0, read_s, conv_s, 0.0, os.getpid(),
+    stats = BlockStats(index, start, stop, nnz_in, int(res.nnz), t0, read_s, conv_s, 0.0, os.getpid(),
                        counts=np.diff(res.indptr).astype(np.int64), **engine)
     return BlockResult(stats, res)
 
@@ -111,6 +111,10 @@ def _write(job: tuple, kernel, result: BlockResult, prev) -> BlockStats:
     stats = result.stats
 
     def produce(f0: int, f1: int):  # a resumed run: the values skipped blocks left in the carry
+        if spec.tiles is not None:  # f0, f1 count tiles
+            from .tile_tasks import convolve_tiles
+
+            return convolve_tiles(src, spec, kernel, f0, f1)[1]
         return apply(block_convolver(spec, kernel), src.read_block(f0, f1), spec)
 
     p0 = time.perf_counter()

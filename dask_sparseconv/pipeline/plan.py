@@ -28,30 +28,77 @@ BLOCKS_PER_THREAD = 2
 def plan_blocks(*, n_images: int, chunk_rows: int, frame_shape: tuple[int, int], out_shape: tuple[int, int],
                 in_dtype: Any, out_dtype: Any, in_format: str, out_format: str, kernel: np.ndarray,
                 block_memory: int, threads: int, nnz_per_image: float | None = None,
-                expansion: float | None = None, fill_nnz: int = 0) -> RowBlocks:
+                expansion: float | None = None, fill_nnz: int = 0, tiles: bool = False,
+                spatial_chunk: int | None = None) -> RowBlocks:
     """Row blocks for a stack on ``threads`` scheduler threads.
 
     ``nnz_per_image`` and ``expansion`` (output nonzeros per input nonzero)
     are the estimates of :mod:`~dask_sparseconv.pipeline.estimates`; without
     them the worst case is assumed. ``fill_nnz``: output nonzeros a nonzero
     ``fillvalue`` adds to every image, empty ones included.
+
+    ``tiles``: when one image does not fit ``block_memory``, cut images into
+    bands of output rows (:mod:`dask_sparseconv.tiles`; ``spatial_chunk``:
+    the input's chunk height, which bands follow when they can) instead of
+    refusing; the blocks then count tiles.
     """
-    per_image = image_bytes(
-        frame_shape,
-        out_shape,
-        np.dtype(in_dtype).itemsize,
-        np.dtype(out_dtype).itemsize,
-        in_format=in_format,
-        out_format=out_format,
-        nnz_per_image=nnz_per_image,
-        # a bank (K, kH, kW): K outputs, each reached through at most the union of the kernels' taps
-        kernel_size=int(np.count_nonzero(np.any(kernel != 0, axis=0) if kernel.ndim == 3 else kernel)) or 1,
-        nnz_out_per_image=None if expansion is None or nnz_per_image is None else nnz_per_image * expansion,
-        fill_nnz=fill_nnz,
-        outputs=int(kernel.shape[0]) if kernel.ndim == 3 else 1,
-    )
+    kernel_size = int(np.count_nonzero(np.any(kernel != 0, axis=0) if kernel.ndim == 3 else kernel)) or 1
+
+    def cost(frame: tuple[int, int], out: tuple[int, int], nnz: float | None, fill: int) -> int:
+        return image_bytes(
+            frame, out, np.dtype(in_dtype).itemsize, np.dtype(out_dtype).itemsize, in_format=in_format,
+            out_format=out_format, nnz_per_image=nnz,
+            # a bank (K, kH, kW): K outputs, each reached through at most the union of the kernels' taps
+            kernel_size=kernel_size,
+            nnz_out_per_image=None if expansion is None or nnz is None else nnz * expansion,
+            fill_nnz=fill, outputs=int(kernel.shape[0]) if kernel.ndim == 3 else 1,
+        )
+
+    per_image = cost(frame_shape, out_shape, nnz_per_image, fill_nnz)
+    min_blocks = BLOCKS_PER_THREAD * max(1, int(threads))
+    if tiles and per_image > block_memory:
+        return _plan_tiles(n_images, frame_shape, out_shape, kernel, block_memory, min_blocks, cost,
+                           nnz_per_image, fill_nnz, in_format, spatial_chunk)
     return plan_row_blocks(n_images, chunk_rows, per_image, block_memory,
-                           min_blocks=BLOCKS_PER_THREAD * max(1, int(threads)), strict_chunks=(in_format == "dense"))
+                           min_blocks=min_blocks, strict_chunks=(in_format == "dense"))
+
+
+#: Safety factor on a band's share of an image's nonzeros (a band of a
+#: clustered raster may be denser than the image on average)
+TILE_DENSITY_SAFETY = 2.0
+
+
+def _plan_tiles(n_images, frame_shape, out_shape, kernel, block_memory, min_blocks, cost, nnz_per_image, fill_nnz,
+                in_format, spatial_chunk) -> RowBlocks:
+    from ..tiles import TileGrid, plan_band_rows
+
+    H, W = frame_shape
+    Ho, Wo = out_shape
+    kh, kw = kernel.shape[-2:]
+
+    def band_bytes(rows: int) -> int:
+        window = (rows + kh - 1, Wo + kw - 1)
+        share = min(1.0, TILE_DENSITY_SAFETY * window[0] / H)
+        nnz = None if nnz_per_image is None else nnz_per_image * share
+        # the window as read, then padded and flattened: two more copies of its nonzeros
+        held = 0 if nnz is None else int(2 * nnz * 16)
+        return cost(window, (rows, Wo), nnz, int(fill_nnz * min(1.0, rows / Ho))) + held
+
+    band = limit = plan_band_rows(Ho, band_bytes, block_memory, chunk_rows=spatial_chunk)
+    if band is None or limit is None:
+        from dask.utils import format_bytes
+
+        need = band_bytes(1)
+        raise ValueError(
+            f"block_memory={block_memory} bytes ({format_bytes(block_memory)}) is too small even for one row of an "
+            f"image cut into tiles: one output row of {Wo} pixels with its kernel's halo needs about {need} bytes "
+            f"({format_bytes(need)}); use block_memory >= {need}")
+    if n_images < min_blocks:  # a few huge frames: bands small enough to keep every thread busy
+        band = min(band, max(1, -(-Ho * n_images // min_blocks)))
+    grid = TileGrid(int(n_images), (int(H), int(W)), (int(Ho), int(Wo)), int(band), int(limit))
+    blocks = plan_row_blocks(grid.n_tiles, 1, band_bytes(band), block_memory, min_blocks=min_blocks,
+                             strict_chunks=False)
+    return dataclasses.replace(blocks, tiles=grid)
 
 
 @dataclass
@@ -142,11 +189,21 @@ def _blocks_for(src, settings: Settings, geo: Geometry, out_format: str, out_dty
                 nnz_per_image: float | None, expansion: float | None) -> RowBlocks:
     if nnz_per_image is None and src.nnz is not None and src.n_images:
         nnz_per_image = src.nnz / src.n_images
+    chunks = getattr(src, "chunks", None)
     return plan_blocks(n_images=int(src.n_images), chunk_rows=int(src.chunk_rows), frame_shape=geo.frame_shape,
                        out_shape=geo.out_shape, in_dtype=src.dtype, out_dtype=out_dtype, in_format=src.format,
                        out_format=out_format, kernel=settings.kernel, block_memory=settings.block_memory,
                        threads=threads, nnz_per_image=nnz_per_image, expansion=expansion,
-                       fill_nnz=settings.fill_nnz(geo) if out_format == "csr" else 0)
+                       fill_nnz=settings.fill_nnz(geo) if out_format == "csr" else 0,
+                       tiles=tiles_possible(settings, src), spatial_chunk=int(chunks[-2]) if chunks else None)
+
+
+def tiles_possible(settings: Settings, src: Any) -> bool:
+    """Whether a job's images may be cut into tiles when one does not fit a
+    block: one kernel (a bank's tiles are not built), and an output whose
+    writer takes tiles (not OME-Zarr, whose pyramid levels are made from
+    whole images)."""
+    return settings.kernel.ndim == 2 and settings.container is None and hasattr(src, "read_frame_rows")
 
 
 def plan_job(source: Any, kernel: Any, mode: str = "same", *, output_format: str | None = None,

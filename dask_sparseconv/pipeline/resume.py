@@ -43,9 +43,34 @@ def resume_blocks(blocks: RowBlocks, prov: dict) -> RowBlocks:
     import dataclasses
 
     rows = prov.get("block_rows")
-    if not isinstance(rows, int) or rows < 1 or prov.get("n_images") != blocks.n_images:
+    if blocks.tiles is not None:
+        blocks = _resume_tiles(blocks, prov)
+        if blocks.tiles is None:
+            return blocks
+        images = blocks.tiles.n_images
+    else:
+        images = blocks.n_images
+    if not isinstance(rows, int) or rows < 1 or prov.get("n_images") != images:
         return blocks
     if rows * blocks.bytes_per_image > blocks.block_memory:
         return blocks
     candidate = dataclasses.replace(blocks, block_rows=rows)
     return candidate if candidate.aligned or not blocks.aligned else blocks
+
+
+def _resume_tiles(blocks: RowBlocks, prov: dict) -> RowBlocks:
+    """A tiled plan with the stored run's bands when they still fit the
+    budget (the plan cuts a few huge frames finer for more threads, so a
+    cluster of another size would otherwise plan other tiles)."""
+    import dataclasses
+
+    stored = prov.get("tiles")
+    grid = blocks.tiles
+    if not isinstance(stored, dict) or not isinstance(stored.get("band_rows"), int):
+        return blocks
+    band = int(stored["band_rows"])
+    if band == grid.band_rows or not 1 <= band <= grid.band_limit:
+        return blocks
+    new = dataclasses.replace(grid, band_rows=band)
+    return dataclasses.replace(blocks, tiles=new, n_images=new.n_tiles,
+                               block_rows=min(blocks.block_rows, new.n_tiles))

@@ -12,6 +12,7 @@ import numpy as np
 from ..geometry import Geometry
 from ..operation import DEFAULT, Operation, check_operation
 from ..row_blocks import parse_block_memory
+from ..tiles import TileGrid
 from ..validation import check_choice, check_dtype, check_kernels, check_mode, resolve_method_backend
 
 
@@ -32,6 +33,11 @@ class BlockSpec:
     operation: Operation = DEFAULT  # boundary, fill value, correlation
     bank: int = 0  # K for a kernel bank (K, kH, kW): a block's result holds K outputs; 0 for one kernel
     expansion: float | None = None  # sampled output nonzeros per input nonzero (per kernel), if known
+    tiles: TileGrid | None = None  # frames larger than a block: blocks count tiles (bands of output rows)
+
+    def geometry(self, kernel: np.ndarray) -> Geometry:
+        """The output window of the job's mode and operation on whole frames."""
+        return self.operation.window(self.frame_shape, kernel.shape[-2:], self.mode)
 
     @property
     def outputs(self) -> int:

@@ -54,12 +54,15 @@ class BlockStats:
         return getattr(self, key, default)
 
 
-def block_convolver(spec: BlockSpec, kernel: np.ndarray):
+def block_convolver(spec: BlockSpec, kernel: np.ndarray, *, frame_shape: tuple[int, int] | None = None,
+                    mode: str | None = None, operation=None):
+    """The worker's cached convolver of a block (``frame_shape``, ``mode``,
+    ``operation``: a tile's window instead of the job's frames)."""
     # backend='auto' is resolved here, on the worker (GPU -> torch, else CPU)
     return get_convolver(
-        spec.frame_shape, kernel, spec.mode, spec.method, spec.backend, spec.dtype, spec.device,
+        frame_shape or spec.frame_shape, kernel, mode or spec.mode, spec.method, spec.backend, spec.dtype, spec.device,
         n_threads=_engine_threads(spec), gpu_device="none" if spec.route == "cpu" else None,
-        operation=spec.operation,
+        operation=spec.operation if operation is None else operation,
     )
 
 
@@ -150,8 +153,19 @@ def convolve_source_block(src, kernel, start: int, stop: int, spec: BlockSpec):
 
 
 def read_convolve(src, spec: BlockSpec, kernel, index: int, start: int, stop: int, sparse_ok: bool):
-    """Read and convolve block ``index``: ``(input CSR, result, seconds reading, seconds convolving, engine info)``."""
+    """Read and convolve block ``index``: ``(input nonzeros, result, seconds
+    reading, seconds convolving, engine info)``. A block of tiles
+    (``spec.tiles``) reads each tile's window as it convolves it: its time
+    counts as convolving."""
     p0 = time.perf_counter()
+    if spec.tiles is not None:
+        from .tile_tasks import convolve_tiles
+
+        try:
+            nnz_in, res, conv = convolve_tiles(src, spec, kernel, start, stop)
+        except OSError as exc:
+            raise io_context(exc, f"reading tiles {start}-{stop - 1} (block {index}) of {src.location}") from exc
+        return nnz_in, res, 0.0, time.perf_counter() - p0, engine_info(spec, kernel, conv)
     try:
         csr = src.read_block(start, stop)
     except OSError as exc:
@@ -160,7 +174,7 @@ def read_convolve(src, spec: BlockSpec, kernel, index: int, start: int, stop: in
     conv = block_convolver(spec, kernel)
     res = apply(conv, csr, spec, sparse_ok=sparse_ok)
     p2 = time.perf_counter()
-    return csr, res, p1 - p0, p2 - p1, engine_info(spec, kernel, conv)
+    return int(csr.nnz), res, p1 - p0, p2 - p1, engine_info(spec, kernel, conv)
 
 
 def verified_stats(out, index: int, start: int, stop: int) -> BlockStats | None:
@@ -189,12 +203,12 @@ def run_block(job: tuple, kernel, index: int, start: int, stop: int, check: bool
     skipped = verified_stats(out, index, start, stop) if check else None
     if skipped is not None:
         return skipped
-    csr, res, read_s, conv_s, engine = read_convolve(src, spec, kernel, index, start, stop, sparse_ok=True)
+    nnz_in, res, read_s, conv_s, engine = read_convolve(src, spec, kernel, index, start, stop, sparse_ok=True)
     p2 = time.perf_counter()
     # the writer counts what it wrote (nonzero pixels, from the same pass as the block's digest)
     try:
-        nnz_out = int(out.write_block(index, start, stop, res, record={"nnz_in": int(csr.nnz)}))
+        nnz_out = int(out.write_block(index, start, stop, res, record={"nnz_in": nnz_in}))
     except OSError as exc:  # a full disk, a lost mount: say what was being written where
         raise io_context(exc, f"writing block {index} (images {start}-{stop - 1}) to {out.location}") from exc
-    return BlockStats(index, start, stop, int(csr.nnz), nnz_out, t0, read_s, conv_s, time.perf_counter() - p2,
+    return BlockStats(index, start, stop, nnz_in, nnz_out, t0, read_s, conv_s, time.perf_counter() - p2,
                       os.getpid(), **engine)

@@ -268,13 +268,15 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
     else:
         # recorded, not compared as a setting: a resume compares it with check_unchanged
         attrs["source_fingerprint"] = fp.as_dict()
+    if blocks.tiles is not None:  # part of the layout: the output's chunks and records follow the tiles
+        attrs["tiles"] = blocks.tiles.as_attrs()
     info = JobInfo(str(tgt_loc), settings.container or fmt, src.n_images, plan.frame_shape, plan.out_shape, plan.out_dtype.name,
                    blocks.block_rows, resumed=resume_prov is not None,
                    lock=None if release is None else (tgt_loc, release.token),
                    kernels=tuple(names) if names else None)
     spec = BlockSpec(plan.frame_shape, plan.out_shape, settings.mode, settings.method, settings.backend,
                      plan.out_dtype.str, fmt, route=route, host_threads=host_threads(workers),
-                     operation=settings.operation, bank=bank, expansion=plan.expansion)
+                     operation=settings.operation, bank=bank, expansion=plan.expansion, tiles=blocks.tiles)
     if bank and fmt == "csr":
         return _build_csr_bank(plan, blocks, spec, info, attrs, target, tgt_loc, resume_prov, names or [],
                                overwrite=overwrite, compressor=compressor, annotations=annotations,

@@ -32,6 +32,7 @@ from .dense_store import (
     DenseInput,
     DenseOutput,
     check_block_bounds,
+    tile_units,
     check_numeric_dtype,
     dense_to_csr,
     resolve_compressors,
@@ -295,7 +296,8 @@ def create_output(target: Any, fmt: str, n_images: int, out_shape: Sequence[int]
     if not (len(out_shape) == 2 or (len(out_shape) == 3 and fmt == "dense")) or min(out_shape) < 1:
         raise ValueError(f"out_shape must be (H_out, W_out), two positive integers; got {_short(out_shape)}")
     dtype = check_numeric_dtype(dtype, "dtype")
-    bounds = check_block_bounds(block_bounds, n_images)
+    # a tiled job's blocks count tiles (attrs["tiles"]: dask_sparseconv.tiles)
+    bounds = check_block_bounds(block_bounds, n_images * tile_units(attrs if isinstance(attrs, dict) else None))
     chunk_rows = check_positive_int(chunk_rows, "chunk_rows", allow_none=True)
     chunk_nnz = check_positive_int(chunk_nnz, "chunk_nnz", allow_none=True)
     if attrs is not None and not isinstance(attrs, dict):

@@ -237,6 +237,49 @@ class CSRInput(InputBase):
             out.sum_duplicates()  # sorts indices; zarr gave us fresh buffers, so in place is safe
         return out
 
+    def read_frame_rows(self, image: int, r0: int, r1: int) -> scipy.sparse.csr_matrix:
+        """Rows ``[r0, r1)`` of frame ``image`` as canonical CSR ``(r1 - r0, W)``
+        (a tile's input window: :mod:`dask_sparseconv.tiles`).
+
+        Only the window's values are read: its first and last positions are
+        found by binary search in the frame's sorted column indices, chunk
+        by chunk (a few chunk reads), never by a scan of the whole frame."""
+        H, W = self.frame_shape
+        image, r0, r1 = int(image), max(0, int(r0)), min(H, int(r1))
+        if not 0 <= image < self.n_images:
+            raise ValueError(f"CSR source {self._loc}: image {image} is out of range [0, {self.n_images})")
+        if r1 <= r0:
+            return scipy.sparse.csr_matrix((0, W), dtype=self.dtype)
+        ip = self._read_nz("indptr", image, image + 2).astype(np.int64, copy=False)
+        a = self._search_indices(int(ip[0]), int(ip[1]), r0 * W)
+        b = self._search_indices(a, int(ip[1]), r1 * W)
+        data = self._read_nz("data", a, b)
+        flat = self._read_nz("indices", a, b).astype(np.int64, copy=False) - r0 * W
+        if flat.size and not np.all(np.diff(flat) > 0):
+            raise ValueError(f"CSR source {self._loc}: image {image} has unsorted or repeated column indices; "
+                             "frames larger than a block are read by rows and need canonical CSR (sorted indices)")
+        rows = np.searchsorted(flat, np.arange(r1 - r0 + 1, dtype=np.int64) * W)
+        idt = index_dtype(W, b - a, r1 - r0)
+        return scipy.sparse.csr_matrix((data.astype(self.dtype, copy=False), (flat - np.repeat(
+            np.arange(r1 - r0, dtype=np.int64) * W, np.diff(rows))).astype(idt), rows.astype(idt)),
+            shape=(r1 - r0, W), copy=False)
+
+    def _search_indices(self, a: int, b: int, value: int) -> int:
+        """The first position in ``[a, b)`` whose column index is ``>= value``
+        (``b`` if none): ``indices[a:b]`` is sorted. Narrowed to one chunk by
+        probing chunk starts (each probe one cached chunk read), then
+        searched in that chunk."""
+        c = max(1, int(self._indices.chunks[0]))
+        while b - a > 0 and a // c != (b - 1) // c:
+            mid = ((a // c) + ((b - 1) // c) + 1) // 2 * c  # a chunk start strictly inside (a, b)
+            if int(self._read_nz("indices", mid, mid + 1)[0]) >= value:
+                b = mid
+            else:
+                a = mid
+        if b <= a:
+            return a
+        return a + int(np.searchsorted(self._read_nz("indices", a, b), value, side="left"))
+
     def read_pattern(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
         """Where rows ``[start, stop)`` are nonzero: a boolean CSR ``(rows,
         H*W)`` read from ``indptr`` and ``indices`` alone (no values read or

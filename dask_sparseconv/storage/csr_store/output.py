@@ -43,7 +43,7 @@ from ...engine.base import index_dtype
 from .. import progress
 from .._zarr_compat import buffer, prototype, shrink_metadata, sync
 from ..base import OutputBase, io_context
-from ..dense_store import create_kwargs, layout_attrs, resolve_compressors
+from ..dense_store import create_kwargs, layout_attrs, resolve_compressors, tile_units
 from ..location import Location
 from .input import CSR_ATTRS, DEFAULT_CHUNK_NNZ, DEFAULT_INDPTR_CHUNK
 
@@ -151,8 +151,12 @@ class CSROutput(OutputBase):
 
     def __init__(self, loc: Location, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
                  block_bounds: Sequence[tuple[int, int]], indptr_chunk: int | None, chunk_nnz: int | None,
-                 compressor: Any = "default"):
+                 compressor: Any = "default", per_image: int = 1):
         super().__init__(loc, n_images, out_shape, dtype, block_bounds)
+        # frames larger than a block (dask_sparseconv.tiles): blocks count
+        # tiles, ``per_image`` bands of each image in order, so a tile's
+        # values are a contiguous run of the image's; counts are per tile
+        self.per_image = int(per_image)
         self.n_cols = self.out_shape[0] * self.out_shape[1]
         self.indptr_chunk = indptr_chunk or DEFAULT_INDPTR_CHUNK
         self.chunk_nnz = chunk_nnz or DEFAULT_CHUNK_NNZ
@@ -170,7 +174,7 @@ class CSROutput(OutputBase):
                block_bounds: list[tuple[int, int]], *, chunk_rows: int | None, chunk_nnz: int | None,
                compressor: Any, attrs: dict | None, overwrite: bool) -> "CSROutput":
         """A new CSR output; ``chunk_rows``: rows per ``indptr`` chunk, ``chunk_nnz``: values per ``data`` chunk."""
-        out = cls(loc, n_images, out_shape, dtype, block_bounds, chunk_rows, chunk_nnz, compressor)
+        out = cls(loc, n_images, out_shape, dtype, block_bounds, chunk_rows, chunk_nnz, compressor, tile_units(attrs))
         comp = resolve_compressors(compressor)
         extra = layout_attrs("csr", n_images, out_shape, dtype, block_bounds)
         extra.update(chunk_nnz=out.chunk_nnz, indptr_chunk=out.indptr_chunk, csr_layout=CSR_LAYOUT,
@@ -209,7 +213,7 @@ class CSROutput(OutputBase):
     def reopen(cls, loc: Location, node: Any, prov: dict, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
                block_bounds: list[tuple[int, int]]) -> "CSROutput":
         out = cls(loc, n_images, out_shape, dtype, block_bounds, int(prov.get("indptr_chunk", 0)) or None,
-                  int(prov.get("chunk_nnz", 0)) or None, prov.get("compressor", "default"))
+                  int(prov.get("chunk_nnz", 0)) or None, prov.get("compressor", "default"), tile_units(prov))
         out.attach(node)
         return out
 
@@ -395,7 +399,10 @@ class CSROutput(OutputBase):
                 raise ValueError(f"counts must hold one array per block with one entry per image; got {len(counts)}")
             indptr = np.zeros(self.n_images + 1, dtype=np.int64)
             if self.n_images:
-                np.cumsum(np.concatenate(counts), out=indptr[1:])
+                per_row = np.concatenate(counts)
+                if self.per_image > 1:  # tiles: an image's nnz is its bands'
+                    per_row = per_row.reshape(self.n_images, self.per_image).sum(axis=1)
+                np.cumsum(per_row, out=indptr[1:])
             nnz = int(indptr[-1])
             ip = self._final("indptr")
             step = max(1, int(ip.chunks[0])) * 8  # a few chunks per write, encoded concurrently

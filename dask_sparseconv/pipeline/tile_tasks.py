@@ -1,0 +1,131 @@
+"""The work of one block of tiles (:mod:`dask_sparseconv.tiles`): for each
+tile, read its input window, convolve it, place the result.
+
+A tile of output rows ``[y0, y1)`` depends on rows ``[y0 + top - kH + 1,
+y1 + top)`` of the *padded* frame (the boundary's padding included) and on
+columns ``[left - kW + 1, W_out + left)``. That window, convolved in
+``'valid'`` mode with the kernel as the engines apply it (flipped for
+correlation), is exactly the tile's output in the requested mode: the same
+arithmetic the whole frame would get, so results match ``scipy.signal``
+bit for bit in layout and to rounding in value. The padding is made here,
+only for the window:
+
+* zero fill (the default): the input rows inside the frame, shifted;
+* a nonzero ``fillvalue``: plus the constant at every padded position of
+  the window (only tiles at the frame's edges have any);
+* a fold (``wrap``, ``symm``, ``mirror``, ``nearest``): each padded row and
+  column maps back to the input one it copies
+  (:data:`dask_sparseconv.boundaries.FOLDS`); the distinct input rows are
+  read in runs, so a wrapped top tile reads the frame's last rows, not the
+  whole frame.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse
+
+from ..boundaries import FOLDS
+from ..geometry import Geometry
+from ..operation import DEFAULT
+from ..tiles import TileGrid
+from .spec import BlockSpec
+
+
+def _runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
+    """``[(a, b), ...]``: maximal runs of consecutive values."""
+    cuts = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+    return [(int(p[0]), int(p[-1]) + 1) for p in np.split(sorted_rows, cuts)]
+
+
+def tile_window(src, grid: TileGrid, geo: Geometry, spec: BlockSpec, image: int, y0: int,
+                y1: int) -> scipy.sparse.csr_matrix:
+    """The padded input window of output rows ``[y0, y1)`` of ``image``:
+    2-D CSR ``(y1 - y0 + kH - 1, W_out + kW - 1)``."""
+    H, W = grid.frame_shape
+    kh, kw = geo.kernel_shape
+    r0, r1 = grid.window_rows(y0, y1, geo)
+    c0, c1 = geo.left - kw + 1, grid.out_shape[1] + geo.left
+    shape = (r1 - r0, c1 - c0)
+    op = spec.operation
+    fold = FOLDS[op.boundary]
+    if fold is None:
+        band = src.read_frame_rows(image, r0, r1)  # rows max(r0, 0) .. min(r1, H)
+        top = max(r0, 0) - r0
+        # every input column lies inside the window's columns in each mode
+        indptr = np.concatenate((np.zeros(top, np.int64), np.asarray(band.indptr, np.int64),
+                                 np.full(shape[0] - top - band.shape[0], band.nnz, np.int64)))
+        win = scipy.sparse.csr_matrix((band.data, np.asarray(band.indices, np.int64) - c0, indptr), shape=shape)
+        if op.fillvalue:
+            win = win + _fill_positions(r0, r1, c0, c1, H, W, op.fillvalue, band.dtype)
+        return win
+    rows = fold(np.arange(r0, r1, dtype=np.int64), H)
+    cols = fold(np.arange(c0, c1, dtype=np.int64), W)
+    wanted = np.unique(rows)
+    parts = [src.read_frame_rows(image, a, b) for a, b in _runs(wanted)]
+    band = parts[0] if len(parts) == 1 else scipy.sparse.vstack(parts, format="csr")
+    return scipy.sparse.csr_matrix(band[np.searchsorted(wanted, rows)][:, cols])
+
+
+def _fill_positions(r0, r1, c0, c1, H, W, value, dtype) -> scipy.sparse.csr_matrix:
+    """``value`` at the window's padded positions (outside the frame), as
+    CSR: whole rows above and below the frame, the side columns in between."""
+    w = c1 - c0
+    side = np.concatenate((np.arange(0, max(0, -c0)), np.arange(max(0, W - c0), w))).astype(np.int64)
+    outside = (np.arange(r0, r1) < 0) | (np.arange(r0, r1) >= H)
+    per_row = np.where(outside, w, side.size)
+    indptr = np.concatenate(([0], np.cumsum(per_row))).astype(np.int64)
+    indices = np.concatenate([np.arange(w, dtype=np.int64) if o else side for o in outside]) if outside.size else \
+        np.empty(0, np.int64)
+    data = np.full(indices.size, value, dtype=np.result_type(dtype, np.float32))
+    return scipy.sparse.csr_matrix((data, indices, indptr), shape=(r1 - r0, w))
+
+
+def _flat(win: scipy.sparse.csr_matrix) -> scipy.sparse.csr_matrix:
+    """A 2-D window as one image, ``(1, h*w)`` CSR in row-major order."""
+    h, w = win.shape
+    win = scipy.sparse.csr_matrix(win)
+    win.sum_duplicates()
+    rows = np.repeat(np.arange(h, dtype=np.int64), np.diff(win.indptr))
+    flat = rows * w + win.indices
+    return scipy.sparse.csr_matrix((win.data, flat, np.array([0, flat.size])), shape=(1, h * w))
+
+
+def tile_convolver(spec: BlockSpec, kernel: np.ndarray, window_shape: tuple[int, int]):
+    """The worker's cached convolver for a window: ``'valid'`` mode, the kernel as applied."""
+    from .tasks import block_convolver
+
+    return block_convolver(spec, spec.operation.engine_kernel(kernel), frame_shape=window_shape, mode="valid",
+                           operation=DEFAULT)
+
+
+def convolve_tiles(src, spec: BlockSpec, kernel: np.ndarray, start: int, stop: int):
+    """Tiles ``[start, stop)``: ``(input nonzeros read, result, convolver)``.
+
+    The result is CSR ``(stop - start, H_out*W_out)`` for CSR outputs (each
+    tile's values at their columns in the whole output frame: a tile's row
+    holds only its band), dense ``(stop - start, band_rows, W_out)`` for
+    dense outputs (the last band of an image zero-padded)."""
+    grid: TileGrid = spec.tiles
+    geo = spec.geometry(kernel)
+    Ho, Wo = grid.out_shape
+    dense = spec.out_format == "dense"
+    out = np.zeros((stop - start, grid.band_rows, Wo), dtype=spec.dtype) if dense else None
+    rows: list[scipy.sparse.csr_matrix] = []
+    nnz_in = 0
+    conv = None
+    for k, u in enumerate(range(start, stop)):
+        image, y0, y1 = grid.tile(u)
+        win = tile_window(src, grid, geo, spec, image, y0, y1)
+        nnz_in += int(win.nnz)
+        conv = tile_convolver(spec, kernel, win.shape)
+        if dense:
+            out[k, : y1 - y0] = np.asarray(conv(_flat(win), out="dense", batched=True)).reshape(y1 - y0, Wo)
+        else:
+            res = scipy.sparse.csr_matrix(conv(_flat(win), out="csr", batched=True))
+            res.sum_duplicates()
+            rows.append(scipy.sparse.csr_matrix((res.data, np.asarray(res.indices, np.int64) + y0 * Wo,
+                                                 np.array([0, res.nnz])), shape=(1, Ho * Wo)))
+    if dense:
+        return nnz_in, out, conv
+    return nnz_in, scipy.sparse.vstack(rows, format="csr"), conv
