@@ -64,7 +64,11 @@ def print_plan(plan: Plan, header: str) -> None:
         threads = f"{plan.threads} scheduler thread{'s' if plan.threads != 1 else ''}"
         if wf.cluster.address is not None:
             threads = "1 scheduler thread; a larger cluster may split finer"
-        say(f"  row blocks:   {fmt_int(b.n_blocks)} of up to {fmt_int(b.block_rows)} images ({threads})")
+        if b.tiles is not None:  # images larger than a block: blocks of tiles
+            say(f"  tiles:        {b.tiles.describe()}: one image does not fit the block budget")
+            say(f"  blocks:       {fmt_int(b.n_blocks)} of up to {fmt_int(b.block_rows)} tiles ({threads})")
+        else:
+            say(f"  row blocks:   {fmt_int(b.n_blocks)} of up to {fmt_int(b.block_rows)} images ({threads})")
         say(f"  memory/block: about {fmt_bytes(b.estimated_block_bytes)} (budget {fmt_bytes(wf.block.memory)})")
     say(f"  output:       {wf.output.path}" + target_note(plan))
     say(f"                {plan.out_format}, {fmt_int(plan.n_images)} images of {fmt_shape(plan.out_shape)}, {plan.out_dtype}")
@@ -83,7 +87,8 @@ def print_summary(summary, plan: Plan, elapsed: float) -> None:
     say("done:")
     say(f"  images:     {fmt_int(n)} ({fmt_shape(summary.frame_shape)} -> {fmt_shape(summary.out_shape)}, mode {plan.wf.mode})")
     say(f"  nnz:        {fmt_int(summary.nnz_in)} in -> {fmt_int(summary.nnz_out)} out")
-    say(f"  blocks:     {fmt_int(summary.blocks)} of up to {fmt_int(summary.block_rows)} images")
+    unit = "tiles" if getattr(plan.blocks, "tiles", None) is not None else "images"
+    say(f"  blocks:     {fmt_int(summary.blocks)} of up to {fmt_int(summary.block_rows)} {unit}")
     if getattr(summary, "resumed", False):
         say(f"  resumed:    {fmt_int(summary.blocks_computed)} blocks computed, {fmt_int(summary.blocks_skipped)} skipped "
              "(already written and verified)")

@@ -4,6 +4,8 @@ nonzero (CSR outputs)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import scipy.sparse
 
@@ -80,6 +82,40 @@ def matrix_expansion(csr: scipy.sparse.csr_matrix, kernel: np.ndarray, geo) -> f
     return sample_expansion((csr[a:a + rows] for a in sample_starts(n, rows)), kernel, geo) if rows else None
 
 
+#: Frames too large to sample whole (see sample_rows) are sampled in this
+#: many bands of rows, spread evenly down the first and the middle image,
+#: holding _EXPANSION_MAX_PIXELS pixels in all; and a dense store's chunks
+#: are read whole for its density only up to this many bytes.
+_FRAME_SAMPLE_BANDS = 8
+_DENSE_SAMPLE_MAX_BYTES = 64 << 20
+
+
+def frame_samples(src, geo) -> tuple[list[scipy.sparse.csr_matrix], Any, int]:
+    """Bands of rows sampled from frames too large to sample whole:
+    ``(samples, their geometry, pixels read)``. Each sample is one band as
+    a one-image CSR ``(1, rows*W)`` of a frame of ``rows x W`` pixels; the
+    geometry is ``'full'`` mode on such a frame, which counts every output
+    pixel a sampled nonzero reaches (the band's edges cut no reach short)."""
+    from ..geometry import geometry
+
+    H, W = (int(v) for v in src.frame_shape)
+    n = int(src.n_images)
+    images = sorted({0, n // 2})
+    per_band = max(1, min(H, _EXPANSION_MAX_PIXELS // (W * _FRAME_SAMPLE_BANDS * len(images))))
+    starts = sorted({int(r) for r in np.linspace(0, H - per_band, _FRAME_SAMPLE_BANDS)})
+    samples = []
+    for image in images:
+        for r in starts:
+            band = src.read_frame_rows(image, r, r + per_band)
+            flat = band.tocoo()
+            idx = flat.row.astype(np.int64) * W + flat.col
+            order = np.argsort(idx, kind="stable")
+            samples.append(scipy.sparse.csr_matrix((flat.data[order], idx[order], [0, idx.size]),
+                                                   shape=(1, per_band * W)))
+    sample_geo = geometry((per_band, W), geo.kernel_shape, "full")
+    return samples, sample_geo, len(samples) * per_band * W
+
+
 def source_estimates(src, kernel: np.ndarray, geo, out_format: str) -> tuple[float | None, float | None]:
     """``(nonzeros per image, output nonzeros per input nonzero)`` of a store
     source, for sizing its row blocks and choosing how dense-output blocks
@@ -92,6 +128,10 @@ def source_estimates(src, kernel: np.ndarray, geo, out_format: str) -> tuple[flo
     chunks is cheap next to the job, and far better than assuming every pixel
     is nonzero, which would make blocks several times too small and split
     input chunks needlessly); the output estimate reuses those chunks.
+
+    Frames too large to sample whole (tens of megapixels and up) are sampled
+    in bands of rows (:func:`frame_samples`): only those rows are read, so
+    planning a 100,000 x 100,000 frame reads a few MB, not the frame.
     """
     n = int(src.n_images)
     if n == 0:
@@ -99,12 +139,21 @@ def source_estimates(src, kernel: np.ndarray, geo, out_format: str) -> tuple[flo
     # the expansion also serves dense outputs: block tasks scatter a sparse
     # result into the dense block instead of convolving densely (pipeline/tasks.py)
     rows = sample_rows(n, geo)
+    huge = not rows and hasattr(src, "read_frame_rows")
     if src.nnz is not None:
+        if huge:
+            samples, sample_geo, _ = frame_samples(src, geo)
+            return src.nnz / n, sample_expansion(samples, kernel, sample_geo)
         if not rows:
             return src.nnz / n, None
-        samples = (src.read_pattern(a, a + rows) for a in sample_starts(n, rows))
-        return src.nnz / n, sample_expansion(samples, kernel, geo)
+        patterns = (src.read_pattern(a, a + rows) for a in sample_starts(n, rows))
+        return src.nnz / n, sample_expansion(patterns, kernel, geo)
     c = max(1, int(src.chunk_rows))
+    H, W = (int(v) for v in src.frame_shape)
+    if hasattr(src, "read_frame_rows") and c * H * W * np.dtype(src.dtype).itemsize > _DENSE_SAMPLE_MAX_BYTES:
+        samples, sample_geo, pixels = frame_samples(src, geo)
+        nnz_per_image = _DENSITY_SAFETY * sum(int(b.nnz) for b in samples) / pixels * H * W
+        return nnz_per_image, sample_expansion(samples, kernel, sample_geo)
     blocks = [src.read_block(a, min(a + c, n)) for a in sorted({0, ((n // c) // 2) * c})]
     rows_read = sum(blk.shape[0] for blk in blocks)
     nnz_per_image = _DENSITY_SAFETY * sum(int(blk.nnz) for blk in blocks) / rows_read

@@ -29,7 +29,7 @@ def plan_blocks(*, n_images: int, chunk_rows: int, frame_shape: tuple[int, int],
                 in_dtype: Any, out_dtype: Any, in_format: str, out_format: str, kernel: np.ndarray,
                 block_memory: int, threads: int, nnz_per_image: float | None = None,
                 expansion: float | None = None, fill_nnz: int = 0, tiles: bool = False,
-                spatial_chunk: int | None = None) -> RowBlocks:
+                spatial_chunk: tuple[int, int] | None = None) -> RowBlocks:
     """Row blocks for a stack on ``threads`` scheduler threads.
 
     ``nnz_per_image`` and ``expansion`` (output nonzeros per input nonzero)
@@ -38,9 +38,9 @@ def plan_blocks(*, n_images: int, chunk_rows: int, frame_shape: tuple[int, int],
     ``fillvalue`` adds to every image, empty ones included.
 
     ``tiles``: when one image does not fit ``block_memory``, cut images into
-    bands of output rows (:mod:`dask_sparseconv.tiles`; ``spatial_chunk``:
-    the input's chunk height, which bands follow when they can) instead of
-    refusing; the blocks then count tiles.
+    tiles (:mod:`dask_sparseconv.tiles`; ``spatial_chunk``: a dense input's
+    chunk ``(rows, cols)`` within a frame, which tiles follow when they can)
+    instead of refusing; the blocks then count tiles.
     """
     kernel_size = int(np.count_nonzero(np.any(kernel != 0, axis=0) if kernel.ndim == 3 else kernel)) or 1
 
@@ -58,7 +58,7 @@ def plan_blocks(*, n_images: int, chunk_rows: int, frame_shape: tuple[int, int],
     min_blocks = BLOCKS_PER_THREAD * max(1, int(threads))
     if tiles and per_image > block_memory:
         return _plan_tiles(n_images, frame_shape, out_shape, kernel, block_memory, min_blocks, cost,
-                           nnz_per_image, fill_nnz, in_format, spatial_chunk)
+                           nnz_per_image, fill_nnz, out_format, spatial_chunk)
     return plan_row_blocks(n_images, chunk_rows, per_image, block_memory,
                            min_blocks=min_blocks, strict_chunks=(in_format == "dense"))
 
@@ -69,36 +69,53 @@ TILE_DENSITY_SAFETY = 2.0
 
 
 def _plan_tiles(n_images, frame_shape, out_shape, kernel, block_memory, min_blocks, cost, nnz_per_image, fill_nnz,
-                in_format, spatial_chunk) -> RowBlocks:
-    from ..tiles import TileGrid, plan_band_rows
+                out_format, spatial_chunk) -> RowBlocks:
+    """Blocks of tiles (see :mod:`dask_sparseconv.tiles` for the two shapes)."""
+    from ..tiles import TileGrid, chunk_tile, equal_parts, largest_fit
 
     H, W = frame_shape
     Ho, Wo = out_shape
     kh, kw = kernel.shape[-2:]
 
-    def band_bytes(rows: int) -> int:
-        window = (rows + kh - 1, Wo + kw - 1)
-        share = min(1.0, TILE_DENSITY_SAFETY * window[0] / H)
+    def tile_bytes(rows: int, cols: int) -> int:
+        window = (rows + kh - 1, cols + kw - 1)
+        share = min(1.0, TILE_DENSITY_SAFETY * window[0] * window[1] / (H * W))
         nnz = None if nnz_per_image is None else nnz_per_image * share
         # the window as read, then padded and flattened: two more copies of its nonzeros
         held = 0 if nnz is None else int(2 * nnz * 16)
-        return cost(window, (rows, Wo), nnz, int(fill_nnz * min(1.0, rows / Ho))) + held
+        return cost(window, (rows, cols), nnz, int(fill_nnz * min(1.0, rows * cols / (Ho * Wo)))) + held
 
-    band = limit = plan_band_rows(Ho, band_bytes, block_memory, chunk_rows=spatial_chunk)
-    if band is None or limit is None:
-        from dask.utils import format_bytes
+    def fits(rows: int, cols: int) -> bool:
+        return tile_bytes(rows, cols) <= block_memory
 
-        need = band_bytes(1)
-        raise ValueError(
-            f"block_memory={block_memory} bytes ({format_bytes(block_memory)}) is too small even for one row of an "
-            f"image cut into tiles: one output row of {Wo} pixels with its kernel's halo needs about {need} bytes "
-            f"({format_bytes(need)}); use block_memory >= {need}")
-    if n_images < min_blocks:  # a few huge frames: bands small enough to keep every thread busy
-        band = min(band, max(1, -(-Ho * n_images // min_blocks)))
-    grid = TileGrid(int(n_images), (int(H), int(W)), (int(Ho), int(Wo)), int(band), int(limit))
-    blocks = plan_row_blocks(grid.n_tiles, 1, band_bytes(band), block_memory, min_blocks=min_blocks,
+    limit = largest_fit(Ho, lambda rows: fits(rows, Wo))
+    ch, cw = spatial_chunk or (0, 0)
+    if out_format == "dense" and (0 < cw < W or not limit):
+        # 2-D tiles on the input's chunk grid (or on the whole frame when it has none)
+        shape = chunk_tile((ch, cw) if 0 < cw < W else (Ho, Wo), fits)
+        if shape is None:
+            raise _too_small(block_memory, tile_bytes(1, 1), "one output pixel")
+        rows, cols = shape
+    else:
+        if not limit:
+            raise _too_small(block_memory, tile_bytes(1, Wo), f"one output row of {Wo} pixels")
+        rows, cols = ((limit // ch) * ch if 1 < ch <= limit else equal_parts(Ho, limit)), Wo
+        if n_images < min_blocks:  # a few huge frames: bands small enough to keep every thread busy
+            rows = min(rows, equal_parts(Ho, -(-Ho * n_images // min_blocks)))
+    grid = TileGrid(int(n_images), (int(H), int(W)), (int(Ho), int(Wo)), int(rows), int(cols),
+                    int(limit) if cols == Wo else 0)
+    blocks = plan_row_blocks(grid.n_tiles, 1, tile_bytes(rows, cols), block_memory, min_blocks=min_blocks,
                              strict_chunks=False)
     return dataclasses.replace(blocks, tiles=grid)
+
+
+def _too_small(block_memory: int, need: int, what: str) -> ValueError:
+    from dask.utils import format_bytes
+
+    return ValueError(
+        f"block_memory={block_memory} bytes ({format_bytes(block_memory)}) is too small even for the smallest tile "
+        f"of an image: {what} with its kernel's halo needs about {need} bytes ({format_bytes(need)}); "
+        f"use block_memory >= {need}")
 
 
 @dataclass
@@ -195,7 +212,8 @@ def _blocks_for(src, settings: Settings, geo: Geometry, out_format: str, out_dty
                        out_format=out_format, kernel=settings.kernel, block_memory=settings.block_memory,
                        threads=threads, nnz_per_image=nnz_per_image, expansion=expansion,
                        fill_nnz=settings.fill_nnz(geo) if out_format == "csr" else 0,
-                       tiles=tiles_possible(settings, src), spatial_chunk=int(chunks[-2]) if chunks else None)
+                       tiles=tiles_possible(settings, src),
+                       spatial_chunk=(int(chunks[-2]), int(chunks[-1])) if chunks else None)
 
 
 def tiles_possible(settings: Settings, src: Any) -> bool:

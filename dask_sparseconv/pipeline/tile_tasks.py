@@ -38,33 +38,34 @@ def _runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
     return [(int(p[0]), int(p[-1]) + 1) for p in np.split(sorted_rows, cuts)]
 
 
-def tile_window(src, grid: TileGrid, geo: Geometry, spec: BlockSpec, image: int, y0: int,
-                y1: int) -> scipy.sparse.csr_matrix:
-    """The padded input window of output rows ``[y0, y1)`` of ``image``:
-    2-D CSR ``(y1 - y0 + kH - 1, W_out + kW - 1)``."""
+def tile_window(src, grid: TileGrid, geo: Geometry, spec: BlockSpec, image: int, y0: int, y1: int, x0: int,
+                x1: int) -> scipy.sparse.csr_matrix:
+    """The padded input window of output pixels ``[y0, y1) x [x0, x1)`` of
+    ``image``: 2-D CSR ``(y1 - y0 + kH - 1, x1 - x0 + kW - 1)``."""
     H, W = grid.frame_shape
-    kh, kw = geo.kernel_shape
-    r0, r1 = grid.window_rows(y0, y1, geo)
-    c0, c1 = geo.left - kw + 1, grid.out_shape[1] + geo.left
+    r0, r1, c0, c1 = grid.window(y0, y1, x0, x1, geo)
     shape = (r1 - r0, c1 - c0)
     op = spec.operation
     fold = FOLDS[op.boundary]
     if fold is None:
-        band = src.read_frame_rows(image, r0, r1)  # rows max(r0, 0) .. min(r1, H)
-        top = max(r0, 0) - r0
-        # every input column lies inside the window's columns in each mode
-        indptr = np.concatenate((np.zeros(top, np.int64), np.asarray(band.indptr, np.int64),
-                                 np.full(shape[0] - top - band.shape[0], band.nnz, np.int64)))
-        win = scipy.sparse.csr_matrix((band.data, np.asarray(band.indices, np.int64) - c0, indptr), shape=shape)
+        part = src.read_frame_rows(image, r0, r1, c0, c1)  # the window clipped to the frame
+        top, left = max(r0, 0) - r0, max(c0, 0) - c0
+        indptr = np.concatenate((np.zeros(top, np.int64), np.asarray(part.indptr, np.int64),
+                                 np.full(shape[0] - top - part.shape[0], part.nnz, np.int64)))
+        win = scipy.sparse.csr_matrix((part.data, np.asarray(part.indices, np.int64) + left, indptr), shape=shape)
         if op.fillvalue:
-            win = win + _fill_positions(r0, r1, c0, c1, H, W, op.fillvalue, band.dtype)
+            win = win + _fill_positions(r0, r1, c0, c1, H, W, op.fillvalue, part.dtype)
         return win
     rows = fold(np.arange(r0, r1, dtype=np.int64), H)
     cols = fold(np.arange(c0, c1, dtype=np.int64), W)
-    wanted = np.unique(rows)
-    parts = [src.read_frame_rows(image, a, b) for a, b in _runs(wanted)]
+    # the distinct input rows and columns the window copies, read in runs
+    # (a wrapped corner tile reads the frame's far edges, not the frame)
+    want_r, want_c = np.unique(rows), np.unique(cols)
+    runs_c = _runs(want_c)
+    parts = [scipy.sparse.hstack([src.read_frame_rows(image, a, b, ca, cb) for ca, cb in runs_c], format="csr")
+             for a, b in _runs(want_r)]
     band = parts[0] if len(parts) == 1 else scipy.sparse.vstack(parts, format="csr")
-    return scipy.sparse.csr_matrix(band[np.searchsorted(wanted, rows)][:, cols])
+    return scipy.sparse.csr_matrix(band[np.searchsorted(want_r, rows)][:, np.searchsorted(want_c, cols)])
 
 
 def _fill_positions(r0, r1, c0, c1, H, W, value, dtype) -> scipy.sparse.csr_matrix:
@@ -103,25 +104,28 @@ def convolve_tiles(src, spec: BlockSpec, kernel: np.ndarray, start: int, stop: i
     """Tiles ``[start, stop)``: ``(input nonzeros read, result, convolver)``.
 
     The result is CSR ``(stop - start, H_out*W_out)`` for CSR outputs (each
-    tile's values at their columns in the whole output frame: a tile's row
-    holds only its band), dense ``(stop - start, band_rows, W_out)`` for
-    dense outputs (the last band of an image zero-padded)."""
-    grid: TileGrid = spec.tiles
+    band's values at their columns in the whole output frame: a tile's row
+    holds only its band), dense ``(stop - start, band_rows, band_cols)`` for
+    dense outputs (tiles at the frame's far edges zero-padded)."""
+    grid = spec.tiles
+    if grid is None:
+        raise ValueError("convolve_tiles needs a job planned in tiles (spec.tiles)")
     geo = spec.geometry(kernel)
     Ho, Wo = grid.out_shape
     dense = spec.out_format == "dense"
-    out = np.zeros((stop - start, grid.band_rows, Wo), dtype=spec.dtype) if dense else None
+    out = np.zeros((stop - start, grid.band_rows, grid.band_cols) if dense else (0, 0, 0), dtype=spec.dtype)
     rows: list[scipy.sparse.csr_matrix] = []
     nnz_in = 0
     conv = None
     for k, u in enumerate(range(start, stop)):
-        image, y0, y1 = grid.tile(u)
-        win = tile_window(src, grid, geo, spec, image, y0, y1)
+        image, y0, y1, x0, x1 = grid.tile(u)
+        win = tile_window(src, grid, geo, spec, image, y0, y1, x0, x1)
         nnz_in += int(win.nnz)
         conv = tile_convolver(spec, kernel, win.shape)
         if dense:
-            out[k, : y1 - y0] = np.asarray(conv(_flat(win), out="dense", batched=True)).reshape(y1 - y0, Wo)
-        else:
+            res = conv(_flat(win), out="dense", batched=True)
+            out[k, : y1 - y0, : x1 - x0] = np.asarray(res).reshape(y1 - y0, x1 - x0)
+        else:  # bands: the tile's flat positions are the output frame's, from row y0 on
             res = scipy.sparse.csr_matrix(conv(_flat(win), out="csr", batched=True))
             res.sum_duplicates()
             rows.append(scipy.sparse.csr_matrix((res.data, np.asarray(res.indices, np.int64) + y0 * Wo,

@@ -32,10 +32,10 @@ from .dense_store import (
     DenseInput,
     DenseOutput,
     check_block_bounds,
-    tile_units,
     check_numeric_dtype,
     dense_to_csr,
     resolve_compressors,
+    tile_units,
     write_dense_stack,
 )
 from .location import Location, resolve_location, same_or_inside, stores_overlap

@@ -315,24 +315,26 @@ class DenseInput(InputBase):
         H, W = self.frame_shape
         return dense_to_csr(dense.reshape(dense.shape[0], H * W))
 
-    def read_frame_rows(self, image: int, r0: int, r1: int) -> scipy.sparse.csr_matrix:
-        """Rows ``[r0, r1)`` of image ``image`` as canonical CSR ``(r1 - r0, W)``
-        (a tile's input window: :mod:`dask_sparseconv.tiles`); only the
-        chunks holding those rows are read."""
+    def read_frame_rows(self, image: int, r0: int, r1: int, c0: int = 0,
+                        c1: int | None = None) -> scipy.sparse.csr_matrix:
+        """Pixels ``[r0, r1) x [c0, c1)`` of image ``image`` (clipped to the
+        frame) as canonical CSR ``(rows, cols)``: a tile's input window
+        (:mod:`dask_sparseconv.tiles`); only the chunks holding them are read."""
         H, W = self.frame_shape
         image, r0, r1 = int(image), max(0, int(r0)), min(H, int(r1))
+        c0, c1 = max(0, int(c0)), W if c1 is None else min(W, int(c1))
         if not 0 <= image < self.n_images:
             raise ValueError(f"source {self._loc}: image {image} is out of range [0, {self.n_images})")
-        if r1 <= r0:
-            return scipy.sparse.csr_matrix((0, W), dtype=self.dtype)
+        if r1 <= r0 or c1 <= c0:
+            return scipy.sparse.csr_matrix((max(0, r1 - r0), max(0, c1 - c0)), dtype=self.dtype)
         index = tuple(int(i) for i in np.unravel_index(image, self._lead)) if self._lead else ()
         try:
-            rows = np.asarray(self._arr[index + (slice(r0, r1),)])
+            pixels = np.asarray(self._arr[index + (slice(r0, r1), slice(c0, c1))])
         except Exception as exc:  # zarr / numcodecs decode errors have no common base class
-            raise ValueError(f"could not read the dense array at {self._loc}: rows {r0}-{r1 - 1} of image {image} "
-                             f"failed to decode ({type(exc).__name__}: {exc}); the store is corrupt or was "
-                             "written incompletely") from exc
-        return dense_to_csr(np.ascontiguousarray(rows))
+            raise ValueError(f"could not read the dense array at {self._loc}: rows {r0}-{r1 - 1}, columns "
+                             f"{c0}-{c1 - 1} of image {image} failed to decode ({type(exc).__name__}: {exc}); "
+                             "the store is corrupt or was written incompletely") from exc
+        return dense_to_csr(np.ascontiguousarray(pixels))
 
     def check_indices(self) -> None:
         """Nothing to check: a dense array has no indices."""
@@ -391,27 +393,25 @@ class DenseOutput(OutputBase):
     format = "dense"
 
     def __init__(self, loc: Location, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
-                 block_bounds: Sequence[tuple[int, int]], chunk_rows: int, band_rows: int | None = None):
+                 block_bounds: Sequence[tuple[int, int]], chunk_rows: int, tile: tuple[int, int] | None = None):
         super().__init__(loc, n_images, out_shape, dtype, block_bounds)
         self.chunk_rows = chunk_rows
         # frames larger than a block (dask_sparseconv.tiles): blocks count
-        # tiles, bands of ``band_rows`` output rows, each one chunk
-        self.band_rows = band_rows
+        # tiles of ``tile`` = (rows, cols) output pixels, each one chunk
+        self.tile = tile
 
     @property
     def _unit_shape(self) -> tuple[int, ...]:
-        """What one row of a block's result holds: an image, or a tile's band."""
-        if self.band_rows is None:
-            return tuple(self.out_shape)
-        return (self.band_rows,) + tuple(self.out_shape[1:])
+        """What one row of a block's result holds: an image, or a tile."""
+        return tuple(self.out_shape) if self.tile is None else tuple(self.tile)
 
     def _tiles(self, start: int, stop: int):
-        """``(k, image, y0, y1)`` for tiles ``[start, stop)`` (``k``: from ``start``)."""
-        per = -(-self.out_shape[0] // self.band_rows)
+        """``(k, image, y0, y1, x0, x1)`` for tiles ``[start, stop)`` (``k``: from ``start``)."""
+        from ..tiles import TileGrid
+
+        grid = TileGrid(self.n_images, tuple(self.out_shape), tuple(self.out_shape), *self.tile)
         for k, u in enumerate(range(start, stop)):
-            image, t = divmod(u, per)
-            y0 = t * self.band_rows
-            yield k, image, y0, min(self.out_shape[0], y0 + self.band_rows)
+            yield (k,) + grid.tile(u)
 
     def _open_node(self) -> zarr.Array:
         return self._loc.open_array(mode="r+")
@@ -422,9 +422,9 @@ class DenseOutput(OutputBase):
                compressor: Any, attrs: dict | None, overwrite: bool) -> "DenseOutput":
         """A new dense output; ``chunk_rows`` must divide the block size (``chunk_nnz`` is for CSR)."""
         block_rows = block_bounds[0][1] - block_bounds[0][0]
-        band_rows = tile_band_rows(attrs)
-        if band_rows is not None:  # one chunk per tile
-            chunk_rows, chunks = 1, (1, band_rows) + tuple(out_shape[1:])
+        tile = tile_shape(attrs)
+        if tile is not None:  # one chunk per tile
+            chunk_rows, chunks = 1, (1,) + tile
         else:
             if chunk_rows is None:
                 chunk_rows = block_rows
@@ -443,7 +443,7 @@ class DenseOutput(OutputBase):
             **create_kwargs(loc),
         )
         progress.init_provenance(arr, attrs, layout_attrs("dense", n_images, out_shape, dtype, block_bounds))
-        out = cls(loc, n_images, tuple(out_shape), np.dtype(dtype), block_bounds, chunk_rows, band_rows)
+        out = cls(loc, n_images, tuple(out_shape), np.dtype(dtype), block_bounds, chunk_rows, tile)
         out.attach(arr)
         return out
 
@@ -502,25 +502,26 @@ class DenseOutput(OutputBase):
         return {i for i in progress.done_blocks(self.marker_node) if i < len(self.block_bounds)}
 
     def _write_rows(self, start: int, stop: int, values: np.ndarray) -> None:
-        if self.band_rows is None:
+        if self.tile is None:
             self.node[start:stop] = values
             return
-        for k, image, y0, y1 in self._tiles(start, stop):
-            self.node[image, y0:y1] = values[k, : y1 - y0]
+        for k, image, y0, y1, x0, x1 in self._tiles(start, stop):
+            self.node[image, y0:y1, x0:x1] = values[k, : y1 - y0, : x1 - x0]
 
     def _read_rows(self, start: int, stop: int) -> np.ndarray:
-        if self.band_rows is None:
+        if self.tile is None:
             return np.asarray(self.node[start:stop])
         out = np.zeros((stop - start,) + self._unit_shape, dtype=self.dtype)
-        for k, image, y0, y1 in self._tiles(start, stop):
-            out[k, : y1 - y0] = self.node[image, y0:y1]
+        for k, image, y0, y1, x0, x1 in self._tiles(start, stop):
+            out[k, : y1 - y0, : x1 - x0] = self.node[image, y0:y1, x0:x1]
         return out
 
     def _chunk_keys(self, start: int, stop: int) -> list[str]:
         """Store keys (relative to the array) of the chunks holding rows (or tiles) ``[start, stop)``."""
-        if self.band_rows is not None:
-            return [self.node.metadata.encode_chunk_key((image, y0 // self.band_rows, 0))
-                    for _, image, y0, _ in self._tiles(start, stop)]
+        if self.tile is not None:
+            rows, cols = self.tile
+            return [self.node.metadata.encode_chunk_key((image, y0 // rows, x0 // cols))
+                    for _, image, y0, _, x0, _ in self._tiles(start, stop)]
         c = int(self.node.chunks[0])
         rest = (0,) * (self.node.ndim - 1)
         return [self.node.metadata.encode_chunk_key((j, *rest)) for j in range(start // c, (stop - 1) // c + 1)]
@@ -558,7 +559,7 @@ class DenseOutput(OutputBase):
     @classmethod
     def reopen(cls, loc: Location, node: Any, prov: dict, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
                block_bounds: list[tuple[int, int]]) -> "DenseOutput":
-        out = cls(loc, n_images, out_shape, dtype, block_bounds, int(node.chunks[0]), tile_band_rows(prov))
+        out = cls(loc, n_images, out_shape, dtype, block_bounds, int(node.chunks[0]), tile_shape(prov))
         out.attach(node)
         return out
 
@@ -577,10 +578,10 @@ class DenseOutput(OutputBase):
         return f"DenseOutput({self._loc}, shape={(self.n_images,) + self.out_shape}, dtype={self.dtype})"
 
 
-def tile_band_rows(attrs: dict | None) -> int | None:
-    """Output rows per tile of a tiled job's provenance (``None``: whole images)."""
+def tile_shape(attrs: dict | None) -> tuple[int, int] | None:
+    """Output ``(rows, cols)`` per tile of a tiled job's provenance (``None``: whole images)."""
     tiles = (attrs or {}).get("tiles")
-    return int(tiles["band_rows"]) if isinstance(tiles, dict) else None
+    return (int(tiles["band_rows"]), int(tiles["band_cols"])) if isinstance(tiles, dict) else None
 
 
 def tile_units(attrs: dict | None) -> int:

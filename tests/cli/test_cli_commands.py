@@ -148,7 +148,7 @@ def test_validate_block_memory_too_small(tmp_path, dense_store):
         tmp_path / "wf.yaml",
         "input: {path: dense.zarr}\nkernel: {box: {size: 3}}\noutput: {path: o.zarr}\nblock: {memory: 100}\n",
     )
-    assert_clean_failure(cli("validate", wf), 2, "block.memory:", "too small even for one row")
+    assert_clean_failure(cli("validate", wf), 2, "block.memory:", "too small even for the smallest tile")
 
 
 def test_validate_missing_and_unopenable_input(tmp_path):

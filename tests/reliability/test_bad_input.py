@@ -92,7 +92,7 @@ CASES = {
     "target exists": ({"target": "plain"}, {"output": {"path": "plain"}}, FileExistsError, ["already exists", "overwrite"]),
     "unwritable target": ({"target": "file.txt/out.zarr"}, {"output": {"path": "file.txt/out.zarr"}}, NotADirectoryError,
                           ["file.txt", "not a directory"]),
-    "block budget too small": ({"block_memory": 100}, {"block": {"memory": 100}}, ValueError, ["too small even for one row", "tiles"]),
+    "block budget too small": ({"block_memory": 100}, {"block": {"memory": 100}}, ValueError, ["too small even for the smallest tile"]),
 }
 CLI_WORDS = {  # where the workflow layer words it its own way
     "kernel larger than frame (valid)": ["larger than", "valid"],

@@ -237,15 +237,22 @@ class CSRInput(InputBase):
             out.sum_duplicates()  # sorts indices; zarr gave us fresh buffers, so in place is safe
         return out
 
-    def read_frame_rows(self, image: int, r0: int, r1: int) -> scipy.sparse.csr_matrix:
-        """Rows ``[r0, r1)`` of frame ``image`` as canonical CSR ``(r1 - r0, W)``
-        (a tile's input window: :mod:`dask_sparseconv.tiles`).
+    def read_frame_rows(self, image: int, r0: int, r1: int, c0: int = 0,
+                        c1: int | None = None) -> scipy.sparse.csr_matrix:
+        """Pixels ``[r0, r1) x [c0, c1)`` of frame ``image`` (clipped to the
+        frame) as canonical CSR ``(rows, cols)``: a tile's input window
+        (:mod:`dask_sparseconv.tiles`).
 
-        Only the window's values are read: its first and last positions are
+        Only the rows' values are read: their first and last positions are
         found by binary search in the frame's sorted column indices, chunk
         by chunk (a few chunk reads), never by a scan of the whole frame."""
         H, W = self.frame_shape
-        image, r0, r1 = int(image), max(0, int(r0)), min(H, int(r1))
+        c0, c1 = max(0, int(c0)), W if c1 is None else min(W, int(c1))
+        band = self._frame_rows(int(image), max(0, int(r0)), min(H, int(r1)))
+        return band if (c0, c1) == (0, W) else scipy.sparse.csr_matrix(band[:, c0:max(c0, c1)])
+
+    def _frame_rows(self, image: int, r0: int, r1: int) -> scipy.sparse.csr_matrix:
+        H, W = self.frame_shape
         if not 0 <= image < self.n_images:
             raise ValueError(f"CSR source {self._loc}: image {image} is out of range [0, {self.n_images})")
         if r1 <= r0:

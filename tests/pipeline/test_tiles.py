@@ -1,0 +1,194 @@
+"""Frames larger than a block (dask_sparseconv.tiles): images cut into tiles
+with halos, against scipy.signal.convolve2d / correlate2d.
+
+The block budget is set small so that small frames are tiled the way huge
+ones are with the defaults; each test checks the plan really cut the frame
+as intended before checking values."""
+
+from __future__ import annotations
+
+import dask
+import numpy as np
+import pytest
+import scipy.sparse
+import zarr
+from scipy_oracle import operate_stack
+
+from dask_sparseconv import convolve_zarr, open_stack, plan_job, write_csr_stack, write_dense_stack
+from dask_sparseconv.storage import progress
+
+H, W = 40, 60
+KERNEL_7 = np.arange(1, 50, dtype=np.float64).reshape(7, 7) / 49.0  # halo 6: more than a 4-row tile
+EVEN = np.arange(1, 25, dtype=np.float64).reshape(4, 6) / 10.0
+
+
+def _frames(n=2, density=0.05, seed=3):
+    rng = np.random.default_rng(seed)
+    x = np.where(rng.random((n, H, W)) < density, rng.standard_normal((n, H, W)), 0).astype(np.float32)
+    return x
+
+
+def _result(target) -> np.ndarray:
+    y = open_stack(str(target)).compute()
+    return y.toarray() if scipy.sparse.issparse(y) else np.asarray(y)
+
+
+def _check(target, x, kernel, mode, **op):
+    ref = operate_stack(x, kernel, mode, **op)
+    np.testing.assert_allclose(_result(target).reshape(ref.shape), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiles")
+    x = _frames()
+    write_csr_stack(str(d / "x_csr.zarr"), scipy.sparse.csr_matrix(x.reshape(len(x), -1)), (H, W))
+    # spatially chunked: 2 x 3 chunks of 20 x 20 per frame
+    write_dense_stack(str(d / "x_dense.zarr"), x, chunks=(1, 20, 20))
+    return d, x
+
+
+OPS = [
+    dict(boundary="fill", fillvalue=0.0, correlate=False),
+    dict(boundary="fill", fillvalue=1.5, correlate=False),
+    dict(boundary="wrap", fillvalue=0.0, correlate=False),
+    dict(boundary="symm", fillvalue=0.0, correlate=True),
+    dict(boundary="mirror", fillvalue=0.0, correlate=False),
+    dict(boundary="nearest", fillvalue=0.0, correlate=True),
+]
+OP_IDS = ["zero", "fill1.5", "wrap", "symm-corr", "mirror", "nearest-corr"]
+
+
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+@pytest.mark.parametrize("mode", ["full", "same", "valid"])
+@pytest.mark.parametrize("kernel", [KERNEL_7, EVEN], ids=["7x7", "4x6"])
+def test_csr_bands_match_scipy(stores, tmp_path, mode, op, kernel):
+    """CSR in and out: bands of 4 output rows, narrower than the kernel's halo."""
+    d, x = stores
+    src = str(d / "x_csr.zarr")
+    plan = plan_job(src, kernel, mode, block_memory="12KiB", threads=2, **op)
+    tiles = plan.blocks.tiles
+    assert tiles is not None and tiles.bands and tiles.per_image >= 6
+    if kernel is KERNEL_7:
+        assert tiles.band_rows < kernel.shape[0] - 1
+    summary = convolve_zarr(src, kernel, str(tmp_path / "y.zarr"), mode, block_memory="12KiB", **op)
+    assert summary.blocks == plan.blocks.n_blocks
+    _check(tmp_path / "y.zarr", x, kernel, mode, **op)
+
+
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+@pytest.mark.parametrize("mode", ["full", "same", "valid"])
+def test_dense_2d_tiles_follow_the_chunk_grid(stores, tmp_path, mode, op):
+    """Dense in (chunks 20 x 20) and dense out: 2-D tiles on the chunk grid,
+    2 x 3 per frame in 'same' mode, each one output chunk."""
+    d, x = stores
+    src = str(d / "x_dense.zarr")
+    plan = plan_job(src, KERNEL_7, mode, block_memory="16KiB", threads=2, **op)
+    tiles = plan.blocks.tiles
+    assert tiles is not None and (tiles.band_rows, tiles.band_cols) == (20, 20)
+    if mode == "same":
+        assert tiles.grid == (2, 3)
+    convolve_zarr(src, KERNEL_7, str(tmp_path / "y.zarr"), mode, block_memory="16KiB", **op)
+    out = zarr.open_array(str(tmp_path / "y.zarr"))
+    assert out.chunks == (1, 20, 20) and progress.provenance(out)["tiles"]["per_image"] == tiles.per_image
+    _check(tmp_path / "y.zarr", x, KERNEL_7, mode, **op)
+
+
+@pytest.mark.parametrize("out_fmt", ["csr", "dense"])
+@pytest.mark.parametrize("src_fmt", ["csr", "dense"])
+def test_halo_wider_than_two_tiles_across_formats(stores, tmp_path, src_fmt, out_fmt):
+    """Tiles of 1 output row (or 5 x 10 pixels) with a 7 x 7 kernel: each
+    window spans more than one tile's worth of input rows."""
+    d, x = stores
+    src = str(d / f"x_{src_fmt}.zarr")
+    budget = {("csr", "csr"): "6KiB", ("csr", "dense"): "4KiB", ("dense", "csr"): "8KiB", ("dense", "dense"): "4KiB"}
+    kw = dict(output_format=out_fmt, block_memory=budget[src_fmt, out_fmt])
+    tiles = plan_job(src, KERNEL_7, "same", threads=2, **kw).blocks.tiles
+    assert tiles is not None and min(tiles.band_rows, tiles.band_cols) < KERNEL_7.shape[0] - 1
+    convolve_zarr(src, KERNEL_7, str(tmp_path / "y.zarr"), "same", **kw)
+    _check(tmp_path / "y.zarr", x, KERNEL_7, "same")
+
+
+def test_nonzeros_in_one_tile_and_empty_tiles(tmp_path):
+    """A frame whose nonzeros all sit in one band: every other tile is empty
+    (no values read, none written) and the output is exact."""
+    x = np.zeros((1, 200, 50), np.float32)
+    x[0, 120:126, 10:40] = np.arange(180, dtype=np.float32).reshape(6, 30) + 1
+    src = str(tmp_path / "x.zarr")
+    write_csr_stack(src, scipy.sparse.csr_matrix(x.reshape(1, -1)), (200, 50))
+    plan = plan_job(src, KERNEL_7, "same", block_memory="24KiB", threads=2)
+    assert plan.blocks.tiles is not None and plan.blocks.tiles.per_image >= 4
+    summary = convolve_zarr(src, KERNEL_7, str(tmp_path / "y.zarr"), "same", block_memory="24KiB")
+    assert summary.nnz_in == int(np.count_nonzero(x))
+    ref = operate_stack(x, KERNEL_7, "same")
+    assert summary.nnz_out == int(np.count_nonzero(ref))
+    np.testing.assert_allclose(_result(tmp_path / "y.zarr").reshape(ref.shape), ref, rtol=1e-5, atol=1e-4)
+    empty = np.zeros((1, 200, 50), np.float32)
+    write_csr_stack(str(tmp_path / "e.zarr"), scipy.sparse.csr_matrix(empty.reshape(1, -1)), (200, 50))
+    convolve_zarr(str(tmp_path / "e.zarr"), KERNEL_7, str(tmp_path / "ye.zarr"), "same", block_memory="24KiB")
+    assert _result(tmp_path / "ye.zarr").sum() == 0
+
+
+@pytest.mark.parametrize("out_fmt", ["csr", "dense"])
+def test_resume_after_an_interrupt_between_tiles(stores, tmp_path, out_fmt):
+    """Only some block tasks of a tiled job run (what an interrupted run
+    leaves); the next run skips the tiles written, computes the rest, and
+    ends equal to scipy."""
+    d, x = stores
+    src = str(d / "x_dense.zarr")
+    target = str(tmp_path / "y.zarr")
+    kw = dict(output_format=out_fmt, block_memory="12KiB")
+    graph = convolve_zarr(src, KERNEL_7, target, "same", compute=False, **kw)
+    hlg = dict(graph.__dask_graph__())
+    keys = sorted((k for k in hlg if isinstance(k, str) and k.startswith("sparseconv-block-")),
+                  key=lambda k: int(k.rsplit("-", 1)[1]))
+    assert len(keys) >= 8
+    dask.get(hlg, keys[: len(keys) // 2])
+    with pytest.raises(ValueError, match="incomplete"):
+        open_stack(target)
+    summary = convolve_zarr(src, KERNEL_7, target, "same", **kw)
+    assert summary.resumed and summary.blocks_skipped >= len(keys) // 2 - 2 and summary.blocks_computed > 0
+    assert summary.blocks_skipped + summary.blocks_computed == len(keys)
+    _check(target, x, KERNEL_7, "same")
+
+
+def test_a_sparse_huge_frame_runs_with_the_defaults(tmp_path):
+    """One 12,000 x 12,000 frame of 60,000 scattered nonzeros with the
+    default block budget: planned from its nonzeros (the bands sampled for
+    the output estimate read a few rows, not the frame), cut into bands
+    because its output does not fit 64 MiB, and exact against the in-memory
+    engine on the whole frame (scipy on 144 Mpixel would take minutes)."""
+    from dask_sparseconv import Convolver
+    from dask_sparseconv.kernels import gaussian
+
+    n_pix = 12_000
+    rng = np.random.default_rng(5)
+    idx = np.sort(rng.choice(n_pix * n_pix, 60_000, replace=False))
+    frame = scipy.sparse.csr_matrix((rng.random(idx.size).astype(np.float32) + 0.5, idx, [0, idx.size]),
+                                    shape=(1, n_pix * n_pix))
+    src = str(tmp_path / "huge.zarr")
+    write_csr_stack(src, frame, (n_pix, n_pix))
+    k = gaussian(sigma=2.0)
+    plan = plan_job(src, k, "same", threads=2)
+    assert plan.blocks.tiles is not None and plan.blocks.tiles.bands
+    summary = convolve_zarr(src, k, str(tmp_path / "out.zarr"), "same")
+    y = open_stack(str(tmp_path / "out.zarr")).compute()
+    ref = Convolver((n_pix, n_pix), k, mode="same")(frame, out="csr")
+    assert y.shape == ref.shape and summary.nnz_out == ref.nnz
+    assert abs(y - ref).max() <= 1e-6
+
+
+def test_small_frames_are_not_tiled(stores):
+    d, _ = stores
+    assert plan_job(str(d / "x_csr.zarr"), KERNEL_7, "same", threads=2).blocks.tiles is None
+
+
+def test_kernel_banks_and_ome_zarr_outputs_are_not_tiled(stores, tmp_path):
+    """Tiles are not built for kernel banks or OME-Zarr outputs: such jobs
+    keep the whole-image plan and its clear error when one image does not fit."""
+    d, _ = stores
+    bank = np.stack([KERNEL_7, KERNEL_7 * 2])
+    with pytest.raises(ValueError, match="too small for one image"):
+        plan_job(str(d / "x_csr.zarr"), bank, "same", block_memory="4KiB", threads=2)
+    with pytest.raises(ValueError, match="too small for one image"):
+        plan_job(str(d / "x_dense.zarr"), KERNEL_7, "same", block_memory="4KiB", output_format="ome-zarr", threads=2)
