@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 
-__all__ = ["sample_rois", "write_sample_stack", "ensure_sample", "SAMPLE_CHUNK_ROWS"]
+__all__ = ["sample_rois", "sample_raster", "write_sample_stack", "ensure_sample", "SAMPLE_CHUNK_ROWS"]
 
 #: Images per chunk of the written sample (dense) stack.
 SAMPLE_CHUNK_ROWS = 16
@@ -93,6 +93,67 @@ def sample_rois(
     m.sum_duplicates()
     m.eliminate_zeros()
     return scipy.sparse.csr_matrix(m)
+
+
+def sample_raster(
+    frame_shape: tuple[int, int] = (100_000, 100_000),
+    nnz: int = 10_000_000,
+    *,
+    mean_cluster: int = 400,
+    seed: int = 0,
+    dtype: Any = np.float32,
+) -> scipy.sparse.csr_matrix:
+    """One huge, mostly empty frame shaped like a population raster.
+
+    Nonzeros come in clusters ("settlements") around uniformly placed
+    centres: cluster sizes are heavy-tailed (Pareto, shape 1.5, so a few
+    cities hold many pixels and most villages a handful), each cluster's
+    pixels spread around its centre with a standard deviation of
+    ``sqrt(size) / 1.5`` pixels (dense cores that thin out), and values are
+    lognormal counts. The frame is the workload of tiles
+    (:mod:`dask_sparseconv.tiles`): far larger than a block, sparse overall,
+    dense in places.
+
+    Parameters
+    ----------
+    frame_shape : (int, int)
+        ``(H, W)``; the default is 100,000 x 100,000 (10 gigapixels).
+    nnz : int
+        Nonzeros, exactly (must be at most a quarter of the pixels).
+    mean_cluster : int
+        Mean pixels per cluster.
+    seed : int
+        Random seed; the same arguments always give the same frame.
+    dtype : float dtype
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        Canonical CSR ``(1, H*W)`` with int64 indices.
+    """
+    H, W = int(frame_shape[0]), int(frame_shape[1])
+    nnz = int(nnz)
+    if H < 1 or W < 1 or nnz < 0 or nnz > H * W // 4:
+        raise ValueError(f"frame_shape must be positive and nnz in [0, H*W/4]; got {frame_shape}, nnz={nnz}")
+    rng = np.random.default_rng(seed)
+    flat = np.zeros(0, dtype=np.int64)
+    while flat.size < nnz:
+        want = nnz - flat.size
+        n_cl = max(1, want // max(1, int(mean_cluster)))
+        sizes = rng.pareto(1.5, n_cl) + 1.0
+        # 1.4 x as many draws as pixels wanted: draws landing on one pixel merge
+        sizes = np.maximum(1, np.round(sizes / sizes.sum() * want * 1.4)).astype(np.int64)
+        cy, cx = rng.uniform(0, H, n_cl), rng.uniform(0, W, n_cl)
+        spread = np.sqrt(sizes) / 1.5
+        owner = np.repeat(np.arange(n_cl), sizes)
+        y = np.clip(np.round(cy[owner] + rng.standard_normal(owner.size) * spread[owner]), 0, H - 1).astype(np.int64)
+        x = np.clip(np.round(cx[owner] + rng.standard_normal(owner.size) * spread[owner]), 0, W - 1).astype(np.int64)
+        del owner
+        flat = np.union1d(flat, y * W + x)
+    if flat.size > nnz:
+        flat = np.sort(rng.choice(flat, nnz, replace=False))
+    values = rng.lognormal(0.0, 1.0, flat.size).astype(dtype)
+    return scipy.sparse.csr_matrix((values, flat, np.array([0, flat.size], dtype=np.int64)), shape=(1, H * W))
 
 
 def write_sample_stack(

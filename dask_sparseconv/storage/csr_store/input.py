@@ -277,6 +277,18 @@ class CSRInput(InputBase):
         probing chunk starts (each probe one cached chunk read), then
         searched in that chunk."""
         c = max(1, int(self._indices.chunks[0]))
+        # chunks decoded before (by earlier searches and reads in this
+        # process) bound the answer without another read: a tile's search
+        # then mostly lands in chunks its neighbours' reads already decoded
+        for j, (first, last) in self.__dict__.get("_index_bounds", {}).items():
+            lo, hi = j * c, (j + 1) * c
+            if lo < a or hi > b:  # only chunks wholly inside the image are sorted
+                continue
+            if last < value:
+                a = max(a, hi)
+            elif first >= value:
+                b = min(b, lo)
+        a = min(a, b)
         while b - a > 0 and a // c != (b - 1) // c:
             mid = ((a // c) + ((b - 1) // c) + 1) // 2 * c  # a chunk start strictly inside (a, b)
             if int(self._read_nz("indices", mid, mid + 1)[0]) >= value:
@@ -312,6 +324,7 @@ class CSRInput(InputBase):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_chunk_cache", None)
+        state.pop("_index_bounds", None)
         state.pop("_chunk_lock", None)
         return state
 
@@ -339,6 +352,8 @@ class CSRInput(InputBase):
                 except ValueError:  # re-read the block's own range: the error names those elements
                     return read_rows(arr, a, b, name, str(self._loc))
                 chunk.setflags(write=False)
+                if name == "indices" and chunk.size:  # its first and last index, for _search_indices
+                    d.setdefault("_index_bounds", {})[j] = (int(chunk[0]), int(chunk[-1]))
                 with lock:
                     cache[j] = chunk
                     while len(cache) > self._CHUNK_CACHE:
