@@ -319,7 +319,13 @@ class DenseInput(InputBase):
                         c1: int | None = None) -> scipy.sparse.csr_matrix:
         """Pixels ``[r0, r1) x [c0, c1)`` of image ``image`` (clipped to the
         frame) as canonical CSR ``(rows, cols)``: a tile's input window
-        (:mod:`dask_sparseconv.tiles`); only the chunks holding them are read."""
+        (:mod:`dask_sparseconv.tiles`); only the chunks holding them are read.
+
+        A frame chunked in space (e.g. chunks ``(1, 4096, 4096)``) is read
+        chunk by chunk, each kept in this process in CSR form (a few hundred
+        KB for a sparse 4096 x 4096 chunk), so that the tiles sharing a chunk
+        (the tiles inside it and the neighbours whose halo reaches into it)
+        decode it once instead of once each."""
         H, W = self.frame_shape
         image, r0, r1 = int(image), max(0, int(r0)), min(H, int(r1))
         c0, c1 = max(0, int(c0)), W if c1 is None else min(W, int(c1))
@@ -327,14 +333,76 @@ class DenseInput(InputBase):
             raise ValueError(f"source {self._loc}: image {image} is out of range [0, {self.n_images})")
         if r1 <= r0 or c1 <= c0:
             return scipy.sparse.csr_matrix((max(0, r1 - r0), max(0, c1 - c0)), dtype=self.dtype)
-        index = tuple(int(i) for i in np.unravel_index(image, self._lead)) if self._lead else ()
+        ch, cw = self.chunks[-2:]
+        if (ch < H or cw < W) and isinstance(self._arr, zarr.Array):
+            rows = []
+            for cy in range(r0 // ch, (r1 - 1) // ch + 1):
+                y0 = cy * ch
+                row = [self._chunk_csr(image, cy, cx)[max(r0, y0) - y0: min(r1, y0 + ch) - y0,
+                                                      max(c0, cx * cw) - cx * cw: min(c1, (cx + 1) * cw) - cx * cw]
+                       for cx in range(c0 // cw, (c1 - 1) // cw + 1)]
+                rows.append(row[0] if len(row) == 1 else scipy.sparse.hstack(row, format="csr"))
+            out = rows[0] if len(rows) == 1 else scipy.sparse.vstack(rows, format="csr")
+            return scipy.sparse.csr_matrix(out)
         try:
-            pixels = np.asarray(self._arr[index + (slice(r0, r1), slice(c0, c1))])
+            pixels = np.asarray(self._arr[self._image_index(image) + (slice(r0, r1), slice(c0, c1))])
         except Exception as exc:  # zarr / numcodecs decode errors have no common base class
-            raise ValueError(f"could not read the dense array at {self._loc}: rows {r0}-{r1 - 1}, columns "
-                             f"{c0}-{c1 - 1} of image {image} failed to decode ({type(exc).__name__}: {exc}); "
-                             "the store is corrupt or was written incompletely") from exc
+            raise self._decode_error(image, r0, r1, c0, c1, exc) from exc
         return dense_to_csr(np.ascontiguousarray(pixels))
+
+    #: chunks of a spatially chunked frame kept in CSR form per process (bytes)
+    _TILE_CHUNK_CACHE_BYTES = 32 << 20
+
+    def _image_index(self, image: int) -> tuple[int, ...]:
+        return tuple(int(i) for i in np.unravel_index(image, self._lead)) if self._lead else ()
+
+    def _decode_error(self, image, r0, r1, c0, c1, exc) -> ValueError:
+        return ValueError(f"could not read the dense array at {self._loc}: rows {r0}-{r1 - 1}, columns {c0}-{c1 - 1} "
+                          f"of image {image} failed to decode ({type(exc).__name__}: {exc}); the store is corrupt or "
+                          "was written incompletely")
+
+    def _chunk_csr(self, image: int, cy: int, cx: int) -> scipy.sparse.csr_matrix:
+        """Chunk ``(cy, cx)`` of image ``image`` as 2-D CSR, through the per-process cache."""
+        import threading
+        from collections import OrderedDict
+
+        from ._zarr_compat import read_into
+
+        d = self.__dict__
+        if "_tile_lock" not in d:
+            d.setdefault("_tile_lock", threading.Lock())
+        key = (image, cy, cx)
+        with d["_tile_lock"]:
+            cache = d.setdefault("_tile_cache", OrderedDict())
+            hit = cache.get(key)
+            if hit is not None:
+                cache.move_to_end(key)
+                return hit
+            H, W = self.frame_shape
+            ch, cw = self.chunks[-2:]
+            r0, c0 = cy * ch, cx * cw
+            r1, c1 = min(H, r0 + ch), min(W, c0 + cw)
+            buf = d.get("_tile_buffer")
+            if buf is None or buf.shape != (ch, cw):
+                buf = d["_tile_buffer"] = np.empty((ch, cw), dtype=self._arr.dtype)
+            part = buf[: r1 - r0, : c1 - c0]
+            try:
+                read_into(self._arr, self._image_index(image) + (slice(r0, r1), slice(c0, c1)), part)
+            except Exception as exc:  # zarr / numcodecs decode errors have no common base class
+                raise self._decode_error(image, r0, r1, c0, c1, exc) from exc
+            csr = dense_to_csr(part)
+            cache[key] = csr
+            size = sum(int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes) for m in cache.values())
+            while size > self._TILE_CHUNK_CACHE_BYTES and len(cache) > 1:
+                _, old = cache.popitem(last=False)
+                size -= int(old.data.nbytes + old.indices.nbytes + old.indptr.nbytes)
+            return csr
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for key in ("_tile_lock", "_tile_cache", "_tile_buffer"):
+            state.pop(key, None)
+        return state
 
     def check_indices(self) -> None:
         """Nothing to check: a dense array has no indices."""

@@ -192,3 +192,31 @@ def test_kernel_banks_and_ome_zarr_outputs_are_not_tiled(stores, tmp_path):
         plan_job(str(d / "x_csr.zarr"), bank, "same", block_memory="4KiB", threads=2)
     with pytest.raises(ValueError, match="too small for one image"):
         plan_job(str(d / "x_dense.zarr"), KERNEL_7, "same", block_memory="4KiB", output_format="ome-zarr", threads=2)
+
+
+def test_window_reads_across_chunks_match_the_array(tmp_path):
+    """A spatially chunked dense input reads tile windows chunk by chunk
+    through its per-process CSR cache: every window (across chunk edges,
+    partial edge chunks, clipped at the frame) equals the array's pixels,
+    CSR windows of a CSR input too, and the cache stays within its bound."""
+    from dask_sparseconv.storage import open_input
+
+    rng = np.random.default_rng(7)
+    x = np.where(rng.random((2, 45, 38)) < 0.2, rng.standard_normal((2, 45, 38)), 0).astype(np.float32)
+    write_dense_stack(str(tmp_path / "d.zarr"), x, chunks=(1, 16, 10))
+    write_csr_stack(str(tmp_path / "c.zarr"), scipy.sparse.csr_matrix(x.reshape(2, -1)), (45, 38))
+    dense, csr = open_input(str(tmp_path / "d.zarr")), open_input(str(tmp_path / "c.zarr"))
+    dense._TILE_CHUNK_CACHE_BYTES = 600  # a few chunks' CSR: eviction happens
+    for _ in range(60):
+        image = int(rng.integers(0, 2))
+        r0, c0 = (int(v) for v in rng.integers(-5, 40, 2))
+        r1, c1 = r0 + int(rng.integers(1, 30)), c0 + int(rng.integers(1, 30))
+        want = x[image, max(r0, 0):max(r0, 0) + max(0, min(r1, 45) - max(r0, 0)),
+                 max(c0, 0):max(c0, 0) + max(0, min(c1, 38) - max(c0, 0))]
+        for src in (dense, csr):
+            got = src.read_frame_rows(image, r0, r1, c0, c1)
+            assert got.shape == want.shape and got.has_canonical_format
+            np.testing.assert_array_equal(got.toarray(), want)
+        cache = dense.__dict__["_tile_cache"]
+        held = sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in cache.values())
+        assert len(cache) == 1 or held <= 600
