@@ -259,3 +259,36 @@ def test_every_engine_on_tiles(stores, tmp_path, method, backend):
                                 method=method, backend=backend, dtype="float64", **op)
         assert summary.blocks >= 6 and summary.dtype == "float64"
         _check(target, x, k, "same", **op)
+
+
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+@pytest.mark.parametrize("mode", ["full", "same", "valid"])
+@pytest.mark.parametrize("kernel", [KERNEL_7[:5, :5], EVEN], ids=["5x5", "4x6"])
+def test_2_by_3_tiles_smaller_than_the_halo(tmp_path, mode, op, kernel):
+    """A frame of 8 x 12 cut into 2 x 3 tiles of 4 x 4 output pixels (the
+    plan's tile grid set by hand: so small a frame is never tiled by the
+    planner, its halo would cost as much as the frame) with kernels whose
+    halo (4 rows or 5 columns) spans more than one tile, odd and even, in
+    every mode and boundary, written dense (2-D tiles) and CSR (bands)."""
+    import dataclasses
+
+    from dask_sparseconv.row_blocks import RowBlocks
+    from dask_sparseconv.tiles import TileGrid
+
+    rng = np.random.default_rng(11)
+    x = np.where(rng.random((2, 8, 12)) < 0.4, rng.standard_normal((2, 8, 12)), 0).astype(np.float32)
+    src = str(tmp_path / "x.zarr")
+    write_dense_stack(src, x, chunks=(1, 4, 4))
+    for out_fmt in ("dense", "csr"):
+        plan = plan_job(src, kernel, mode, output_format=out_fmt, threads=2, **op)
+        Ho, Wo = plan.out_shape
+        grid = TileGrid(2, (8, 12), (Ho, Wo), 4, 4 if out_fmt == "dense" else Wo)
+        if mode == "same" and out_fmt == "dense":
+            assert grid.grid == (2, 3)
+        blocks = RowBlocks(grid.n_tiles, 2, 1, plan.settings.block_memory, 1000, tiles=grid)
+        target = str(tmp_path / f"y_{out_fmt}.zarr")
+        summary = convolve_zarr(src, kernel, target, mode, output_format=out_fmt,
+                                plan=dataclasses.replace(plan, blocks=blocks), **op)
+        assert summary.blocks == blocks.n_blocks
+        assert progress.provenance(zarr.open(target, mode="r"))["tiles"]["per_image"] == grid.per_image
+        _check(target, x, kernel, mode, **op)
