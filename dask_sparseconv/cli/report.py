@@ -162,6 +162,10 @@ def describe_lines(d: dict, store: str, array: str | None, done: int | None = No
                   "n_blocks", "created", "completed"):
             if k in prov:
                 lines.append(f"  {k + ':':<14}{prov[k]}")
+        tiles = prov.get("tiles")
+        if isinstance(tiles, dict):  # written in tiles: blocks count tiles
+            lines.append(f"  {'tiles:':<14}{tiles.get('per_image')} per image, up to {tiles.get('band_rows')} x "
+                         f"{tiles.get('band_cols')} output pixels each")
         if prov.get("complete"):
             lines.append("state:      complete")
         else:

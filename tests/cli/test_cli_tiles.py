@@ -49,6 +49,8 @@ def test_cli_runs_a_raster_in_tiles(tmp_path):
     run = cli("run", wf, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "tiles" in run.stdout and "Traceback" not in run.stderr
+    info = cli("info", tmp_path / "out.zarr", cwd=tmp_path)
+    assert info.returncode == 0 and "state:      complete" in info.stdout and "per image, up to" in info.stdout
     y = scipy.sparse.csr_matrix(open_stack(str(tmp_path / "out.zarr")).compute(scheduler="sync"))
     k = gaussian(sigma=1.0)
     whole = Convolver((S, S), k, mode="same")(frame, out="csr")
