@@ -215,12 +215,14 @@ def test_corrupt_input_chunk_stops_the_run_nothing_marked_complete(data):
 @pytest.mark.parametrize("scan", ["in-process", "dask"])
 def test_csr_index_out_of_range_refused_before_anything_is_written(data, scan, monkeypatch):
     """convolve_zarr scans a CSR source's indices before creating the target
-    (in this process for up to 64 MiB of indices, else as a dask min/max
-    reduction), so the run refuses with nothing written."""
+    (in this process for a store on local disk or up to 64 MiB of indices,
+    else as a dask min/max reduction), so the run refuses with nothing
+    written."""
     from dask_sparseconv.storage.csr_store import CSRInput
 
-    if scan == "dask":  # a small store takes the large-store path
+    if scan == "dask":  # a small store takes the large remote store's path
         monkeypatch.setattr(CSRInput, "_LOCAL_CHECK_BYTES", 0)
+        monkeypatch.setattr(CSRInput, "_LOCAL_DISK_CHECK_BYTES", 0)
     target = data / "out.zarr"
     before = tree_digest(data / "c_range.zarr")
     with pytest.raises(ValueError, match=r"column index 127 is out of range; indices must lie in \[0, 120\)"):
