@@ -231,7 +231,7 @@ def _plan_sample(wf, csr, n_images, chunk_rows, frame_shape, in_dtype, out_dtype
     settings = check_settings(wf.kernel.array, **{k: v for k, v in _job_settings(wf).items()})
     geo = settings.window(frame_shape)
     return plan_matrix(n_images, frame_shape, csr, settings, geo, in_dtype, out_dtype, out_format, threads,
-                       chunk_rows=chunk_rows)
+                       chunk_rows=chunk_rows, untiled=None)
 
 
 def _input_change(job, src, target: str, prov: dict) -> str | None:

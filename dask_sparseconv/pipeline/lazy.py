@@ -19,7 +19,7 @@ from ..runtime.cluster import scheduler_threads
 from ..validation import check_frame_shape
 from .estimates import source_estimates
 from .graph import block_key, kernel_node
-from .plan import _blocks_for, plan_blocks, plan_matrix
+from .plan import LAZY_UNTILED, _blocks_for, plan_blocks, plan_matrix
 from .spec import BlockSpec, check_real, check_settings
 from .tasks import convolve_array_block, convolve_source_block
 
@@ -132,7 +132,8 @@ def convolve(
         out_dtype = compute_dtype(src.dtype, settings.dtype)
         fmt = settings.output_format or src.format
         nnz_per_image, expansion = source_estimates(src, settings.taps, geo, fmt)
-        blocks = _blocks_for(src, settings, geo, fmt, out_dtype, scheduler_threads(), nnz_per_image, expansion)
+        blocks = _blocks_for(src, settings, geo, fmt, out_dtype, scheduler_threads(), nnz_per_image, expansion,
+                             lazy=True)
         spec = BlockSpec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt, operation=op, bank=settings.bank)
         return _split_bank(_source_array(src, kernel, blocks, spec), spec)
 
@@ -196,7 +197,7 @@ def convolve(
     blocks = plan_blocks(n_images=n, chunk_rows=chunk_rows, frame_shape=fs, out_shape=geo.out_shape, in_dtype=x.dtype,
                          out_dtype=out_dtype, in_format="csr" if in_sparse else "dense", out_format=fmt, kernel=kernel,
                          block_memory=settings.block_memory, threads=scheduler_threads(),
-                         fill_nnz=settings.fill_nnz(geo) if fmt == "csr" else 0)
+                         fill_nnz=settings.fill_nnz(geo) if fmt == "csr" else 0, untiled=LAZY_UNTILED)
     spec = BlockSpec(fs, geo.out_shape, mode, method, backend, out_dtype.str, fmt, operation=op, bank=settings.bank)
     arr = arr.rechunk((blocks.chunks,) + tuple((s,) for s in arr.shape[1:])) if n else arr
     return _split_bank(_map_array(arr, kernel, blocks, spec), spec)

@@ -29,7 +29,7 @@ def plan_blocks(*, n_images: int, chunk_rows: int, frame_shape: tuple[int, int],
                 in_dtype: Any, out_dtype: Any, in_format: str, out_format: str, kernel: np.ndarray,
                 block_memory: int, threads: int, nnz_per_image: float | None = None,
                 expansion: float | None = None, fill_nnz: int = 0, tiles: bool = False,
-                spatial_chunk: tuple[int, int] | None = None) -> RowBlocks:
+                spatial_chunk: tuple[int, int] | None = None, untiled: str | None = None) -> RowBlocks:
     """Row blocks for a stack on ``threads`` scheduler threads.
 
     ``nnz_per_image`` and ``expansion`` (output nonzeros per input nonzero)
@@ -40,7 +40,8 @@ def plan_blocks(*, n_images: int, chunk_rows: int, frame_shape: tuple[int, int],
     ``tiles``: when one image does not fit ``block_memory``, cut images into
     tiles (:mod:`dask_sparseconv.tiles`; ``spatial_chunk``: a dense input's
     chunk ``(rows, cols)`` within a frame, which tiles follow when they can)
-    instead of refusing; the blocks then count tiles.
+    instead of refusing; the blocks then count tiles. ``untiled``: why
+    images are not tiled here, added to the error when one does not fit.
     """
     kernel_size = int(np.count_nonzero(np.any(kernel != 0, axis=0) if kernel.ndim == 3 else kernel)) or 1
 
@@ -59,8 +60,13 @@ def plan_blocks(*, n_images: int, chunk_rows: int, frame_shape: tuple[int, int],
     if tiles and per_image > block_memory:
         return _plan_tiles(n_images, frame_shape, out_shape, kernel, block_memory, min_blocks, cost,
                            nnz_per_image, fill_nnz, out_format, spatial_chunk)
-    return plan_row_blocks(n_images, chunk_rows, per_image, block_memory,
-                           min_blocks=min_blocks, strict_chunks=(in_format == "dense"))
+    try:
+        return plan_row_blocks(n_images, chunk_rows, per_image, block_memory,
+                               min_blocks=min_blocks, strict_chunks=(in_format == "dense"))
+    except ValueError as exc:
+        if untiled and per_image > block_memory:
+            raise ValueError(f"{exc} ({untiled})") from None
+        raise
 
 
 #: Safety factor on a band's share of an image's nonzeros (a band of a
@@ -202,18 +208,26 @@ class JobPlan:
         return ", ".join(diffs) or None
 
 
+#: why a job's images are not cut into tiles, for the error when one does not fit a block
+LAZY_UNTILED = ("the lazy convolve() computes whole images; convolve_zarr() cuts images larger than a block into "
+                "tiles")
+_UNTILED = "images are not cut into tiles for kernel banks or OME-Zarr outputs"
+
+
 def _blocks_for(src, settings: Settings, geo: Geometry, out_format: str, out_dtype: np.dtype, threads: int,
-                nnz_per_image: float | None, expansion: float | None) -> RowBlocks:
+                nnz_per_image: float | None, expansion: float | None, lazy: bool = False) -> RowBlocks:
+    """Blocks of a store job (``lazy``: for the lazy convolve(), whose tasks compute whole images)."""
     if nnz_per_image is None and src.nnz is not None and src.n_images:
         nnz_per_image = src.nnz / src.n_images
     chunks = getattr(src, "chunks", None)
+    tiles = not lazy and tiles_possible(settings, src)
     return plan_blocks(n_images=int(src.n_images), chunk_rows=int(src.chunk_rows), frame_shape=geo.frame_shape,
                        out_shape=geo.out_shape, in_dtype=src.dtype, out_dtype=out_dtype, in_format=src.format,
                        out_format=out_format, kernel=settings.kernel, block_memory=settings.block_memory,
                        threads=threads, nnz_per_image=nnz_per_image, expansion=expansion,
                        fill_nnz=settings.fill_nnz(geo) if out_format == "csr" else 0,
-                       tiles=tiles_possible(settings, src),
-                       spatial_chunk=(int(chunks[-2]), int(chunks[-1])) if chunks else None)
+                       tiles=tiles, spatial_chunk=(int(chunks[-2]), int(chunks[-1])) if chunks else None,
+                       untiled=None if tiles else LAZY_UNTILED if lazy else _UNTILED)
 
 
 def tiles_possible(settings: Settings, src: Any) -> bool:
@@ -283,11 +297,12 @@ def _plan(source: Any, settings: Settings, *, array: str | None, storage_options
 
 
 def plan_matrix(n_images: int, frame_shape: tuple[int, int], csr: Any, settings: Settings, geo: Geometry,
-                in_dtype: Any, out_dtype: np.dtype, out_format: str, threads: int, chunk_rows: int = 1) -> RowBlocks:
-    """Row blocks for an in-memory CSR stack ``(n, H*W)``."""
+                in_dtype: Any, out_dtype: np.dtype, out_format: str, threads: int, chunk_rows: int = 1,
+                untiled: str | None = LAZY_UNTILED) -> RowBlocks:
+    """Row blocks for an in-memory CSR stack ``(n, H*W)`` (whole images: ``untiled`` says why)."""
     expansion = matrix_expansion(csr, settings.taps, geo) if out_format == "csr" else None
     return plan_blocks(n_images=n_images, chunk_rows=chunk_rows, frame_shape=frame_shape, out_shape=geo.out_shape,
                        in_dtype=in_dtype, out_dtype=out_dtype, in_format="csr", out_format=out_format,
                        kernel=settings.kernel, block_memory=settings.block_memory, threads=threads,
                        nnz_per_image=(csr.nnz / n_images) if n_images else None, expansion=expansion,
-                       fill_nnz=settings.fill_nnz(geo) if out_format == "csr" else 0)
+                       fill_nnz=settings.fill_nnz(geo) if out_format == "csr" else 0, untiled=untiled)

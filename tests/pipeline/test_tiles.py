@@ -188,7 +188,7 @@ def test_kernel_banks_and_ome_zarr_outputs_are_not_tiled(stores, tmp_path):
     keep the whole-image plan and its clear error when one image does not fit."""
     d, _ = stores
     bank = np.stack([KERNEL_7, KERNEL_7 * 2])
-    with pytest.raises(ValueError, match="too small for one image"):
+    with pytest.raises(ValueError, match="too small for one image.*not cut into tiles for kernel banks"):
         plan_job(str(d / "x_csr.zarr"), bank, "same", block_memory="4KiB", threads=2)
     with pytest.raises(ValueError, match="too small for one image"):
         plan_job(str(d / "x_dense.zarr"), KERNEL_7, "same", block_memory="4KiB", output_format="ome-zarr", threads=2)
@@ -292,3 +292,18 @@ def test_2_by_3_tiles_smaller_than_the_halo(tmp_path, mode, op, kernel):
         assert summary.blocks == blocks.n_blocks
         assert progress.provenance(zarr.open(target, mode="r"))["tiles"]["per_image"] == grid.per_image
         _check(target, x, kernel, mode, **op)
+
+
+def test_the_lazy_convolve_computes_whole_images_and_says_so(stores):
+    """convolve() on a store (or an array) whose image does not fit the
+    budget is refused with a message naming the budget and pointing to
+    convolve_zarr, which tiles; a lazy array is never planned in tiles."""
+    from dask_sparseconv import convolve
+
+    d, x = stores
+    for src in (str(d / "x_csr.zarr"), str(d / "x_dense.zarr"), x):
+        with pytest.raises(ValueError, match=r"block_memory=.*too small for one image.*convolve_zarr\(\) cuts images"):
+            convolve(src, KERNEL_7, "same", block_memory="8KiB")
+    lazy = convolve(str(d / "x_dense.zarr"), KERNEL_7, "same", block_memory="64KiB")
+    ref = operate_stack(x, KERNEL_7, "same")
+    np.testing.assert_allclose(np.asarray(lazy.compute()), ref, rtol=1e-5, atol=1e-4)
