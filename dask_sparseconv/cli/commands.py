@@ -188,6 +188,10 @@ def _done_blocks(store: str, array: str | None, opts: dict, d: dict) -> int | No
         return None
 
 
+#: The largest frame ``preview`` draws (pixels): it holds input and output frames dense in memory.
+PREVIEW_MAX_PIXELS = 64 * 1024**2
+
+
 def cmd_preview(args) -> int:
     from ..preview import render_preview
 
@@ -205,6 +209,11 @@ def cmd_preview(args) -> int:
         raise CLIError(f"--images: {', '.join(map(str, bad))} out of range for a stack of {plan.n_images} images "
                        f"(valid: 0..{plan.n_images - 1})", EXIT_USAGE)
     images = [i % plan.n_images for i in images]
+    H, W = (int(v) for v in plan.frame_shape)
+    if H * W > PREVIEW_MAX_PIXELS:  # preview draws whole frames, in memory: a 100,000^2 raster would be 40 GB
+        raise CLIError(f"preview draws whole frames; frames of {H} x {W} pixels are too large for a preview "
+                       f"(limit: {PREVIEW_MAX_PIXELS:,} pixels per frame). Run the workflow (frames larger than a "
+                       "block are convolved in tiles) and look at a window of the output", EXIT_USAGE)
     img = render_preview(plan.src, wf, images, scale=args.scale, labels=not args.no_labels)
     out = args.output
     try:

@@ -62,3 +62,16 @@ def test_cli_runs_a_raster_in_tiles(tmp_path):
     ref = scipy.signal.convolve2d(dense_in, k, mode="same")[y0 - max(0, y0 - 3):][:100, x0:x0 + 100]
     got = y[:, y0 * S: (y0 + 100) * S].toarray().reshape(100, S)[:, x0:x0 + 100]
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_preview_refuses_frames_too_large_to_draw(tmp_path):
+    """preview holds whole frames dense in memory: a 10,000 x 10,000 frame is
+    refused with exit 2 and a line that says why and what to do instead."""
+    S = 10_000
+    write_csr_stack(str(tmp_path / "raster.zarr"), sample_raster((S, S), 2_000, mean_cluster=20, seed=2), (S, S))
+    wf = tmp_path / "wf.yaml"
+    wf.write_text("input: {path: raster.zarr}\nkernel: {box: {size: 3}}\noutput: {path: out.zarr}\n")
+    res = cli("preview", wf, "--images", "0", "--output", tmp_path / "p.png", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "frames of 10000 x 10000 pixels are too large for a preview" in res.stderr
+    assert not (tmp_path / "p.png").exists()
