@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 
-__all__ = ["sample_rois", "sample_raster", "write_sample_stack", "ensure_sample", "SAMPLE_CHUNK_ROWS"]
+__all__ = ["sample_rois", "sample_raster", "sample_stack", "write_sample_stack", "ensure_sample", "SAMPLE_CHUNK_ROWS"]
 
 #: Images per chunk of the written sample (dense) stack.
 SAMPLE_CHUNK_ROWS = 16
@@ -156,6 +156,21 @@ def sample_raster(
     return scipy.sparse.csr_matrix((values, flat, np.array([0, flat.size], dtype=np.int64)), shape=(1, H * W))
 
 
+def sample_stack(kind: str, n_images: int, frame_shape: tuple[int, int], *, max_rois: int = 3,
+                 radius: float = 8.0, nnz: int = 1_000_000, mean_cluster: int = 400,
+                 seed: int = 0) -> scipy.sparse.csr_matrix:
+    """A sample stack as CSR ``(n, H*W)``: ROI footprints (``kind='rois'``,
+    :func:`sample_rois`) or raster frames (``kind='raster'``, one
+    :func:`sample_raster` per frame, seeds ``seed``, ``seed + 1``, ...)."""
+    if kind == "rois":
+        return sample_rois(n_images, frame_shape, max_rois=max_rois, radius=radius, seed=seed)
+    if kind == "raster":
+        frames = [sample_raster(frame_shape, nnz, mean_cluster=mean_cluster, seed=seed + i) for i in range(n_images)]
+        return scipy.sparse.csr_matrix(scipy.sparse.vstack(frames, format="csr")) if frames else \
+            scipy.sparse.csr_matrix((0, int(frame_shape[0]) * int(frame_shape[1])), dtype=np.float32)
+    raise ValueError(f"kind must be 'rois' or 'raster'; got {kind!r}")
+
+
 def write_sample_stack(
     path: str | os.PathLike,
     n_images: int = 200,
@@ -166,30 +181,30 @@ def write_sample_stack(
     seed: int = 0,
     format: str = "dense",
     overwrite: bool = False,
+    kind: str = "rois",
+    nnz: int = 1_000_000,
+    mean_cluster: int = 400,
 ) -> str:
-    """Generate :func:`sample_rois` and write it as a zarr stack at ``path``.
+    """Generate a sample stack (:func:`sample_stack`: ROI footprints by
+    default, or ``kind='raster'`` frames) and write it as a zarr stack at ``path``.
 
     ``format='dense'`` writes a ``(n, H, W)`` float32 array;
-    ``format='csr'`` writes an anndata-style ``csr_matrix`` group. Both go
-    through :mod:`dask_sparseconv.storage`, so the result opens with
-    :func:`dask_sparseconv.open_stack`. Returns the path.
+    ``format='csr'`` writes an anndata-style ``csr_matrix`` group (rasters:
+    CSR only). Both go through :mod:`dask_sparseconv.storage`, so the result
+    opens with :func:`dask_sparseconv.open_stack`. Returns the path.
     """
     from . import storage
 
     if format not in ("dense", "csr"):
         raise ValueError(f"format must be 'dense' or 'csr'; got {format!r}")
+    if kind == "raster" and format != "csr":
+        raise ValueError("a raster sample is written as format='csr' (its frames are far larger than a block)")
     H, W = int(frame_shape[0]), int(frame_shape[1])
-    csr = sample_rois(n_images, (H, W), max_rois=max_rois, radius=radius, seed=seed)
-    attrs = {
-        "sample": {
-            "kind": "rois",
-            "n_images": int(n_images),
-            "frame_shape": [H, W],
-            "max_rois": int(max_rois),
-            "radius": float(radius),
-            "seed": int(seed),
-        }
-    }
+    csr = sample_stack(kind, n_images, (H, W), max_rois=max_rois, radius=radius, nnz=nnz, mean_cluster=mean_cluster,
+                       seed=seed)
+    params = {"max_rois": int(max_rois), "radius": float(radius)} if kind == "rois" else \
+        {"nnz": int(nnz), "mean_cluster": int(mean_cluster)}
+    attrs = {"sample": {"kind": kind, "n_images": int(n_images), "frame_shape": [H, W], **params, "seed": int(seed)}}
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if format == "csr":
@@ -217,5 +232,8 @@ def ensure_sample(path: str, spec: Any) -> bool:
         radius=spec.radius,
         seed=spec.seed,
         format=spec.format,
+        kind=spec.kind,
+        nnz=spec.nnz,
+        mean_cluster=spec.mean_cluster,
     )
     return True

@@ -99,12 +99,13 @@ def inspect_workflow(wf, *, overwrite: bool | None = None, allow_complete: bool 
         problems.append(("input.path", f"cannot check {inp.path!r}: {exc}"))
         exists = None
     if exists is False and inp.sample is not None:
-        from ..sample_data import SAMPLE_CHUNK_ROWS, sample_rois
+        from ..sample_data import SAMPLE_CHUNK_ROWS, sample_stack
 
         s = inp.sample
         sample_pending = True
         n_images, frame_shape, in_format = s.n_images, tuple(s.frame_shape), s.format
-        csr = sample_rois(s.n_images, s.frame_shape, max_rois=s.max_rois, radius=s.radius, seed=s.seed)
+        csr = sample_stack(s.kind, s.n_images, s.frame_shape, max_rois=s.max_rois, radius=s.radius, nnz=s.nnz,
+                           mean_cluster=s.mean_cluster, seed=s.seed)
         nnz, exact = int(csr.nnz), True
         if in_format == "csr":  # written with write_csr_stack's default chunks
             from ..storage.csr_store import DEFAULT_CHUNK_NNZ, csr_chunk_rows
@@ -230,8 +231,9 @@ def _plan_sample(wf, csr, n_images, chunk_rows, frame_shape, in_dtype, out_dtype
 
     settings = check_settings(wf.kernel.array, **{k: v for k, v in _job_settings(wf).items()})
     geo = settings.window(frame_shape)
+    # the run tiles the stack once written, as it would any store: so does its plan
     return plan_matrix(n_images, frame_shape, csr, settings, geo, in_dtype, out_dtype, out_format, threads,
-                       chunk_rows=chunk_rows, untiled=None)
+                       chunk_rows=chunk_rows, untiled=None, tiles=True)
 
 
 def _input_change(job, src, target: str, prov: dict) -> str | None:

@@ -76,10 +76,37 @@ def sample_starts(n_images: int, rows: int) -> list[int]:
 
 
 def matrix_expansion(csr: scipy.sparse.csr_matrix, kernel: np.ndarray, geo) -> float | None:
-    """:func:`sample_expansion` of an in-memory CSR stack ``(n, H*W)``."""
+    """:func:`sample_expansion` of an in-memory CSR stack ``(n, H*W)``
+    (frames too large to sample whole: sampled in bands of rows, as a store
+    of the same stack would be, so that both plan alike)."""
     n = int(csr.shape[0])
     rows = sample_rows(n, geo)
-    return sample_expansion((csr[a:a + rows] for a in sample_starts(n, rows)), kernel, geo) if rows else None
+    if rows:
+        return sample_expansion((csr[a:a + rows] for a in sample_starts(n, rows)), kernel, geo)
+    if n == 0 or csr.nnz == 0:
+        return None
+    samples, sample_geo, _ = frame_samples(MatrixFrames(csr, geo.frame_shape), geo)
+    return sample_expansion(samples, kernel, sample_geo)
+
+
+class MatrixFrames:
+    """An in-memory CSR stack ``(n, H*W)`` read by rows of its frames, as
+    :func:`frame_samples` reads a store (canonical CSR: sorted indices)."""
+
+    def __init__(self, csr: scipy.sparse.csr_matrix, frame_shape: tuple[int, int]):
+        self.csr = csr
+        self.frame_shape = (int(frame_shape[0]), int(frame_shape[1]))
+        self.n_images = int(csr.shape[0])
+
+    def read_frame_rows(self, image: int, r0: int, r1: int) -> scipy.sparse.csr_matrix:
+        H, W = self.frame_shape
+        r0, r1 = max(0, int(r0)), min(H, int(r1))
+        a, b = int(self.csr.indptr[image]), int(self.csr.indptr[image + 1])
+        idx = np.asarray(self.csr.indices[a:b], dtype=np.int64)
+        lo, hi = np.searchsorted(idx, [r0 * W, r1 * W])
+        flat = idx[lo:hi] - r0 * W
+        return scipy.sparse.csr_matrix((self.csr.data[a + lo: a + hi], (flat // W, flat % W)),
+                                       shape=(max(0, r1 - r0), W))
 
 
 #: Frames too large to sample whole (see sample_rows) are sampled in this

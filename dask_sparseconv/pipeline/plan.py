@@ -298,11 +298,14 @@ def _plan(source: Any, settings: Settings, *, array: str | None, storage_options
 
 def plan_matrix(n_images: int, frame_shape: tuple[int, int], csr: Any, settings: Settings, geo: Geometry,
                 in_dtype: Any, out_dtype: np.dtype, out_format: str, threads: int, chunk_rows: int = 1,
-                untiled: str | None = LAZY_UNTILED) -> RowBlocks:
-    """Row blocks for an in-memory CSR stack ``(n, H*W)`` (whole images: ``untiled`` says why)."""
+                untiled: str | None = LAZY_UNTILED, tiles: bool = False) -> RowBlocks:
+    """Row blocks for an in-memory CSR stack ``(n, H*W)`` (``tiles``: may
+    cut images into tiles, as a store job would; else whole images,
+    ``untiled`` says why)."""
     expansion = matrix_expansion(csr, settings.taps, geo) if out_format == "csr" else None
     return plan_blocks(n_images=n_images, chunk_rows=chunk_rows, frame_shape=frame_shape, out_shape=geo.out_shape,
                        in_dtype=in_dtype, out_dtype=out_dtype, in_format="csr", out_format=out_format,
                        kernel=settings.kernel, block_memory=settings.block_memory, threads=threads,
                        nnz_per_image=(csr.nnz / n_images) if n_images else None, expansion=expansion,
-                       fill_nnz=settings.fill_nnz(geo) if out_format == "csr" else 0, untiled=untiled)
+                       fill_nnz=settings.fill_nnz(geo) if out_format == "csr" else 0, untiled=untiled,
+                       tiles=tiles and settings.kernel.ndim == 2 and settings.container is None)

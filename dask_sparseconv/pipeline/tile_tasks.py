@@ -38,24 +38,49 @@ def _runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
     return [(int(p[0]), int(p[-1]) + 1) for p in np.split(sorted_rows, cuts)]
 
 
+def _owned(y0: int, y1: int, n_out: int, n_in: int, offset: int) -> tuple[int, int]:
+    """The input rows (or columns) a tile of output rows ``[y0, y1)`` counts
+    as its own: from where the previous tile's window ends to where its own
+    ends (the first tile from 0, the last to the frame's end), so that the
+    tiles of an image count each input nonzero once."""
+    return (0 if y0 == 0 else y0 + offset), (n_in if y1 >= n_out else y1 + offset)
+
+
+def _count_in(m: scipy.sparse.csr_matrix, row_ids: np.ndarray, col_ids: np.ndarray, rows: tuple[int, int],
+              cols: tuple[int, int]) -> int:
+    """Stored values of ``m`` whose frame row and column (``row_ids``/``col_ids``
+    of its rows and columns) lie in ``rows`` x ``cols``."""
+    if m.nnz == 0:
+        return 0
+    r = np.repeat(row_ids, np.diff(m.indptr))
+    c = col_ids[m.indices]
+    return int(np.count_nonzero((r >= rows[0]) & (r < rows[1]) & (c >= cols[0]) & (c < cols[1])))
+
+
 def tile_window(src, grid: TileGrid, geo: Geometry, spec: BlockSpec, image: int, y0: int, y1: int, x0: int,
-                x1: int) -> scipy.sparse.csr_matrix:
+                x1: int) -> tuple[scipy.sparse.csr_matrix, int]:
     """The padded input window of output pixels ``[y0, y1) x [x0, x1)`` of
-    ``image``: 2-D CSR ``(y1 - y0 + kH - 1, x1 - x0 + kW - 1)``."""
+    ``image``: 2-D CSR ``(y1 - y0 + kH - 1, x1 - x0 + kW - 1)``, and the
+    input nonzeros the tile counts as its own (each nonzero of the frame is
+    counted by one tile, halos and ghosts by none)."""
     H, W = grid.frame_shape
+    Ho, Wo = grid.out_shape
     r0, r1, c0, c1 = grid.window(y0, y1, x0, x1, geo)
+    own = _owned(y0, y1, Ho, H, geo.top), _owned(x0, x1, Wo, W, geo.left)
     shape = (r1 - r0, c1 - c0)
     op = spec.operation
     fold = FOLDS[op.boundary]
     if fold is None:
         part = src.read_frame_rows(image, r0, r1, c0, c1)  # the window clipped to the frame
         top, left = max(r0, 0) - r0, max(c0, 0) - c0
+        n_own = _count_in(part, np.arange(max(r0, 0), max(r0, 0) + part.shape[0]),
+                          np.arange(max(c0, 0), max(c0, 0) + part.shape[1]), *own)
         indptr = np.concatenate((np.zeros(top, np.int64), np.asarray(part.indptr, np.int64),
                                  np.full(shape[0] - top - part.shape[0], part.nnz, np.int64)))
         win = scipy.sparse.csr_matrix((part.data, np.asarray(part.indices, np.int64) + left, indptr), shape=shape)
         if op.fillvalue:
             win = win + _fill_positions(r0, r1, c0, c1, H, W, op.fillvalue, part.dtype)
-        return win
+        return win, n_own
     rows = fold(np.arange(r0, r1, dtype=np.int64), H)
     cols = fold(np.arange(c0, c1, dtype=np.int64), W)
     # the distinct input rows and columns the window copies, read in runs
@@ -64,8 +89,9 @@ def tile_window(src, grid: TileGrid, geo: Geometry, spec: BlockSpec, image: int,
     runs_c = _runs(want_c)
     parts = [scipy.sparse.hstack([src.read_frame_rows(image, a, b, ca, cb) for ca, cb in runs_c], format="csr")
              for a, b in _runs(want_r)]
-    band = parts[0] if len(parts) == 1 else scipy.sparse.vstack(parts, format="csr")
-    return scipy.sparse.csr_matrix(band[np.searchsorted(want_r, rows)][:, np.searchsorted(want_c, cols)])
+    band = scipy.sparse.csr_matrix(parts[0] if len(parts) == 1 else scipy.sparse.vstack(parts, format="csr"))
+    n_own = _count_in(band, want_r, want_c, *own)
+    return scipy.sparse.csr_matrix(band[np.searchsorted(want_r, rows)][:, np.searchsorted(want_c, cols)]), n_own
 
 
 def _fill_positions(r0, r1, c0, c1, H, W, value, dtype) -> scipy.sparse.csr_matrix:
@@ -101,7 +127,7 @@ def tile_convolver(spec: BlockSpec, kernel: np.ndarray, window_shape: tuple[int,
 
 
 def convolve_tiles(src, spec: BlockSpec, kernel: np.ndarray, start: int, stop: int):
-    """Tiles ``[start, stop)``: ``(input nonzeros read, result, convolver)``.
+    """Tiles ``[start, stop)``: ``(their own input nonzeros, result, convolver)``.
 
     The result is CSR ``(stop - start, H_out*W_out)`` for CSR outputs (each
     band's values at their columns in the whole output frame: a tile's row
@@ -119,8 +145,8 @@ def convolve_tiles(src, spec: BlockSpec, kernel: np.ndarray, start: int, stop: i
     conv = None
     for k, u in enumerate(range(start, stop)):
         image, y0, y1, x0, x1 = grid.tile(u)
-        win = tile_window(src, grid, geo, spec, image, y0, y1, x0, x1)
-        nnz_in += int(win.nnz)
+        win, own = tile_window(src, grid, geo, spec, image, y0, y1, x0, x1)
+        nnz_in += own
         conv = tile_convolver(spec, kernel, win.shape)
         if dense:
             res = conv(_flat(win), out="dense", batched=True)

@@ -221,16 +221,33 @@ def _frame_shape(value: Any) -> tuple[int, int]:
 
 
 class SampleSpec(Section):
-    """A sample stack to generate at ``input.path`` when it does not exist."""
+    """A sample stack to generate at ``input.path`` when it does not exist:
+    ROI footprints (``kind: rois``), or huge population-raster-like frames
+    (``kind: raster``, :func:`dask_sparseconv.sample_data.sample_raster`)."""
 
+    kind: Choice(("rois", "raster")) = "rois"
     n_images: Integer() = 200
     frame_shape: Annotated[Any, BeforeValidator(_frame_shape),
                            WithJsonSchema({"type": "array", "items": {"type": "integer", "minimum": 1},
                                            "minItems": 2, "maxItems": 2})] = (512, 512)
     max_rois: Integer(0) = 3
     radius: PositiveNumber = 8.0
+    nnz: Annotated[Integer(0), Field(description="kind raster: nonzeros per frame")] = 1_000_000
+    mean_cluster: Annotated[Integer(1), Field(description="kind raster: mean pixels per cluster")] = 400
     format: Choice(sample_formats) = "dense"
     seed: Integer(0) = 0
+
+    @model_validator(mode="after")
+    def _raster_is_sparse(self) -> "SampleSpec":
+        if self.kind == "raster":
+            if self.format != "csr":
+                raise problem(f"format: a raster sample is written as csr (its frames are far larger than a "
+                              f"block); got format: {self.format}")
+            H, W = self.frame_shape
+            if self.nnz > H * W // 4:
+                raise problem(f"nnz: {self.nnz} is more than a quarter of the {H} x {W} pixels; a raster sample "
+                              "is mostly zero")
+        return self
 
 
 def _sample(value: Any) -> Any:

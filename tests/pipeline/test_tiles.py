@@ -73,6 +73,7 @@ def test_csr_bands_match_scipy(stores, tmp_path, mode, op, kernel):
         assert tiles.band_rows < kernel.shape[0] - 1
     summary = convolve_zarr(src, kernel, str(tmp_path / "y.zarr"), mode, block_memory="12KiB", **op)
     assert summary.blocks == plan.blocks.n_blocks
+    assert summary.nnz_in == int(np.count_nonzero(x))  # each input nonzero counted once, halos and ghosts not
     _check(tmp_path / "y.zarr", x, kernel, mode, **op)
 
 
@@ -88,7 +89,8 @@ def test_dense_2d_tiles_follow_the_chunk_grid(stores, tmp_path, mode, op):
     assert tiles is not None and (tiles.band_rows, tiles.band_cols) == (20, 20)
     if mode == "same":
         assert tiles.grid == (2, 3)
-    convolve_zarr(src, KERNEL_7, str(tmp_path / "y.zarr"), mode, block_memory="16KiB", **op)
+    summary = convolve_zarr(src, KERNEL_7, str(tmp_path / "y.zarr"), mode, block_memory="16KiB", **op)
+    assert summary.nnz_in == int(np.count_nonzero(x))
     out = zarr.open_array(str(tmp_path / "y.zarr"))
     assert out.chunks == (1, 20, 20) and progress.provenance(out)["tiles"]["per_image"] == tiles.per_image
     _check(tmp_path / "y.zarr", x, KERNEL_7, mode, **op)
@@ -289,7 +291,7 @@ def test_2_by_3_tiles_smaller_than_the_halo(tmp_path, mode, op, kernel):
         target = str(tmp_path / f"y_{out_fmt}.zarr")
         summary = convolve_zarr(src, kernel, target, mode, output_format=out_fmt,
                                 plan=dataclasses.replace(plan, blocks=blocks), **op)
-        assert summary.blocks == blocks.n_blocks
+        assert summary.blocks == blocks.n_blocks and summary.nnz_in == int(np.count_nonzero(x))
         assert progress.provenance(zarr.open(target, mode="r"))["tiles"]["per_image"] == grid.per_image
         _check(target, x, kernel, mode, **op)
 
