@@ -26,10 +26,12 @@ instead of images. Two shapes:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .geometry import Geometry
+from .row_blocks import RowBlocks, plan_row_blocks
 
 
 @dataclass(frozen=True)
@@ -138,4 +140,75 @@ def chunk_tile(chunk: tuple[int, int], fits: Callable[[int, int], bool]) -> tupl
     return rows, cols
 
 
-__all__ = ["TileGrid", "chunk_tile", "equal_parts", "largest_fit"]
+#: Safety factor on a tile's share of an image's nonzeros (a band of a
+#: clustered raster may be denser than the image on average)
+TILE_DENSITY_SAFETY = 2.0
+
+
+def plan_tiles(n_images: int, frame_shape: tuple[int, int], out_shape: tuple[int, int], kernel_shape: tuple[int, int],
+               block_memory: int, min_blocks: int, cost: Callable, nnz_per_image: float | None, fill_nnz: int,
+               out_format: str, spatial_chunk: tuple[int, int] | None) -> RowBlocks:
+    """Blocks of tiles for images that do not fit ``block_memory`` (the
+    planner's :func:`~dask_sparseconv.pipeline.plan.plan_blocks` calls it).
+
+    ``cost(frame, out, nnz, fill_nnz)``: the planner's estimate of what one
+    image of ``frame`` input and ``out`` output pixels holding ``nnz``
+    nonzeros needs; a tile is costed as such an image, its input window
+    with the halo, its share of the image's nonzeros times
+    :data:`TILE_DENSITY_SAFETY`. Bands for CSR outputs (and dense outputs of
+    inputs not chunked in space), 2-D tiles on the input's chunk grid for
+    dense outputs of spatially chunked inputs (``spatial_chunk``); a few
+    huge frames get bands small enough for ``min_blocks`` blocks.
+
+    Raises
+    ------
+    ValueError
+        When not even the smallest tile fits, naming the budget and the minimum.
+    """
+    H, W = frame_shape
+    Ho, Wo = out_shape
+    kh, kw = kernel_shape
+
+    def tile_bytes(rows: int, cols: int) -> int:
+        window = (rows + kh - 1, cols + kw - 1)
+        share = min(1.0, TILE_DENSITY_SAFETY * window[0] * window[1] / (H * W))
+        nnz = None if nnz_per_image is None else nnz_per_image * share
+        # the window as read, then padded and flattened: two more copies of its nonzeros
+        held = 0 if nnz is None else int(2 * nnz * 16)
+        return cost(window, (rows, cols), nnz, int(fill_nnz * min(1.0, rows * cols / (Ho * Wo)))) + held
+
+    def fits(rows: int, cols: int) -> bool:
+        return tile_bytes(rows, cols) <= block_memory
+
+    limit = largest_fit(Ho, lambda rows: fits(rows, Wo))
+    ch, cw = spatial_chunk or (0, 0)
+    if out_format == "dense" and (0 < cw < W or not limit):
+        # 2-D tiles on the input's chunk grid (or on the whole frame when it has none)
+        shape = chunk_tile((ch, cw) if 0 < cw < W else (Ho, Wo), fits)
+        if shape is None:
+            raise _too_small(block_memory, tile_bytes(1, 1), "one output pixel")
+        rows, cols = shape
+    else:
+        if not limit:
+            raise _too_small(block_memory, tile_bytes(1, Wo), f"one output row of {Wo} pixels")
+        # whole input chunks per band when they fit, else equal bands
+        rows, cols = ((limit // ch) * ch if 1 < ch <= limit else equal_parts(Ho, limit)), Wo
+        if n_images < min_blocks:  # a few huge frames: bands small enough to keep every thread busy
+            rows = min(rows, equal_parts(Ho, -(-Ho * n_images // min_blocks)))
+    grid = TileGrid(int(n_images), (int(H), int(W)), (int(Ho), int(Wo)), int(rows), int(cols),
+                    int(limit) if cols == Wo else 0)
+    blocks = plan_row_blocks(grid.n_tiles, 1, tile_bytes(rows, cols), block_memory, min_blocks=min_blocks,
+                             strict_chunks=False)
+    return dataclasses.replace(blocks, tiles=grid)
+
+
+def _too_small(block_memory: int, need: int, what: str) -> ValueError:
+    from dask.utils import format_bytes
+
+    return ValueError(
+        f"block_memory={block_memory} bytes ({format_bytes(block_memory)}) is too small even for the smallest tile "
+        f"of an image: {what} with its kernel's halo needs about {need} bytes ({format_bytes(need)}); "
+        f"use block_memory >= {need}")
+
+
+__all__ = ["TILE_DENSITY_SAFETY", "TileGrid", "chunk_tile", "equal_parts", "largest_fit", "plan_tiles"]

@@ -58,8 +58,10 @@ def plan_blocks(*, n_images: int, chunk_rows: int, frame_shape: tuple[int, int],
     per_image = cost(frame_shape, out_shape, nnz_per_image, fill_nnz)
     min_blocks = BLOCKS_PER_THREAD * max(1, int(threads))
     if tiles and per_image > block_memory:
-        return _plan_tiles(n_images, frame_shape, out_shape, kernel, block_memory, min_blocks, cost,
-                           nnz_per_image, fill_nnz, out_format, spatial_chunk)
+        from ..tiles import plan_tiles
+
+        return plan_tiles(n_images, frame_shape, out_shape, kernel.shape[-2:], block_memory, min_blocks, cost,
+                          nnz_per_image, fill_nnz, out_format, spatial_chunk)
     try:
         return plan_row_blocks(n_images, chunk_rows, per_image, block_memory,
                                min_blocks=min_blocks, strict_chunks=(in_format == "dense"))
@@ -67,61 +69,6 @@ def plan_blocks(*, n_images: int, chunk_rows: int, frame_shape: tuple[int, int],
         if untiled and per_image > block_memory:
             raise ValueError(f"{exc} ({untiled})") from None
         raise
-
-
-#: Safety factor on a band's share of an image's nonzeros (a band of a
-#: clustered raster may be denser than the image on average)
-TILE_DENSITY_SAFETY = 2.0
-
-
-def _plan_tiles(n_images, frame_shape, out_shape, kernel, block_memory, min_blocks, cost, nnz_per_image, fill_nnz,
-                out_format, spatial_chunk) -> RowBlocks:
-    """Blocks of tiles (see :mod:`dask_sparseconv.tiles` for the two shapes)."""
-    from ..tiles import TileGrid, chunk_tile, equal_parts, largest_fit
-
-    H, W = frame_shape
-    Ho, Wo = out_shape
-    kh, kw = kernel.shape[-2:]
-
-    def tile_bytes(rows: int, cols: int) -> int:
-        window = (rows + kh - 1, cols + kw - 1)
-        share = min(1.0, TILE_DENSITY_SAFETY * window[0] * window[1] / (H * W))
-        nnz = None if nnz_per_image is None else nnz_per_image * share
-        # the window as read, then padded and flattened: two more copies of its nonzeros
-        held = 0 if nnz is None else int(2 * nnz * 16)
-        return cost(window, (rows, cols), nnz, int(fill_nnz * min(1.0, rows * cols / (Ho * Wo)))) + held
-
-    def fits(rows: int, cols: int) -> bool:
-        return tile_bytes(rows, cols) <= block_memory
-
-    limit = largest_fit(Ho, lambda rows: fits(rows, Wo))
-    ch, cw = spatial_chunk or (0, 0)
-    if out_format == "dense" and (0 < cw < W or not limit):
-        # 2-D tiles on the input's chunk grid (or on the whole frame when it has none)
-        shape = chunk_tile((ch, cw) if 0 < cw < W else (Ho, Wo), fits)
-        if shape is None:
-            raise _too_small(block_memory, tile_bytes(1, 1), "one output pixel")
-        rows, cols = shape
-    else:
-        if not limit:
-            raise _too_small(block_memory, tile_bytes(1, Wo), f"one output row of {Wo} pixels")
-        rows, cols = ((limit // ch) * ch if 1 < ch <= limit else equal_parts(Ho, limit)), Wo
-        if n_images < min_blocks:  # a few huge frames: bands small enough to keep every thread busy
-            rows = min(rows, equal_parts(Ho, -(-Ho * n_images // min_blocks)))
-    grid = TileGrid(int(n_images), (int(H), int(W)), (int(Ho), int(Wo)), int(rows), int(cols),
-                    int(limit) if cols == Wo else 0)
-    blocks = plan_row_blocks(grid.n_tiles, 1, tile_bytes(rows, cols), block_memory, min_blocks=min_blocks,
-                             strict_chunks=False)
-    return dataclasses.replace(blocks, tiles=grid)
-
-
-def _too_small(block_memory: int, need: int, what: str) -> ValueError:
-    from dask.utils import format_bytes
-
-    return ValueError(
-        f"block_memory={block_memory} bytes ({format_bytes(block_memory)}) is too small even for the smallest tile "
-        f"of an image: {what} with its kernel's halo needs about {need} bytes ({format_bytes(need)}); "
-        f"use block_memory >= {need}")
 
 
 @dataclass
