@@ -180,10 +180,10 @@ def _done_blocks(store: str, array: str | None, opts: dict, d: dict) -> int | No
     if d.get("complete") is not False:
         return None
     try:
-        from ..storage import progress, resolve_location
+        from ..storage import resolve_location, written_blocks
 
         node = resolve_location(store, array, opts or None).open(mode="r")
-        return len(progress.done_blocks(node))
+        return len(written_blocks(node))
     except Exception:
         return None
 

@@ -294,10 +294,10 @@ def _resumable(path: str, storage_options: dict) -> dict | None:
         return None
     done = None
     try:
-        from ..storage import progress, resolve_location
+        from ..storage import resolve_location, written_blocks
 
         node = resolve_location(path, None, storage_options or None).open(mode="r")
-        done = len({i for i in progress.done_blocks(node) if i < int(prov.get("n_blocks", 0))})
+        done = len({i for i in written_blocks(node) if i < int(prov.get("n_blocks", 0))})
     except Exception:
         pass
     return {"done": done, "n_blocks": prov.get("n_blocks"), "provenance": prov}

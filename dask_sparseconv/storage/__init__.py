@@ -48,6 +48,7 @@ __all__ = [
     "StackOutput",
     "OutputBase",
     "is_input",
+    "written_blocks",
     "check_target_writable",
     "open_input",
     "create_output",
@@ -91,6 +92,13 @@ FORMATS: dict[str, StorageFormat] = {
     "ome-zarr": StorageFormat("ome-zarr", OmeZarrInput, OmeZarrOutput,
                               "an OME-Zarr (NGFF 0.5) image group: the input's image axes, then H, W"),
 }
+
+
+def written_blocks(node: Any) -> set[int]:
+    """Blocks whose markers are set in an opened output of this package,
+    wherever its format keeps them (``OutputBase.markers_in``)."""
+    fmt = FORMATS.get(str((progress.provenance(node) or {}).get("format")))
+    return progress.done_blocks(fmt.output.markers_in(node) if fmt is not None else node)
 
 
 def is_input(obj: Any) -> bool:
@@ -439,13 +447,13 @@ def _describe_bank(loc: Location, node: Any, prov: dict, records: list[dict]) ->
     }
     info["density"] = None if info["nnz"] is None else int(info["nnz"]) / max(1, n * K * int(np.prod(shape)))
     if isinstance(node, zarr.Array):
-        info["done_blocks"] = len({i for i in progress.done_blocks(node) if i < info["n_blocks"]})
+        info["done_blocks"] = len({i for i in written_blocks(node) if i < info["n_blocks"]})
         info["chunks"] = list(node.chunks)
     else:  # a block is written when every member wrote it
         done = None
         for name in names:
             try:
-                mine = set(progress.done_blocks(node[name]))
+                mine = set(written_blocks(node[name]))
             except KeyError:
                 mine = set()
             done = mine if done is None else done & mine
@@ -473,7 +481,7 @@ def describe_stack(source: Any, array: str | None = None, storage_options: dict 
         # an interrupted run: report its layout and progress (a CSR output's
         # data/indices are longer than nnz until the run finishes)
         n_blocks = int(prov.get("n_blocks", 0))
-        done = len({i for i in progress.done_blocks(node) if i < n_blocks})
+        done = len({i for i in written_blocks(node) if i < n_blocks})
         shape = [prov.get("n_images"), *(prov.get("frame_shape") or [])]
         return {
             "location": str(loc), "format": prov.get("format"), "n_images": prov.get("n_images"),

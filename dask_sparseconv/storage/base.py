@@ -144,7 +144,15 @@ class OutputBase:
 
     def done_blocks(self) -> set[int]:
         """Blocks whose data and marker are written."""
-        return {i for i in progress.done_blocks(self.node) if i < len(self.block_bounds)}
+        return {i for i in progress.done_blocks(self.markers_in(self.node)) if i < len(self.block_bounds)}
+
+    @staticmethod
+    def markers_in(node: Any) -> Any:
+        """Where an opened output of this format keeps its block markers
+        (its own node; an OME-Zarr image group: its level array). Callers
+        that only hold the node (``info``, the CLI's resume check) ask this
+        through :func:`dask_sparseconv.storage.written_blocks`."""
+        return node
 
     @property
     def complete(self) -> bool:

@@ -262,6 +262,10 @@ class OmeZarrOutput(DenseOutput):
     def marker_node(self) -> zarr.Array:
         return self.level_array
 
+    @staticmethod
+    def markers_in(node: Any) -> Any:
+        return node[LEVEL]  # the block records live under the level array
+
     @classmethod
     def create(cls, loc: Location, n_images: int, out_shape: tuple[int, int], dtype: np.dtype,
                block_bounds, *, chunk_rows: int | None, chunk_nnz: int | None,

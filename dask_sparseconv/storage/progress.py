@@ -343,11 +343,9 @@ def read_block_record(node: zarr.Array, i: int) -> dict | None:
 
 
 def done_blocks(node: zarr.Array | zarr.Group) -> set[int]:
-    """Indices of blocks whose marker exists."""
-    if isinstance(node, zarr.Group) and (provenance(node) or {}).get("format") == "ome-zarr":
-        from .ome_zarr import LEVEL  # (ome_zarr imports this module)
-
-        node = node[LEVEL]  # an OME-Zarr output keeps its block records under its level array
+    """Indices of blocks whose marker exists under ``node`` (where an output
+    keeps its markers: :func:`dask_sparseconv.storage.written_blocks` asks
+    its format)."""
     prefix = _prefix(node)
     store = node.store
 
