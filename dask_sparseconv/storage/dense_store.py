@@ -334,7 +334,8 @@ class DenseInput(InputBase):
         if r1 <= r0 or c1 <= c0:
             return scipy.sparse.csr_matrix((max(0, r1 - r0), max(0, c1 - c0)), dtype=self.dtype)
         ch, cw = self.chunks[-2:]
-        if (ch < H or cw < W) and isinstance(self._arr, zarr.Array):
+        chunk_bytes = math.prod(self.chunks) * self.dtype.itemsize
+        if (ch < H or cw < W) and isinstance(self._arr, zarr.Array) and chunk_bytes <= self._TILE_CHUNK_MAX_BYTES:
             rows = []
             for cy in range(r0 // ch, (r1 - 1) // ch + 1):
                 y0 = cy * ch
@@ -352,6 +353,10 @@ class DenseInput(InputBase):
 
     #: chunks of a spatially chunked frame kept in CSR form per process (bytes)
     _TILE_CHUNK_CACHE_BYTES = 32 << 20
+    #: chunks larger than this (e.g. 16 images of 4096 x 4096 float32 in one
+    #: chunk: 1 GiB) are not decoded whole into a kept buffer; windows are
+    #: read through zarr instead
+    _TILE_CHUNK_MAX_BYTES = 256 << 20
 
     def _image_index(self, image: int) -> tuple[int, ...]:
         return tuple(int(i) for i in np.unravel_index(image, self._lead)) if self._lead else ()

@@ -223,19 +223,22 @@ def test_window_reads_across_chunks_match_the_array(tmp_path, layout):
     write_csr_stack(str(tmp_path / "c.zarr"), scipy.sparse.csr_matrix(x.reshape(2, -1)), (45, 38))
     dense, csr = open_input(str(tmp_path / "d.zarr")), open_input(str(tmp_path / "c.zarr"))
     dense._TILE_CHUNK_CACHE_BYTES = 600  # a few chunks' CSR: eviction happens
+    whole = open_input(str(tmp_path / "d.zarr"))
+    whole._TILE_CHUNK_MAX_BYTES = 100  # chunks too large to decode whole: windows read through zarr
     for _ in range(60):
         image = int(rng.integers(0, 2))
         r0, c0 = (int(v) for v in rng.integers(-5, 40, 2))
         r1, c1 = r0 + int(rng.integers(1, 30)), c0 + int(rng.integers(1, 30))
         want = x[image, max(r0, 0):max(r0, 0) + max(0, min(r1, 45) - max(r0, 0)),
                  max(c0, 0):max(c0, 0) + max(0, min(c1, 38) - max(c0, 0))]
-        for src in (dense, csr):
+        for src in (dense, csr, whole):
             got = src.read_frame_rows(image, r0, r1, c0, c1)
             assert got.shape == want.shape and got.has_canonical_format
             np.testing.assert_array_equal(got.toarray(), want)
         cache = dense.__dict__["_tile_cache"]
         held = sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in cache.values())
         assert len(cache) == 1 or held <= 600
+    assert "_tile_cache" not in whole.__dict__
 
 
 def _engines():
