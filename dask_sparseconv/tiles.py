@@ -17,7 +17,9 @@ instead of images. Two shapes:
 * **bands** (``band_cols == W_out``), for CSR outputs: a band's values are a
   contiguous run of the image's CSR row (indices are row-major), so the CSR
   writer's chain needs no change; one output row of the widest frames in
-  view (100,000 pixels) is a few MB at most;
+  view (100,000 pixels) is a few MB at most. When not even one output row
+  fits, tiles are single rows cut into columns, whose values are still
+  contiguous and in order;
 * **2-D tiles**, for dense outputs of spatially chunked inputs: tiles follow
   the input's chunk grid (a chunk, or an equal part of one), so that each
   input chunk is decompressed by the tiles inside it plus the neighbours
@@ -73,8 +75,14 @@ class TileGrid:
 
     @property
     def bands(self) -> bool:
-        """Whether tiles span the whole output width (as a CSR output needs)."""
+        """Whether tiles span the whole output width."""
         return self.band_cols >= self.out_shape[1]
+
+    @property
+    def contiguous(self) -> bool:
+        """Whether tiles in order hold the output's values in order (whole-width
+        bands, or single rows cut into columns), as a CSR output needs."""
+        return self.bands or self.band_rows == 1
 
     @property
     def n_tiles(self) -> int:
@@ -188,9 +196,14 @@ def plan_tiles(n_images: int, frame_shape: tuple[int, int], out_shape: tuple[int
         if shape is None:
             raise _too_small(block_memory, tile_bytes(1, 1), "one output pixel")
         rows, cols = shape
+    elif not limit:
+        # not even one output row fits: rows cut into columns, one row per tile,
+        # whose values are still contiguous (in order) in a CSR output
+        cols = largest_fit(Wo, lambda c: fits(1, c))
+        if not cols:
+            raise _too_small(block_memory, tile_bytes(1, 1), "one output pixel")
+        rows, cols = 1, equal_parts(Wo, cols)
     else:
-        if not limit:
-            raise _too_small(block_memory, tile_bytes(1, Wo), f"one output row of {Wo} pixels")
         # whole input chunks per band when they fit, else equal bands
         rows, cols = ((limit // ch) * ch if 1 < ch <= limit else equal_parts(Ho, limit)), Wo
         if n_images < min_blocks:  # a few huge frames: bands small enough to keep every thread busy

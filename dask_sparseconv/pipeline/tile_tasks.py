@@ -151,11 +151,13 @@ def convolve_tiles(src, spec: BlockSpec, kernel: np.ndarray, start: int, stop: i
         if dense:
             res = conv(_flat(win), out="dense", batched=True)
             out[k, : y1 - y0, : x1 - x0] = np.asarray(res).reshape(y1 - y0, x1 - x0)
-        else:  # bands: the tile's flat positions are the output frame's, from row y0 on
+        else:  # the tile's row-major positions in the whole output frame (increasing, as CSR needs)
             res = scipy.sparse.csr_matrix(conv(_flat(win), out="csr", batched=True))
             res.sum_duplicates()
-            rows.append(scipy.sparse.csr_matrix((res.data, np.asarray(res.indices, np.int64) + y0 * Wo,
-                                                 np.array([0, res.nnz])), shape=(1, Ho * Wo)))
+            local = np.asarray(res.indices, np.int64)
+            w = x1 - x0
+            flat = (y0 + local // w) * Wo + x0 + local % w
+            rows.append(scipy.sparse.csr_matrix((res.data, flat, np.array([0, res.nnz])), shape=(1, Ho * Wo)))
     if dense:
         return nnz_in, out, conv
     return nnz_in, scipy.sparse.vstack(rows, format="csr"), conv

@@ -269,6 +269,9 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
         # recorded, not compared as a setting: a resume compares it with check_unchanged
         attrs["source_fingerprint"] = fp.as_dict()
     if blocks.tiles is not None:  # part of the layout: the output's chunks and records follow the tiles
+        if fmt == "csr" and not blocks.tiles.contiguous:
+            raise ValueError(f"a CSR output is written tile by tile in order, so its tiles must be whole-width bands "
+                             f"or single rows; got tiles of {blocks.tiles.band_rows} x {blocks.tiles.band_cols}")
         attrs["tiles"] = blocks.tiles.as_attrs()
     info = JobInfo(str(tgt_loc), settings.container or fmt, src.n_images, plan.frame_shape, plan.out_shape, plan.out_dtype.name,
                    blocks.block_rows, resumed=resume_prov is not None,

@@ -284,14 +284,14 @@ def test_2_by_3_tiles_smaller_than_the_halo(tmp_path, mode, op, kernel):
     x = np.where(rng.random((2, 8, 12)) < 0.4, rng.standard_normal((2, 8, 12)), 0).astype(np.float32)
     src = str(tmp_path / "x.zarr")
     write_dense_stack(src, x, chunks=(1, 4, 4))
-    for out_fmt in ("dense", "csr"):
+    for out_fmt, shape in (("dense", (4, 4)), ("csr", (4, None)), ("csr", (1, 5))):
         plan = plan_job(src, kernel, mode, output_format=out_fmt, threads=2, **op)
         Ho, Wo = plan.out_shape
-        grid = TileGrid(2, (8, 12), (Ho, Wo), 4, 4 if out_fmt == "dense" else Wo)
+        grid = TileGrid(2, (8, 12), (Ho, Wo), shape[0], shape[1] or Wo)  # CSR: bands, or single rows cut in columns
         if mode == "same" and out_fmt == "dense":
             assert grid.grid == (2, 3)
         blocks = RowBlocks(grid.n_tiles, 2, 1, plan.settings.block_memory, 1000, tiles=grid)
-        target = str(tmp_path / f"y_{out_fmt}.zarr")
+        target = str(tmp_path / f"y_{out_fmt}_{shape[0]}.zarr")
         summary = convolve_zarr(src, kernel, target, mode, output_format=out_fmt,
                                 plan=dataclasses.replace(plan, blocks=blocks), **op)
         assert summary.blocks == blocks.n_blocks and summary.nnz_in == int(np.count_nonzero(x))
@@ -358,3 +358,35 @@ def test_input_dtypes_and_dtype_on_tiles(tmp_path, in_dtype, dtype):
         assert summary.blocks > 2 and summary.dtype == (dtype or "float64")
         tol = 1e-10 if dtype is None else 1e-4
         np.testing.assert_allclose(_result(target).reshape(ref.shape), ref, rtol=tol, atol=tol * 100)
+
+
+def test_rows_too_wide_for_a_block_are_cut_into_columns(tmp_path):
+    """A frame so wide that one output row with its halo does not fit the
+    budget: CSR out gets single rows cut into columns (their values still
+    in order), dense out 2-D tiles; both equal scipy. A CSR output refuses
+    tiles that would not keep its values in order."""
+    import dataclasses
+
+    from dask_sparseconv.row_blocks import RowBlocks
+    from dask_sparseconv.tiles import TileGrid
+
+    rng = np.random.default_rng(4)
+    x = np.where(rng.random((1, 9, 4000)) < 0.05, rng.standard_normal((1, 9, 4000)), 0).astype(np.float32)
+    src = str(tmp_path / "wide.zarr")
+    write_csr_stack(src, scipy.sparse.csr_matrix(x.reshape(1, -1)), (9, 4000))
+    for out_fmt in ("csr", "dense"):
+        plan = plan_job(src, KERNEL_7[:5, :5], "same", output_format=out_fmt, block_memory="48KiB", threads=2)
+        tiles = plan.blocks.tiles
+        assert tiles is not None and tiles.band_cols < 4000
+        if out_fmt == "csr":
+            assert tiles.band_rows == 1 and tiles.contiguous
+        target = str(tmp_path / f"y_{out_fmt}.zarr")
+        convolve_zarr(src, KERNEL_7[:5, :5], target, "same", output_format=out_fmt, block_memory="48KiB")
+        _check(target, x, KERNEL_7[:5, :5], "same")
+    plan = plan_job(src, KERNEL_7[:5, :5], "same", output_format="csr", threads=2)
+    grid = TileGrid(1, (9, 4000), (9, 4000), 3, 1000)
+    bad = dataclasses.replace(plan, blocks=RowBlocks(grid.n_tiles, 1, 1, plan.settings.block_memory, 1000,
+                                                     tiles=grid))
+    with pytest.raises(ValueError, match="whole-width bands or single rows"):
+        convolve_zarr(src, KERNEL_7[:5, :5], str(tmp_path / "bad.zarr"), "same", output_format="csr", plan=bad)
+    assert not (tmp_path / "bad.zarr").exists()
