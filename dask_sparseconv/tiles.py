@@ -32,6 +32,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+import scipy.sparse
+
 from .geometry import Geometry
 from .row_blocks import RowBlocks, plan_row_blocks
 
@@ -148,6 +151,27 @@ def chunk_tile(chunk: tuple[int, int], fits: Callable[[int, int], bool]) -> tupl
     return rows, cols
 
 
+def band_csr(data: np.ndarray, flat: np.ndarray, rows: int, width: int, index_dtype=np.int64) -> scipy.sparse.csr_matrix:
+    """Rows of a frame as 2-D CSR ``(rows, width)`` from their values and
+    sorted row-major positions ``flat`` counted from the band's first pixel
+    (what a frame's sorted CSR indices give for a range of its rows)."""
+    flat = np.asarray(flat, dtype=np.int64)
+    indptr = np.searchsorted(flat, np.arange(rows + 1, dtype=np.int64) * width)
+    cols = flat - np.repeat(np.arange(rows, dtype=np.int64) * width, np.diff(indptr))
+    return scipy.sparse.csr_matrix((data, cols.astype(index_dtype), indptr.astype(index_dtype)), shape=(rows, width),
+                                   copy=False)
+
+
+def as_one_image(window: scipy.sparse.csr_matrix) -> scipy.sparse.csr_matrix:
+    """A 2-D window ``(h, w)`` as one flattened image ``(1, h*w)`` in row-major
+    order (what the engines convolve), duplicates summed."""
+    h, w = window.shape
+    window = scipy.sparse.csr_matrix(window)
+    window.sum_duplicates()
+    flat = np.repeat(np.arange(h, dtype=np.int64), np.diff(window.indptr)) * w + window.indices
+    return scipy.sparse.csr_matrix((window.data, flat, np.array([0, flat.size])), shape=(1, h * w))
+
+
 #: Safety factor on a tile's share of an image's nonzeros (a band of a
 #: clustered raster may be denser than the image on average)
 TILE_DENSITY_SAFETY = 2.0
@@ -224,4 +248,5 @@ def _too_small(block_memory: int, need: int, what: str) -> ValueError:
         f"use block_memory >= {need}")
 
 
-__all__ = ["TILE_DENSITY_SAFETY", "TileGrid", "chunk_tile", "equal_parts", "largest_fit", "plan_tiles"]
+__all__ = ["TILE_DENSITY_SAFETY", "TileGrid", "as_one_image", "band_csr", "chunk_tile", "equal_parts", "largest_fit",
+           "plan_tiles"]

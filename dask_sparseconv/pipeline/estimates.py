@@ -100,13 +100,13 @@ class MatrixFrames:
 
     def read_frame_rows(self, image: int, r0: int, r1: int) -> scipy.sparse.csr_matrix:
         H, W = self.frame_shape
+        from ..tiles import band_csr
+
         r0, r1 = max(0, int(r0)), min(H, int(r1))
         a, b = int(self.csr.indptr[image]), int(self.csr.indptr[image + 1])
         idx = np.asarray(self.csr.indices[a:b], dtype=np.int64)
         lo, hi = np.searchsorted(idx, [r0 * W, r1 * W])
-        flat = idx[lo:hi] - r0 * W
-        return scipy.sparse.csr_matrix((self.csr.data[a + lo: a + hi], (flat // W, flat % W)),
-                                       shape=(max(0, r1 - r0), W))
+        return band_csr(self.csr.data[a + lo: a + hi], idx[lo:hi] - r0 * W, max(0, r1 - r0), W)
 
 
 #: Frames too large to sample whole (see sample_rows) are sampled in this
@@ -130,15 +130,9 @@ def frame_samples(src, geo) -> tuple[list[scipy.sparse.csr_matrix], Any, int]:
     images = sorted({0, n // 2})
     per_band = max(1, min(H, _EXPANSION_MAX_PIXELS // (W * _FRAME_SAMPLE_BANDS * len(images))))
     starts = sorted({int(r) for r in np.linspace(0, H - per_band, _FRAME_SAMPLE_BANDS)})
-    samples = []
-    for image in images:
-        for r in starts:
-            band = src.read_frame_rows(image, r, r + per_band)
-            flat = band.tocoo()
-            idx = flat.row.astype(np.int64) * W + flat.col
-            order = np.argsort(idx, kind="stable")
-            samples.append(scipy.sparse.csr_matrix((flat.data[order], idx[order], [0, idx.size]),
-                                                   shape=(1, per_band * W)))
+    from ..tiles import as_one_image
+
+    samples = [as_one_image(src.read_frame_rows(image, r, r + per_band)) for image in images for r in starts]
     sample_geo = geometry((per_band, W), geo.kernel_shape, "full")
     return samples, sample_geo, len(samples) * per_band * W
 

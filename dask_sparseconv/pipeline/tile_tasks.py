@@ -28,7 +28,7 @@ import scipy.sparse
 from ..boundaries import FOLDS
 from ..geometry import Geometry
 from ..operation import DEFAULT
-from ..tiles import TileGrid
+from ..tiles import TileGrid, as_one_image
 from .spec import BlockSpec
 
 
@@ -108,16 +108,6 @@ def _fill_positions(r0, r1, c0, c1, H, W, value, dtype) -> scipy.sparse.csr_matr
     return scipy.sparse.csr_matrix((data, indices, indptr), shape=(r1 - r0, w))
 
 
-def _flat(win: scipy.sparse.csr_matrix) -> scipy.sparse.csr_matrix:
-    """A 2-D window as one image, ``(1, h*w)`` CSR in row-major order."""
-    h, w = win.shape
-    win = scipy.sparse.csr_matrix(win)
-    win.sum_duplicates()
-    rows = np.repeat(np.arange(h, dtype=np.int64), np.diff(win.indptr))
-    flat = rows * w + win.indices
-    return scipy.sparse.csr_matrix((win.data, flat, np.array([0, flat.size])), shape=(1, h * w))
-
-
 def tile_convolver(spec: BlockSpec, kernel: np.ndarray, window_shape: tuple[int, int]):
     """The worker's cached convolver for a window: ``'valid'`` mode, the kernel as applied."""
     from .tasks import block_convolver
@@ -149,10 +139,10 @@ def convolve_tiles(src, spec: BlockSpec, kernel: np.ndarray, start: int, stop: i
         nnz_in += own
         conv = tile_convolver(spec, kernel, win.shape)
         if dense:
-            res = conv(_flat(win), out="dense", batched=True)
+            res = conv(as_one_image(win), out="dense", batched=True)
             out[k, : y1 - y0, : x1 - x0] = np.asarray(res).reshape(y1 - y0, x1 - x0)
         else:  # the tile's row-major positions in the whole output frame (increasing, as CSR needs)
-            res = scipy.sparse.csr_matrix(conv(_flat(win), out="csr", batched=True))
+            res = scipy.sparse.csr_matrix(conv(as_one_image(win), out="csr", batched=True))
             res.sum_duplicates()
             local = np.asarray(res.indices, np.int64)
             w = x1 - x0

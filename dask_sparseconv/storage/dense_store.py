@@ -392,13 +392,11 @@ class DenseInput(InputBase):
             buf = d.get("_tile_buffer")
             if buf is None or buf.shape != self.chunks:
                 buf = d["_tile_buffer"] = np.empty(self.chunks, dtype=self._arr.dtype)
-            within = tuple(i % c for i, c in zip(lead, self.chunks[:-2]))
+            part = buf[tuple(i % c for i, c in zip(lead, self.chunks[:-2]))][: r1 - r0, : c1 - c0]
             try:
                 coords = tuple(i // c for i, c in zip(lead, self.chunks[:-2])) + (cy, cx)
-                if decode_chunk_into(self._arr, coords, buf):  # the chunk's raw bytes straight into buf
-                    part = buf[within][: r1 - r0, : c1 - c0]
-                else:  # codecs we do not decode ourselves: through zarr
-                    part = buf[within][: r1 - r0, : c1 - c0]
+                # the chunk's raw bytes straight into buf; codecs we do not decode ourselves: through zarr
+                if not decode_chunk_into(self._arr, coords, buf):
                     read_into(self._arr, lead + (slice(r0, r1), slice(c0, c1)), part)
             except Exception as exc:  # zarr / numcodecs decode errors have no common base class
                 raise self._decode_error(image, r0, r1, c0, c1, exc) from exc

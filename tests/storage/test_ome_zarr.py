@@ -44,6 +44,19 @@ def _cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+def _workflow(tmp_path, inp: dict, mode: str, output: dict) -> dict:
+    """A workflow on this image (``inp`` beside the input path), written to ``tmp_path/wf.yaml``."""
+    wf = {
+        "input": {"path": str(tmp_path / "img.zarr"), **inp},
+        "kernel": {"values": KERNEL.tolist()},
+        "mode": mode,
+        "output": {"path": str(tmp_path / "out.zarr"), **output},
+        "cluster": {"n_workers": 1, "threads_per_worker": 1, "dashboard_address": None},
+    }
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(wf))
+    return wf
+
+
 def _level_path(group, level: int) -> str:
     attrs = group.attrs.asdict()
     ms = (attrs.get("ome") or attrs)["multiscales"][0]
@@ -110,13 +123,7 @@ def test_cli_info_and_run_with_input_level(tmp_path):
     assert "levels:     0: " in r.stdout and "(read)" in r.stdout
     level1 = group[_level_path(group, 1)][:]
     wf = tmp_path / "wf.yaml"
-    wf.write_text(yaml.safe_dump({
-        "input": {"path": str(tmp_path / "img.zarr"), "level": 1},
-        "kernel": {"values": KERNEL.tolist()},
-        "mode": "same",
-        "output": {"path": str(tmp_path / "out.zarr"), "format": "csr"},
-        "cluster": {"n_workers": 1, "threads_per_worker": 1, "dashboard_address": None},
-    }))
+    _workflow(tmp_path, {"level": 1}, "same", {"format": "csr"})
     r = _cli("run", str(wf), timeout=300)
     assert r.returncode == 0, r.stderr
     assert "6 images of 16 x 14" in r.stdout
@@ -207,13 +214,7 @@ def test_ome_zarr_output_from_the_cli_and_refusals(tmp_path):
     image = _image((4, 24, 22), seed=9)
     _write_ome(tmp_path / "img.zarr", image, "cyx", "0.4")
     wf = tmp_path / "wf.yaml"
-    wf.write_text(yaml.safe_dump({
-        "input": {"path": str(tmp_path / "img.zarr")},
-        "kernel": {"values": KERNEL.tolist()},
-        "mode": "valid",
-        "output": {"path": str(tmp_path / "out.zarr"), "format": "ome-zarr"},
-        "cluster": {"n_workers": 1, "threads_per_worker": 1, "dashboard_address": None},
-    }))
+    _workflow(tmp_path, {}, "valid", {"format": "ome-zarr"})
     r = _cli("run", str(wf), timeout=300)
     assert r.returncode == 0, r.stderr
     _validated(tmp_path / "out.zarr")
@@ -298,15 +299,8 @@ def test_workflow_spatial_axes_key(tmp_path):
     image = _image((3, 5, 16, 14), seed=12)
     group = _write_ome(tmp_path / "img.zarr", image, "tzyx", "0.5")
     stored = group[_level_path(group, 0)][:]
-    wf = {
-        "input": {"path": str(tmp_path / "img.zarr"), "spatial_axes": ["z", "y"]},
-        "kernel": {"values": KERNEL.tolist()},
-        "mode": "same",
-        "output": {"path": str(tmp_path / "out.zarr")},
-        "cluster": {"n_workers": 1, "threads_per_worker": 1, "dashboard_address": None},
-    }
+    wf = _workflow(tmp_path, {"spatial_axes": ["z", "y"]}, "same", {})
     path = tmp_path / "wf.yaml"
-    path.write_text(yaml.safe_dump(wf))
     r = _cli("run", str(path), timeout=300)
     assert r.returncode == 0, r.stderr
     ref = convolve_stack(stored.transpose(0, 3, 1, 2).reshape(42, 5, 16), KERNEL, "same")  # t, x, z, y

@@ -270,11 +270,9 @@ class CSRInput(InputBase):
         if flat.size and not np.all(np.diff(flat) > 0):
             raise ValueError(f"CSR source {self._loc}: image {image} has unsorted or repeated column indices; "
                              "frames larger than a block are read by rows and need canonical CSR (sorted indices)")
-        rows = np.searchsorted(flat, np.arange(r1 - r0 + 1, dtype=np.int64) * W)
-        idt = index_dtype(W, b - a, r1 - r0)
-        return scipy.sparse.csr_matrix((data.astype(self.dtype, copy=False), (flat - np.repeat(
-            np.arange(r1 - r0, dtype=np.int64) * W, np.diff(rows))).astype(idt), rows.astype(idt)),
-            shape=(r1 - r0, W), copy=False)
+        from ...tiles import band_csr
+
+        return band_csr(data.astype(self.dtype, copy=False), flat, r1 - r0, W, index_dtype(W, b - a, r1 - r0))
 
     def _search_indices(self, a: int, b: int, value: int) -> int:
         """The first position in ``[a, b)`` whose column index is ``>= value``
