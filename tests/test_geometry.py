@@ -78,3 +78,20 @@ def test_support_counts_per_image_with_stored_zeros_and_holes(H, W, kh, kw, mode
            for f in m.toarray().reshape(5, H, W)]
     got = support_counts(m, k, geometry((H, W), (kh, kw), mode))
     assert got.dtype == np.int64 and got.tolist() == ref
+
+
+@pytest.mark.parametrize("limit", [1, 7, 50])
+def test_support_counts_in_pieces_of_images(monkeypatch, limit):
+    """Inputs over the interval budget are counted a few images at a time
+    (one image alone may exceed it): the same counts, against scipy."""
+    import dask_sparseconv.engine.support as support
+
+    monkeypatch.setattr(support, "_MAX_INTERVALS", limit)
+    rng = np.random.default_rng(limit)
+    x = np.where(rng.random((7, 9, 11)) < 0.3, rng.random((7, 9, 11)) + 0.5, 0.0)
+    x[2] = 0.0  # an empty image between pieces
+    k = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    for mode in ("full", "same", "valid"):
+        got = support.support_counts(scipy.sparse.csr_matrix(x.reshape(7, -1)), k, geometry((9, 11), (2, 3), mode))
+        ref = [np.count_nonzero(scipy.signal.convolve2d(f, k, mode=mode)) for f in x]
+        assert got.tolist() == ref

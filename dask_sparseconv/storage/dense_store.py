@@ -110,20 +110,23 @@ def _gather_nonzeros(flat, counts, indices, data):
 _GATHER_ROOM = 1 / 16
 
 
-def dense_to_csr(flat: np.ndarray) -> scipy.sparse.csr_matrix:
+def dense_to_csr(flat: np.ndarray, compiled: bool = True) -> scipy.sparse.csr_matrix:
     """Canonical CSR of a 2-D array, keeping its dtype; int32 indices when they fit.
 
     Booleans, integers and float32/float64 in native byte order take one
     compiled pass that counts and gathers at once (memory-bound: the numpy
     path below makes a mask, counts it and scans it again, ~30 % slower on
-    sparse 16 x 512 x 512 float32 blocks); other dtypes use numpy: a boolean
-    mask, per-row counts give ``indptr`` and ``flatnonzero`` of the mask
-    gives column indices already sorted by row then column (canonical)
-    without scipy's COO round trip.
+    sparse 16 x 512 x 512 float32 blocks); other dtypes, and
+    ``compiled=False`` (the planner's samples on the client, where loading
+    the first compiled function costs ~0.3 s), use numpy: a boolean mask,
+    per-row counts give ``indptr`` and ``flatnonzero`` of the mask gives
+    column indices already sorted by row then column (canonical) without
+    scipy's COO round trip.
     """
     flat = np.ascontiguousarray(flat)
     rows, ncols = flat.shape
-    if flat.dtype.isnative and (flat.dtype.kind in "biu" or flat.dtype in (np.float32, np.float64)) and flat.size:
+    if (compiled and flat.dtype.isnative and (flat.dtype.kind in "biu" or flat.dtype in (np.float32, np.float64))
+            and flat.size):
         return _dense_to_csr_compiled(flat)
     mask = flat != 0
     counts = np.count_nonzero(mask, axis=1)
@@ -309,11 +312,12 @@ class DenseInput(InputBase):
                                  "the store is corrupt or was written incompletely") from exc
         return out
 
-    def read_block(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
-        """Images ``[start, stop)`` as canonical CSR ``(rows, H*W)`` of the input dtype."""
+    def read_block(self, start: int, stop: int, compiled: bool = True) -> scipy.sparse.csr_matrix:
+        """Images ``[start, stop)`` as canonical CSR ``(rows, H*W)`` of the input dtype
+        (``compiled=False``: converted by numpy, see :func:`dense_to_csr`)."""
         dense = self.read_dense_block(start, stop)
         H, W = self.frame_shape
-        return dense_to_csr(dense.reshape(dense.shape[0], H * W))
+        return dense_to_csr(dense.reshape(dense.shape[0], H * W), compiled=compiled)
 
     def read_frame_rows(self, image: int, r0: int, r1: int, c0: int = 0,
                         c1: int | None = None) -> scipy.sparse.csr_matrix:

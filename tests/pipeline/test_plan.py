@@ -103,3 +103,30 @@ def test_equal_lazy_calls_share_keys_and_different_ones_do_not(stack, stores):
     r1, r3 = dask.compute(s1, s3)
     assert_matches(r1, reference(x, KERNEL, "same"))
     assert_matches(r3, reference(x * 2, KERNEL, "same"), rtol=1e-5, atol=1e-4)
+
+
+_NO_COMPILED_CODE = """
+import gc, sys
+import numpy as np
+from numba.core.dispatcher import Dispatcher
+from dask_sparseconv import plan_job
+plan = plan_job(sys.argv[1], np.ones((3, 3)), "same", output_format="csr")
+loaded = sorted(d.py_func.__qualname__ for d in gc.get_objects() if isinstance(d, Dispatcher) and d.overloads)
+assert len(plan.blocks.bounds) >= 1 and plan.expansion is not None, plan
+print("loaded:", loaded)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+def test_client_plans_without_compiled_code(stores, tmp_path, fmt):
+    """Planning reads and samples the input on the client with numpy only:
+    loading the first compiled function costs a process ~0.3 s (numba's
+    start-up), which the command line would pay on every run
+    (docs/benchmarks.md, "Resume"). The plan still samples the output."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _NO_COMPILED_CODE, str(stores[fmt]), str(tmp_path / "out.zarr")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "loaded: []"

@@ -99,12 +99,13 @@ def test_dense_to_csr_matches_scipy_with_nan_and_negative_zero():
     np.testing.assert_array_equal(got.data, ref.data)  # NaN kept, -0.0 dropped, like scipy
 
 
+@pytest.mark.parametrize("compiled", [True, False])  # False: the planner's numpy path on the client
 @pytest.mark.parametrize("dtype", ["float32", "float64", "int16", "uint8", "bool", ">f4"])
 @pytest.mark.parametrize("density", [0.0, 0.002, 0.4, 1.0])  # 0.4 and 1.0 overflow the one-pass room
-def test_dense_to_csr_dtypes_and_densities(dtype, density):
+def test_dense_to_csr_dtypes_and_densities(dtype, density, compiled):
     rng = np.random.default_rng(5)
     x = np.where(rng.random((9, 4000)) < density, rng.standard_normal((9, 4000)) * 10, 0).astype(dtype)
-    got = dense_to_csr(x)
+    got = dense_to_csr(x, compiled=compiled)
     ref = scipy.sparse.csr_matrix(x.astype(x.dtype.newbyteorder("=")))
     ref.eliminate_zeros()
     assert got.dtype == x.dtype and got.has_canonical_format and got.indices.dtype == np.int32
