@@ -118,8 +118,11 @@ def run_cli(folder: str, *args: str) -> tuple[float, str, str]:
 
 def interrupt_at(folder: str, wf: str, share: float) -> int:
     """Run ``wf`` and send SIGINT once ``share`` of its blocks are reported done; return the exit code."""
+    # a benchmark started in the background of a shell inherits an ignored
+    # SIGINT, and so would the command: give it Ctrl-C back
     proc = subprocess.Popen(_cli() + ["run", wf], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stderr:
             m = PROGRESS.search(line)

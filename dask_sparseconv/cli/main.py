@@ -128,5 +128,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RUNTIME
 
 
+def console_main() -> int:
+    """The ``dask-sparseconv`` command: :func:`main`, then a quick exit
+    (:mod:`dask_sparseconv.runtime.process_exit`). Only the command's own
+    process freezes its objects; code that calls :func:`main` keeps its own."""
+    code = main()
+    from ..runtime.process_exit import freeze_for_exit
+
+    freeze_for_exit()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
