@@ -418,3 +418,41 @@ def test_same_or_inside(tmp_path):
     assert not same_or_inside(zarr.storage.MemoryStore(), g)
     local = zarr.open_group(src, mode="w")
     assert same_or_inside(resolve_location(local, array="res"), str(src))
+
+
+def test_csr_block_records_list_their_chunks_raw_and_old_records_still_verify(tmp_path):
+    """A block's record lists the data and indices chunks it wrote as stored
+    (size and digest of the encoded bytes), so a resumed run checks them
+    without decoding; a record of an earlier version (a CRC-32 of the decoded
+    values) is still checked, and still catches a damaged chunk."""
+    from dask_sparseconv.storage import progress
+    from dask_sparseconv.storage.csr_store.output import BLOCKS, _pack_record
+
+    n = 17
+    x = _result(n, 5, 5, density=0.3)
+    c = scipy.sparse.csr_matrix(x.reshape(n, -1))
+    bounds = _bounds(n, 4)
+    t = tmp_path / "c.zarr"
+    out = create_output(t, "csr", n, (5, 5), "float32", bounds, chunk_rows=3, chunk_nnz=5)
+    for i in range(3):
+        out.write_block(i, *bounds[i], c[slice(*bounds[i])])
+    rec = _record_json(t, 1)
+    lo, hi = rec["written"]["values"]
+    chunks = rec["written"]["chunks"]
+    assert sorted(chunks) == sorted(f"{a}/c/{j}" for a in ("data", "indices") for j in range((lo // 5), (hi - 1) // 5 + 1))
+    assert all(v[0] > 0 and v[1].startswith("xxh3:") for v in chunks.values())
+
+    # block 1's record as an earlier version wrote it
+    again = create_output(t, "csr", n, (5, 5), "float32", bounds, resume=True)
+    counts, old = again.block_record(1)
+    values = [np.asarray(zarr.open_array(t / name, mode="r")[lo:hi]) for name in ("data", "indices")]
+    old = {k: v for k, v in old.items() if k not in ("rows", "nnz", "crc32")}
+    old["written"] = {"values": [lo, hi], "crc32": progress.checksum(*values)}
+    (t / BLOCKS / "block_1").write_bytes(_pack_record(counts, old))
+    assert again.block_record(1) is not None and "chunks" not in again.block_record(1)[1]["written"]
+    np.testing.assert_array_equal(again.block_record(1)[0], np.diff(c[slice(*bounds[1])].indptr))
+    victim = t / "indices" / "c" / str(lo // 5)
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    assert again.block_record(1) is None and again.block_record(0) is not None
