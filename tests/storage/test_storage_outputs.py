@@ -290,18 +290,23 @@ def test_csr_carry_chain_writes_each_chunk_once(tmp_path, chunk_nnz, chunk_rows,
     assert (open_stack(t, rows_per_chunk=5).compute() != c).nnz == 0
 
 
+def _three_of_five_blocks_written(tmp_path):
+    """A CSR output of 17 images in blocks of 4 (chunks of 5 values), blocks 0-2 written: ``(c, bounds, path, writer)``."""
+    x = _result(17, 5, 5, density=0.3)
+    c = scipy.sparse.csr_matrix(x.reshape(17, -1))
+    bounds = _bounds(17, 4)
+    t = tmp_path / "c.zarr"
+    out = create_output(t, "csr", 17, (5, 5), "float32", bounds, chunk_rows=3, chunk_nnz=5)
+    for i in range(3):
+        out.write_block(i, *bounds[i], c[slice(*bounds[i])])
+    return c, bounds, t, out
+
+
 def test_csr_resume_checks_written_chunks_and_recomputes_carries(tmp_path):
     """A reopened writer trusts a block only if its record and the values it
     wrote read back unchanged; a block left to do gets the values that
     skipped blocks carried by recomputing exactly their images."""
-    n = 17
-    x = _result(n, 5, 5, density=0.3)
-    c = scipy.sparse.csr_matrix(x.reshape(n, -1))
-    bounds = _bounds(n, 4)
-    t = tmp_path / "c.zarr"
-    out = create_output(t, "csr", n, (5, 5), "float32", bounds, chunk_rows=3, chunk_nnz=5)
-    for i in range(3):
-        out.write_block(i, *bounds[i], c[slice(*bounds[i])])
+    n, (c, bounds, t, out) = 17, _three_of_five_blocks_written(tmp_path)
     info = describe_stack(t)
     assert info["complete"] is False and info["n_blocks"] == 5 and info["done_blocks"] == 3
     assert info["format"] == "csr" and info["shape"] == [17, 25]
@@ -428,14 +433,7 @@ def test_csr_block_records_list_their_chunks_raw_and_old_records_still_verify(tm
     from dask_sparseconv.storage import progress
     from dask_sparseconv.storage.csr_store.output import BLOCKS, _pack_record
 
-    n = 17
-    x = _result(n, 5, 5, density=0.3)
-    c = scipy.sparse.csr_matrix(x.reshape(n, -1))
-    bounds = _bounds(n, 4)
-    t = tmp_path / "c.zarr"
-    out = create_output(t, "csr", n, (5, 5), "float32", bounds, chunk_rows=3, chunk_nnz=5)
-    for i in range(3):
-        out.write_block(i, *bounds[i], c[slice(*bounds[i])])
+    n, (c, bounds, t, _) = 17, _three_of_five_blocks_written(tmp_path)
     rec = _record_json(t, 1)
     lo, hi = rec["written"]["values"]
     chunks = rec["written"]["chunks"]
