@@ -24,12 +24,21 @@ import numpy as np
 __all__ = ["get_reader", "read_stack", "CSRFrames"]
 
 
+#: Pixels one read may densify (a 8192 x 8192 window: 256 MiB of float32).
+#: napari shows a plain image layer a whole frame at a time, so frames larger
+#: than this are not opened as layers (a 100,000^2 raster would be 40 GB).
+MAX_WINDOW_PIXELS = 64 * 1024**2
+
+
 class CSRFrames:
     """A CSR stack seen as a read-only ``(n, H, W)`` array, decoded frame by frame.
 
     What napari needs of an array: ``shape``, ``dtype``, ``ndim`` and
     ``__getitem__`` returning numpy; indexing reads only the rows (images)
-    the key selects.
+    the key selects. A key with row and column slices (``frames[i, y0:y1,
+    x0:x1]``) reads only that window of each frame, so windows of frames too
+    large to densify whole can be looked at; no read densifies more than
+    :data:`MAX_WINDOW_PIXELS` pixels per frame.
     """
 
     def __init__(self, src: Any):
@@ -43,16 +52,22 @@ class CSRFrames:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
+        if len(key) > 3:
+            raise IndexError(f"too many indices for a stack of shape {self.shape}: {key!r}")
         first, rest = key[0], key[1:]
         rows = np.arange(self.shape[0])[first]
-        H, W = self.shape[1:]
         picked = np.atleast_1d(rows)
-        out = np.zeros((picked.size, H, W), dtype=self.dtype)
+        (r0, r1, rsel), (c0, c1, csel) = (_window(k, n) for k, n in
+                                          zip(rest + (slice(None),) * (2 - len(rest)), self.shape[1:]))
+        if (r1 - r0) * (c1 - c0) > MAX_WINDOW_PIXELS:
+            raise ValueError(f"reading rows {r0}-{r1 - 1} x columns {c0}-{c1 - 1} of frames of {self.shape[1]} x "
+                             f"{self.shape[2]} pixels would densify {(r1 - r0) * (c1 - c0):,} pixels per frame "
+                             f"(limit: {MAX_WINDOW_PIXELS:,}); index a smaller window, e.g. frames[i, y0:y1, x0:x1]")
+        out = np.zeros((picked.size, r1 - r0, c1 - c0), dtype=self.dtype)
         for j, i in enumerate(picked):
-            out[j] = self._src.read_block(int(i), int(i) + 1).toarray().reshape(H, W)
-        if np.ndim(rows) == 0:
-            return out[0][rest] if rest else out[0]
-        return out[(slice(None),) + rest] if rest else out
+            out[j] = self._src.read_frame_rows(int(i), r0, r1, c0, c1).toarray()
+        out = out[:, rsel][..., csel]  # an int drops its axis; arrays pick within the window
+        return out[0] if np.ndim(rows) == 0 else out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         full = self[:]
@@ -60,6 +75,23 @@ class CSRFrames:
 
     def __repr__(self) -> str:
         return f"CSRFrames({self._src.location}, shape={self.shape}, dtype={self.dtype})"
+
+
+def _window(key: Any, n: int) -> tuple[int, int, Any]:
+    """``(lo, hi, sel)``: the span ``[lo, hi)`` of one frame axis that ``key``
+    selects, and the index (relative to ``lo``) that picks the key's entries
+    from it (an int drops the axis)."""
+    if isinstance(key, (int, np.integer)):
+        i = int(key)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} is out of bounds for a frame axis of size {n}")
+        i %= n
+        return i, i + 1, np.intp(0)
+    picked = np.arange(n)[key]  # slices, arrays, booleans: numpy's rules and errors
+    if picked.size == 0:
+        return 0, 0, np.arange(0)
+    lo, hi = int(picked.min()), int(picked.max()) + 1
+    return lo, hi, picked - lo
 
 
 def _open(path: str) -> tuple[Any, dict | None] | None:
@@ -85,6 +117,12 @@ def read_stack(path: str | os.PathLike) -> list[tuple[Any, dict, str]]:
         raise ValueError(f"{path} is not a stack dask-sparseconv reads (a dense (n, H, W) zarr array, an anndata "
                          "csr_matrix group with frame_shape, or an OME-Zarr image)")
     src, prov = opened
+    H, W = (int(v) for v in src.frame_shape)
+    if H * W > MAX_WINDOW_PIXELS:
+        raise ValueError(f"{path}: frames of {H} x {W} pixels are too large to show whole in napari (limit: "
+                         f"{MAX_WINDOW_PIXELS:,} pixels per frame); look at windows instead: "
+                         f"dask_sparseconv.napari_reader.CSRFrames(dask_sparseconv.storage.open_input({path!r}))"
+                         "[i, y0:y1, x0:x1]")
     data = CSRFrames(src) if src.format == "csr" else src.to_dask()
     name = os.path.basename(path.rstrip("/\\")) or path
     meta: dict[str, Any] = {"name": name, "metadata": {"dask_sparseconv": prov or {}, "format": src.format}}

@@ -68,3 +68,49 @@ def test_declines_what_it_cannot_read(outputs, tmp_path):
     assert get_reader(str(tmp_path / "image.png")) is None
     assert get_reader([str(tmp / "csr.zarr"), str(tmp / "dense.zarr")]) is None  # one stack per call
     assert get_reader([str(tmp / "csr.zarr")]) is not None
+
+
+def test_csr_frames_index_like_numpy(outputs):
+    """Every kind of key a caller (or napari) uses gives what numpy gives on
+    the dense stack: ints, negative ints, slices with steps, arrays,
+    booleans, a dropped axis."""
+    from dask_sparseconv.storage import open_input
+
+    tmp, ref = outputs
+    frames = CSRFrames(open_input(str(tmp / "csr.zarr")))
+    ref = ref.astype(np.float32)
+    mask = np.zeros(20, bool)
+    mask[[1, 4, 19]] = True
+    keys = [5, -1, (3, 7), (3, -2, slice(2, 9)), (slice(1, 6, 2), slice(None, None, 3), 4), ([0, 29, 2], slice(5, 6)),
+            (slice(None), 10, mask), (2, [23, 0, 7], slice(18, None)), (slice(4, 4),), (1, slice(None), slice(None, None, -1))]
+    for key in keys:
+        got, want = frames[key], ref[key]
+        assert got.shape == want.shape, key
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(key))
+    with pytest.raises(IndexError):
+        frames[0, 24]
+    with pytest.raises(IndexError):
+        frames[0, 0, 0, 0]
+
+
+def test_huge_frames_are_read_by_window_and_not_opened_whole(tmp_path, monkeypatch):
+    """A frame over the limit cannot be shown whole (napari densifies whole
+    frames): the reader refuses it with the frame size and how to look at a
+    window; windows of it read only their rows and columns."""
+    import dask_sparseconv.napari_reader as reader
+    from dask_sparseconv.napari_reader import read_stack
+    from dask_sparseconv.storage import open_input
+
+    monkeypatch.setattr(reader, "MAX_WINDOW_PIXELS", 40 * 40)
+    rng = np.random.default_rng(2)
+    x = np.where(rng.random((3, 120, 90)) < 0.02, rng.random((3, 120, 90)) + 1, 0).astype(np.float32)
+    path = str(tmp_path / "big.zarr")
+    write_csr_stack(path, scipy.sparse.csr_matrix(x.reshape(3, -1)), (120, 90), chunk_size=50)
+    with pytest.raises(ValueError, match=r"frames of 120 x 90 pixels are too large to show whole in napari "
+                                         r"\(limit: 1,600 pixels per frame\); look at windows"):
+        read_stack(path)
+    frames = CSRFrames(open_input(path))
+    np.testing.assert_array_equal(frames[1, 70:110, 30:70], x[1, 70:110, 30:70])
+    np.testing.assert_array_equal(frames[:, 5, :], x[:, 5, :])
+    with pytest.raises(ValueError, match=r"would densify 10,800 pixels per frame \(limit: 1,600\); index a smaller"):
+        frames[0]
