@@ -24,8 +24,9 @@ import scipy.sparse
 
 from ..geometry import Geometry
 
-#: intervals held at once (nonzeros x kernel-row intervals): larger inputs go a few images at a time
-_MAX_INTERVALS = 1 << 22
+#: intervals held at once (nonzeros x kernel-row intervals; ~80 bytes each
+#: in the arrays of one piece): larger inputs go a few images at a time
+_MAX_INTERVALS = 1 << 20
 
 
 def kernel_row_intervals(taps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
