@@ -59,17 +59,25 @@ def test_chain_graph_orders_carries_before_writes_and_matches_scipy(local_cluste
     assert_matches(got[:].compute().toarray().reshape(60, 24, 20), reference(x, KERNEL, "same"))
 
 
-def test_resumed_chain_carries_over_written_blocks_and_redoes_a_damaged_one(local_cluster, tmp_path):
+@pytest.mark.parametrize("damage", ["record", "chunk"])
+def test_resumed_chain_carries_over_written_blocks_and_redoes_a_damaged_one(local_cluster, tmp_path, damage,
+                                                                           monkeypatch):
     """A resumed run's written blocks are not links of the chain: each run of
     them is verified in parallel pieces and carried over by one segment task;
-    a block in a segment whose record no longer checks out is redone there,
-    at the offset the segment knows, and the output still matches scipy."""
+    a block in a segment whose record no longer checks out, or whose record is
+    whole but one of whose chunks was damaged, is redone there, at the offset
+    the segment knows, and the output still matches scipy."""
+    import json
+
     import dask
     import zarr
     from distributed import Client
 
+    import dask_sparseconv.storage.csr_store.output as csr_output
     from dask_sparseconv.storage import progress
 
+    # output chunks of 64 values (the output is created here, in the client): most blocks write chunks of their own
+    monkeypatch.setattr(csr_output, "DEFAULT_CHUNK_NNZ", 64)
     x = sparse_stack(90, 16, 16, density=0.05, seed=9)
     src, target = str(tmp_path / "in.zarr"), tmp_path / "out.zarr"
     write_csr_stack(src, scipy.sparse.csr_matrix(x.reshape(90, -1)), (16, 16), chunk_size=40)
@@ -81,11 +89,18 @@ def test_resumed_chain_carries_over_written_blocks_and_redoes_a_damaged_one(loca
     dask.get(hlg, [k for k in _task_keys(hlg, "block") if 3 <= int(k.rsplit("-", 1)[1]) < 10], scheduler="sync")
     done = sorted(int(i) for i in progress.done_blocks(zarr.open(str(target), mode="r")))
     assert set(range(3, 10)) <= set(done) and len(done) < n
-    victim = next(i for i in done if i - 1 in done and i + 1 in done)  # inside a run of written blocks
-    rec = target / "_blocks" / f"block_{victim}"
-    raw = bytearray(rec.read_bytes())
+    def written_chunks(i):
+        raw = (target / "_blocks" / f"block_{i}").read_bytes()
+        rows = int.from_bytes(raw[8:16], "little")
+        return (json.loads(raw[16 + 8 * rows:]).get("written") or {}).get("chunks") or {}
+
+    # inside a run of written blocks, one that wrote chunks of its own
+    victim = next(i for i in done if i - 1 in done and i + 1 in done and written_chunks(i))
+    path = (target / "_blocks" / f"block_{victim}" if damage == "record"
+            else target / sorted(k for k in written_chunks(victim) if k.startswith("data/"))[0])
+    raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
-    rec.write_bytes(bytes(raw))
+    path.write_bytes(bytes(raw))
 
     with Client(local_cluster) as client:
         graph = convolve_zarr(src, KERNEL, str(target), "same", compute=False, **kw)
