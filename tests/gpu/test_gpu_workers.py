@@ -179,3 +179,28 @@ def test_route_gpu_without_gpu_workers_is_refused_before_writing(stack, tmp_path
         with pytest.raises(ValueError, match=r"route='gpu': none of the 1 workers advertises a GPU"):
             convolve_zarr(stack["csr"], KERNEL, str(tmp_path / "no.zarr"), route="gpu")
     assert not (tmp_path / "no.zarr").exists()
+
+
+def test_frames_in_tiles_run_on_gpu_and_cpu_workers(mixed_cluster, tmp_path):
+    """Frames larger than a block are cut into tiles (dask_sparseconv/tiles.py);
+    each tile is a block task, routed like any other: the GPU worker convolves
+    its tiles' windows with its device engine, the CPU worker with numba, and
+    the frames equal scipy's."""
+    from distributed import Client
+
+    rng = np.random.default_rng(8)
+    x = np.where(rng.random((2, 400, 360)) < 0.01, rng.standard_normal((2, 400, 360)), 0).astype(np.float32)
+    src = str(tmp_path / "big.zarr")
+    write_csr_stack(src, scipy.sparse.csr_matrix(x.reshape(2, -1)), (400, 360), chunk_size=500)
+    target = str(tmp_path / "tiles.zarr")
+    with Client(mixed_cluster["address"], timeout=START_TIMEOUT):
+        s = convolve_zarr(src, KERNEL, target, "same", block_memory=40_000)
+    w = _workers(s)
+    gpu, cpu = mixed_cluster["gpu"], mixed_cluster["cpu"]
+    import zarr
+
+    tiles = dict(zarr.open_group(target, mode="r").attrs)["dask_sparseconv"]["tiles"]
+    assert tiles and s.blocks >= 8 and set(w) == {gpu, cpu}, (tiles, w)
+    assert w[gpu]["engines"] == {GPU_ENGINE: w[gpu]["blocks"]}, w
+    assert w[cpu]["engines"] == {CPU_ENGINE: w[cpu]["blocks"]}, w
+    _check(target, x, "same")
