@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import ssl
 from typing import Any, Iterator
 
@@ -79,11 +78,10 @@ def open_client(cluster, source: str | None = None) -> Iterator[Any]:
     try:
         with Client(lc, set_as_default=True) as client:
             yield client
-            # reached only when the command's work ended without an error:
-            # workers that loaded compiled engines then end ~0.3 s sooner
-            # (dask_sparseconv/runtime/process_exit.py)
-            with contextlib.suppress(Exception):  # the work is done: nothing here may fail the command
-                client.run(gc.freeze, on_error="ignore")
+            # reached only when the command's work ended without an error
+            from ..runtime.process_exit import freeze_workers
+
+            freeze_workers(client)
     finally:
         lc.close()
 
