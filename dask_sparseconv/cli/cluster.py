@@ -28,9 +28,13 @@ def open_client(cluster, source: str | None = None) -> Iterator[Any]:
 
     ``address`` connects to a running scheduler (failing after
     ``cluster.timeout`` seconds with a clear message); otherwise a
-    ``LocalCluster`` of worker processes is started and closed afterwards.
+    ``LocalCluster`` of worker processes is started (forked from the warm
+    server of :mod:`dask_sparseconv.runtime.forkserver` when the command
+    started it) and closed afterwards.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from ..runtime.forkserver import start_cluster
 
     where = f" (cluster.address in {source})" if source else ""
     if cluster.address is not None:
@@ -72,7 +76,7 @@ def open_client(cluster, source: str | None = None) -> Iterator[Any]:
         "dashboard_address": cluster.dashboard_address,
     }
     try:
-        lc = LocalCluster(**kwargs)
+        lc = start_cluster(**kwargs)
     except Exception as exc:
         raise CLIError(f"could not start a local dask cluster ({n_workers} workers): {exc}") from exc
     try:

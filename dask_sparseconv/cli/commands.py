@@ -41,6 +41,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    if not args.dry_run and _runs_locally(args.workflow):
+        # the local workers' imports and compiled engine load from now on, on
+        # the other core, while this process checks the workflow and plans
+        from ..runtime import forkserver
+
+        forkserver.start(env=_local_worker_env(args))
     wf = load_or_exit(args.workflow)
     overwrite = True if args.restart else None
     plan = inspect_or_exit(wf, overwrite=overwrite, allow_complete=bool(args.dry_run))
@@ -74,16 +80,37 @@ def _job_lock(wf) -> Iterator[Any]:
         yield lock
 
 
+def _runs_locally(path: str) -> bool:
+    """Whether the workflow file names no ``cluster.address``, read before
+    its full check (which takes ~0.4 s): anything odd says no, and the
+    check then reports it."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        cluster = data.get("cluster") or {}
+        return isinstance(cluster, dict) and cluster.get("address") is None
+    except Exception:
+        return False
+
+
+def _local_worker_env(args) -> dict[str, str]:
+    """Environment for local worker processes: without ``--verbose``, their
+    task-failure logs and warnings would otherwise print tracebacks on our
+    stderr. Variables the user set are left as they are."""
+    if args.verbose:
+        return {}
+    quiet = {"DASK_LOGGING__DISTRIBUTED": "critical", "PYTHONWARNINGS": "ignore"}
+    return {k: v for k, v in quiet.items() if k not in os.environ}
+
+
 def _run_locked(args, wf, overwrite, plan: Plan, lock) -> int:
     plan = ensure_input(plan, overwrite)
     from ..pipeline import convolve_zarr
 
     print_plan(plan, f"running {args.workflow}:")
-    if not args.verbose:
-        # Local worker processes inherit these: their task-failure logs and
-        # warnings would otherwise print tracebacks on our stderr.
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
-        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    os.environ.update(_local_worker_env(args))  # workers spawned rather than forked inherit them from here
     RUNNING["output"] = (wf.output.path, wf.output.storage_options)  # for the message if interrupted
     with open_client(wf.cluster, wf.source) as client:
         say(f"dashboard: {dashboard_text(client)}")

@@ -424,3 +424,25 @@ def test_tls_with_unusable_certificates(tmp_path, dense_store):
     assert_clean_failure(cli("run", wf, timeout=60), 1, "TLS setup for tls://127.0.0.1:", "cluster.security")
     wf2 = write(tmp_path / "wf2.yaml", wf.read_text().replace("ca_file: ca.pem", "ca_file: missing.pem"))
     assert_clean_failure(cli("validate", wf2), 2, "cluster.security.ca_file:", "missing.pem", "does not exist")
+
+
+@pytest.mark.parametrize(
+    "text, local",
+    [
+        ("input: {path: a.zarr}\n", True),
+        ("cluster: {n_workers: 2}\n", True),
+        ("cluster: {address: 'tcp://127.0.0.1:8786'}\n", False),
+        ("cluster: [1, 2]\n", False),  # odd: the full check reports it
+        ("input: [unclosed\n", False),  # not YAML
+        ("", False),
+    ],
+)
+def test_run_peeks_at_the_cluster_before_the_full_check(tmp_path, text, local):
+    """`run` starts the local workers' fork server before the workflow's full
+    check only when the file names no scheduler address."""
+    from dask_sparseconv.cli.commands import _runs_locally
+
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(text)
+    assert _runs_locally(str(wf)) is local
+    assert _runs_locally(str(tmp_path / "missing.yaml")) is False

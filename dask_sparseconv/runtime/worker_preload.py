@@ -1,0 +1,51 @@
+"""What the command's fork server loads before it forks a local worker.
+
+Imported once, in the fork server process of :mod:`.forkserver`: the
+modules a worker and its block tasks import, and the compiled functions a
+block calls in every job (the direct engine's CSR path, the dense reader's
+gather, the dense writer's digest), loaded from numba's cache or compiled.
+A worker forked from the server starts with all of it in memory.
+
+Nothing here starts a thread or touches a store (no zarr reads or writes, no
+torch): a child forked from a process with threads can inherit a lock that
+no thread of its own will ever release. Nothing here raises either: the
+server would die with it and no worker could start (the command then
+starts its workers the usual way, see :func:`.forkserver.start_cluster`).
+"""
+
+from __future__ import annotations
+
+import gc
+
+
+def warm() -> None:
+    """Import the worker's modules and load the compiled functions every job calls."""
+    import distributed.nanny  # noqa: F401  (the worker process's entry point)
+    import distributed.worker  # noqa: F401
+    import numpy as np
+    import scipy.sparse
+
+    import dask_sparseconv.cli.main  # noqa: F401  (re-run as the child's __mp_main__)
+    import dask_sparseconv.pipeline  # noqa: F401  (block tasks)
+    from dask_sparseconv.convolver import Convolver
+    from dask_sparseconv.storage.dense_store import dense_to_csr
+    from dask_sparseconv.storage.progress import nonzero_digest
+
+    for dtype in (np.float32, np.float64):
+        frame = np.zeros((2, 64), dtype=dtype)
+        frame[0, 9] = 1
+        x = dense_to_csr(frame)
+        kernel = np.ones((3, 3), dtype=dtype)
+        conv = Convolver((8, 8), kernel, mode="same", method="direct", backend="numba", dtype=dtype)
+        y = conv(x)
+        nonzero_digest(y.indices.astype(np.int64), y.data)
+    scipy.sparse.csr_matrix((1, 1))
+
+
+try:
+    warm()
+except Exception:  # a worker then imports and loads what it needs itself
+    pass
+# The children share these objects: kept out of the collector's walks, their
+# pages are not written (copied) by every collection in every worker.
+gc.freeze()

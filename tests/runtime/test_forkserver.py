@@ -1,0 +1,121 @@
+"""The command's local workers forked from a warm fork server
+(:mod:`dask_sparseconv.runtime.forkserver`): the workers start with the
+package and its compiled engine loaded, compute right, and a killed server
+is replaced. Each case runs in a fresh interpreter, so that this process
+keeps its own multiprocessing set-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from scipy_oracle import convolve_stack
+
+pytestmark = pytest.mark.xdist_group("cluster")
+
+REPO = Path(__file__).resolve().parents[2]
+
+# a job on a local cluster started by start_cluster; prints what the workers
+# held before their first task, the server's pid, and where the output went
+SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    from distributed import Client
+
+    from dask_sparseconv.runtime import forkserver
+
+    def kill_server(reap):
+        # SIGKILL; without reap, wait until it is dead but leave it to
+        # multiprocessing to reap (it does when it next needs a server); reaped
+        # here, multiprocessing's own check of it fails, and so does a fork
+        import time, psutil
+        for p in psutil.Process().children():
+            if "forkserver" in " ".join(p.cmdline()):
+                p.kill()
+                if reap:
+                    p.wait(10)
+                while not reap and p.status() != psutil.STATUS_ZOMBIE:
+                    time.sleep(0.01)
+                return p.pid
+        raise SystemExit("no fork server running")
+
+    def state():
+        from dask_sparseconv.engine import direct
+        return {"ppid": os.getppid(), "preloaded": "dask_sparseconv.runtime.worker_preload" in sys.modules,
+                "compiled": len(direct._csr_batch.overloads)}
+
+    if __name__ == "__main__":
+        src, dst, kill = sys.argv[1], sys.argv[2], sys.argv[3]
+        started = forkserver.start(env={"DASK_SPARSECONV_TEST_MARK": "server"})
+        killed = kill_server(kill == "reap") if kill != "-" else None
+        lc = forkserver.start_cluster(n_workers=2, threads_per_worker=1, processes=True,
+                                      dashboard_address=None, memory_limit=0)
+        with Client(lc) as client:
+            workers = client.run(state)
+            marks = client.run(lambda: os.environ.get("DASK_SPARSECONV_TEST_MARK"))
+            import dask_sparseconv as dsc
+            dsc.convolve_zarr(src, np.load(sys.argv[4]), dst, "same")
+        lc.close()
+        print(json.dumps({"started": started, "killed": killed, "client": os.getpid(),
+                          "client_mark": os.environ.get("DASK_SPARSECONV_TEST_MARK"),
+                          "workers": list(workers.values()), "marks": list(marks.values())}))
+""")
+
+
+def _run(tmp_path: Path, kill: str = "-"):
+    from dask_sparseconv.sample_data import sample_stack
+    from dask_sparseconv.storage import write_dense_stack
+
+    frames = sample_stack("rois", 24, (40, 48), radius=5.0, seed=3).toarray().reshape(24, 40, 48).astype(np.float32)
+    src = str(tmp_path / "in.zarr")
+    write_dense_stack(src, frames, chunks=6)
+    kernel = np.random.default_rng(0).uniform(-1, 1, (5, 5)).astype(np.float32)
+    np.save(tmp_path / "k.npy", kernel)
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("DASK_SPARSECONV_TEST_MARK", None)
+    res = subprocess.run([sys.executable, str(script), src, str(tmp_path / "out.zarr"), kill,
+                          str(tmp_path / "k.npy")], capture_output=True, text=True, env=env, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+
+    got = np.asarray(zarr.open_array(str(tmp_path / "out.zarr"), mode="r")[:])
+    np.testing.assert_allclose(got, convolve_stack(frames, kernel, "same"), rtol=1e-5, atol=1e-5)
+    return out
+
+
+def test_workers_start_warm_from_the_server(tmp_path):
+    out = _run(tmp_path)
+    assert out["started"] is True
+    assert len(out["workers"]) == 2
+    for w in out["workers"]:
+        assert w["ppid"] != out["client"]  # forked by the server, not spawned by the client
+        assert w["preloaded"] is True
+        assert w["compiled"] >= 1  # the engine's compiled call was loaded before any task
+    # the workers got the environment given to start(); the client did not keep it
+    assert out["marks"] == ["server", "server"]
+    assert out["client_mark"] is None
+
+
+def test_a_killed_server_is_replaced(tmp_path):
+    out = _run(tmp_path, kill="kill")
+    assert out["killed"]
+    for w in out["workers"]:
+        assert w["ppid"] not in (out["client"], out["killed"])
+        assert w["preloaded"] is True
+
+
+def test_workers_are_spawned_when_forking_fails(tmp_path):
+    out = _run(tmp_path, kill="reap")
+    assert out["killed"]
+    for w in out["workers"]:
+        assert w["ppid"] == out["client"]  # spawned, as without the server
