@@ -20,18 +20,23 @@ from __future__ import annotations
 
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
-from .convolver import Convolver
 from .geometry import geometry
+
+if TYPE_CHECKING:
+    from .convolver import Convolver
 
 try:
     __version__ = version("dask-sparseconv")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-# Heavier parts (dask, zarr, distributed) load on first use, so that
-# `import dask_sparseconv` stays fast for in-memory users.
+# Everything else loads on first use: `import dask_sparseconv` (and so the
+# command line, whose `run` starts its local workers' fork server before it
+# imports the engine: dask_sparseconv/runtime/forkserver.py) costs numpy alone.
 _LAZY = {
+    "Convolver": "convolver",
     "Toeplitz_convolution2d": "compat",
     "convolve": "pipeline",
     "convolve_zarr": "pipeline",

@@ -446,3 +446,22 @@ def test_run_peeks_at_the_cluster_before_the_full_check(tmp_path, text, local):
     wf.write_text(text)
     assert _runs_locally(str(wf)) is local
     assert _runs_locally(str(tmp_path / "missing.yaml")) is False
+
+
+def test_the_command_starts_before_the_heavy_imports():
+    """`run` starts its local workers' fork server before it imports the
+    engine, dask or zarr (they load there and in this process at once): the
+    package and the command's modules must import with none of them."""
+    code = ("import sys, dask_sparseconv, dask_sparseconv.cli.main\n"
+            "print(sorted(m for m in ('numba', 'scipy.sparse', 'zarr', 'dask', 'distributed', 'pydantic', 'yaml')"
+            " if m in sys.modules))")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+    # and the lazy names still resolve
+    import dask_sparseconv
+
+    assert dask_sparseconv.Convolver.__name__ == "Convolver"
+    assert "Convolver" in dir(dask_sparseconv)
