@@ -26,12 +26,42 @@ PRELOAD = "dask_sparseconv.runtime.worker_preload"
 _started = False
 
 
+def spawn_environ() -> dict[str, str]:
+    """What distributed sets in the environment just before it spawns a
+    worker: ``distributed.nanny.pre-spawn-environ`` (by default glibc's
+    ``MALLOC_TRIM_THRESHOLD_`` and one OpenMP/BLAS thread) and a fixed
+    ``PYTHONHASHSEED``, with variables already set left as they are.
+
+    They must be there when a process starts (glibc reads the first when it
+    sets up, numpy the others when it loads), so a worker forked from the
+    server can only get them from the server's start. Read without importing
+    distributed (0.24 s before the server could start): its defaults from
+    its ``distributed.yaml``, the user's settings from dask's config.
+    """
+    import importlib.util
+
+    import dask.config
+    import yaml
+
+    spec = importlib.util.find_spec("distributed")
+    if spec is None or spec.origin is None:
+        return {}
+    with open(os.path.join(os.path.dirname(spec.origin), "distributed.yaml"), encoding="utf-8") as f:
+        defaults = yaml.safe_load(f)["distributed"]["nanny"]["pre-spawn-environ"] or {}
+    wanted = {**defaults, **(dask.config.get("distributed.nanny.pre-spawn-environ", default=None) or {})}
+    env = {k: os.environ.get(k, str(v)) for k, v in wanted.items() if v is not None}
+    if env.get("PYTHONHASHSEED") in (None, "0"):
+        env["PYTHONHASHSEED"] = os.environ.get("PYTHONHASHSEED") or "6640"  # distributed's choice, for its shuffles
+    return env
+
+
 def start(env: dict[str, str] | None = None) -> bool:
     """Start the fork server in the background (once per process); True when
     local workers can be forked from it.
 
     The workers inherit the server's environment: this process's, taken
-    now, plus ``env`` (which this process does not keep).
+    now, with :func:`spawn_environ` and ``env`` added (this process keeps
+    neither).
     """
     global _started
     if _started:
@@ -42,8 +72,9 @@ def start(env: dict[str, str] | None = None) -> bool:
         from multiprocessing import forkserver
 
         multiprocessing.get_context("forkserver").set_forkserver_preload([PRELOAD])
-        previous = {k: os.environ.get(k) for k in env or {}}
-        os.environ.update(env or {})
+        env = {**spawn_environ(), **(env or {})}
+        previous = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             forkserver.ensure_running()  # returns once the server is launched, not loaded
         finally:
@@ -81,4 +112,4 @@ def start_cluster(**kwargs: Any):
     return LocalCluster(**kwargs)
 
 
-__all__ = ["PRELOAD", "start", "start_cluster"]
+__all__ = ["PRELOAD", "spawn_environ", "start", "start_cluster"]

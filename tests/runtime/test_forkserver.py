@@ -60,12 +60,16 @@ SCRIPT = textwrap.dedent("""
         with Client(lc) as client:
             workers = client.run(state)
             marks = client.run(lambda: os.environ.get("DASK_SPARSECONV_TEST_MARK"))
+            # the environment the worker's process started with: its server's
+            spawned_env = client.run(lambda: {k: __import__("psutil").Process(os.getppid()).environ().get(k) for k in
+                                              ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "PYTHONHASHSEED")})
             import dask_sparseconv as dsc
             dsc.convolve_zarr(src, np.load(sys.argv[4]), dst, "same")
         lc.close()
         print(json.dumps({"started": started, "killed": killed, "client": os.getpid(),
                           "client_mark": os.environ.get("DASK_SPARSECONV_TEST_MARK"),
-                          "workers": list(workers.values()), "marks": list(marks.values())}))
+                          "workers": list(workers.values()), "marks": list(marks.values()),
+                          "env": list(spawned_env.values())}))
 """)
 
 
@@ -82,7 +86,8 @@ def _run(tmp_path: Path, kill: str = "-"):
     script.write_text(SCRIPT)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("DASK_SPARSECONV_TEST_MARK", None)
+    for key in ("DASK_SPARSECONV_TEST_MARK", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "PYTHONHASHSEED"):
+        env.pop(key, None)
     res = subprocess.run([sys.executable, str(script), src, str(tmp_path / "out.zarr"), kill,
                           str(tmp_path / "k.npy")], capture_output=True, text=True, env=env, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -104,6 +109,10 @@ def test_workers_start_warm_from_the_server(tmp_path):
     # the workers got the environment given to start(); the client did not keep it
     assert out["marks"] == ["server", "server"]
     assert out["client_mark"] is None
+    # what distributed sets before it spawns a worker, the server started
+    # with (glibc and numpy read them only when a process starts)
+    for env in out["env"]:
+        assert env == {"MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "6640"}
 
 
 def test_a_killed_server_is_replaced(tmp_path):
