@@ -1,24 +1,30 @@
 """The command's local workers, forked from a warm server instead of spawned.
 
 A spawned worker is a new interpreter: before its first block it imports
-distributed, numpy, zarr, numba and this package and loads the compiled
-engine, ~0.5 s of CPU per worker that a small job or a resumed one pays in
-full (docs/benchmarks.md, "Resume"). Python's fork server does that once: the
+distributed, numpy, zarr, numba and this package (~0.9 s here) and loads the
+compiled engine (~0.25 s), which a small job or a resumed one pays in full
+(docs/benchmarks.md, "Resume: workers forked from a warm server"). Python's fork server does that once: the
 command starts it (:func:`start`) as soon as it knows it will start a local
 cluster, the server imports :mod:`.worker_preload` on the other core while the
 client plans the job, and each worker is then forked from it ready to work.
 
 Only the command's own local cluster uses it (:func:`start_cluster`); a
 user's cluster, and ``LocalCluster`` objects made in a notebook, are not
-touched. Where the server cannot start (no ``forkserver`` start method, or
-any error), workers are spawned as before.
+touched. Where the server cannot start (other systems than Linux, or any
+error), workers are spawned as before; so they are when the user has chosen
+a start method in dask's config (``distributed.worker.multiprocessing-method``
+other than its default ``spawn``), or set ``DASK_SPARSECONV_FORK_WORKERS=0``.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from typing import Any
+
+#: Set to 0 to have the command's local workers spawned, as before the fork server.
+OPT_OUT = "DASK_SPARSECONV_FORK_WORKERS"
 
 #: The module the fork server imports before it forks a worker.
 PRELOAD = "dask_sparseconv.runtime.worker_preload"
@@ -66,9 +72,18 @@ def start(env: dict[str, str] | None = None) -> bool:
     global _started
     if _started:
         return True
+    if os.environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
     try:
-        if "forkserver" not in multiprocessing.get_all_start_methods():
+        # Linux only: macOS has the start method, but forking a process that
+        # has loaded system frameworks (numpy's Accelerate BLAS) is unsafe
+        # there, which is why Python spawns by default on macOS
+        if not sys.platform.startswith("linux") or "forkserver" not in multiprocessing.get_all_start_methods():
             return False
+        import dask.config
+
+        if dask.config.get("distributed.worker.multiprocessing-method", default="spawn") != "spawn":
+            return False  # the user's choice stands
         from multiprocessing import forkserver
 
         multiprocessing.get_context("forkserver").set_forkserver_preload([PRELOAD])
@@ -112,4 +127,4 @@ def start_cluster(**kwargs: Any):
     return LocalCluster(**kwargs)
 
 
-__all__ = ["PRELOAD", "spawn_environ", "start", "start_cluster"]
+__all__ = ["OPT_OUT", "PRELOAD", "spawn_environ", "start", "start_cluster"]

@@ -128,3 +128,28 @@ def test_workers_are_spawned_when_forking_fails(tmp_path):
     assert out["killed"]
     for w in out["workers"]:
         assert w["ppid"] == out["client"]  # spawned, as without the server
+
+
+@pytest.mark.parametrize("setting", ["env", "config"])
+def test_workers_are_spawned_when_the_user_says_so(tmp_path, setting):
+    """DASK_SPARSECONV_FORK_WORKERS=0, or a start method the user chose in
+    dask's config, keeps the workers spawned (and the server unstarted)."""
+    code = textwrap.dedent(f"""
+        import json, os
+        import dask
+        from dask_sparseconv.runtime import forkserver
+        if {setting!r} == "env":
+            os.environ[forkserver.OPT_OUT] = "0"
+            started = forkserver.start()
+        else:
+            with dask.config.set({{"distributed.worker.multiprocessing-method": "fork"}}):
+                started = forkserver.start()
+        from multiprocessing import forkserver as mp_forkserver
+        print(json.dumps({{"started": started, "server": mp_forkserver._forkserver._forkserver_pid}}))
+    """)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("DASK_SPARSECONV_FORK_WORKERS", None)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == {"started": False, "server": None}
