@@ -153,3 +153,19 @@ def test_workers_are_spawned_when_the_user_says_so(tmp_path, setting):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"started": False, "server": None}
+
+
+def test_the_preload_leaves_a_process_safe_to_fork():
+    """What the server loads starts no thread (a forked child would inherit
+    locks that no thread of its own releases) and no GPU library (CUDA
+    cannot be used in a child forked after it initialised), and it loads the
+    compiled engine (what makes a forked worker warm)."""
+    code = ("import sys, threading, dask_sparseconv.runtime.worker_preload\n"
+            "from dask_sparseconv.engine import direct\n"
+            "print(threading.active_count(), 'torch' in sys.modules, 'cupy' in sys.modules, "
+            "len(direct._csr_batch.overloads) > 0)")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["1", "False", "False", "True"]
