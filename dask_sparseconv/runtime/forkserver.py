@@ -3,10 +3,11 @@
 A spawned worker is a new interpreter: before its first block it imports
 distributed, numpy, zarr, numba and this package (~0.9 s here) and loads the
 compiled engine (~0.25 s), which a small job or a resumed one pays in full
-(docs/benchmarks.md, "Resume: workers forked from a warm server"). Python's fork server does that once: the
-command starts it (:func:`start`) as soon as it knows it will start a local
-cluster, the server imports :mod:`.worker_preload` on the other core while the
-client plans the job, and each worker is then forked from it ready to work.
+(docs/benchmarks.md, "Resume: workers forked from a warm server"). Python's
+fork server does that once: the command starts it (:func:`start`) as soon as
+it knows it will start a local cluster, the server imports
+:mod:`.worker_preload` on the other core while the client plans the job,
+and each worker is then forked from it ready to work.
 
 Only the command's own local cluster uses it (:func:`start_cluster`); a
 user's cluster, and ``LocalCluster`` objects made in a notebook, are not

@@ -23,7 +23,6 @@ def warm() -> None:
     import distributed.nanny  # noqa: F401  (the worker process's entry point)
     import distributed.worker  # noqa: F401
     import numpy as np
-    import scipy.sparse
 
     import dask_sparseconv.cli.main  # noqa: F401  (re-run as the child's __mp_main__)
     import dask_sparseconv.pipeline  # noqa: F401  (block tasks)
@@ -39,7 +38,6 @@ def warm() -> None:
         conv = Convolver((8, 8), kernel, mode="same", method="direct", backend="numba", dtype=dtype)
         y = conv(x)
         nonzero_digest(y.indices.astype(np.int64), y.data)
-    scipy.sparse.csr_matrix((1, 1))
 
 
 try:
