@@ -182,6 +182,11 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     return best
 
 
+#: How far above the rows wanted for ``min_blocks`` a block may be rounded up
+#: to whole input chunks, where chunks need not be kept whole (CSR inputs).
+_ALIGN_SLACK = 0.1
+
+
 def _split_rows(chunk_rows: int, limit: int) -> int:
     """Rows per block when blocks must be smaller than a chunk: a divisor of
     the chunk size near ``limit`` (so blocks still tile chunks), else ``limit``."""
@@ -251,10 +256,15 @@ def plan_row_blocks(
     if min_blocks > 1:
         want = -(-n_images // int(min_blocks))  # rows per block for min_blocks blocks
         if want < rows:
-            if want >= chunk_rows:
-                rows = max(chunk_rows, -(-want // chunk_rows) * chunk_rows)
-            elif not strict_chunks:
-                rows = _split_rows(chunk_rows, want)
+            aligned = max(chunk_rows, -(-want // chunk_rows) * chunk_rows)
+            if not strict_chunks and aligned > want * (1 + _ALIGN_SLACK):
+                # rounding up to whole chunks would leave the last block
+                # short (2000 images in chunks of 881: 1762 + 238), and one
+                # thread with most of the work; a CSR row range is cheap to
+                # read, so cut where the threads get equal shares
+                rows = want if want >= chunk_rows else _split_rows(chunk_rows, want)
+            elif want >= chunk_rows:
+                rows = aligned
             elif rows > chunk_rows:
                 rows = chunk_rows
     rows = max(1, min(rows, n_images))

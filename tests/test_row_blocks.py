@@ -169,3 +169,20 @@ def test_plan_is_consistent_with_estimate():
     b = plan_row_blocks(5000, 50, per, "32MiB")
     assert b.block_rows * per <= 32 * MiB
     _check_partition(b)
+
+
+def test_min_blocks_gives_equal_shares_where_chunks_need_not_stay_whole():
+    """2000 images in chunks of 881 for 2 threads: whole chunks would make
+    blocks of 1762 and 238 (one thread doing 88 % of the job); a CSR input
+    (chunks may be split) gets two blocks of 1000, a dense one (chunks kept
+    whole) keeps the aligned cut, and an aligned cut close to equal shares
+    stays aligned."""
+    per_image = 37_379  # the 2000-frame ROI benchmark's estimate
+    csr = plan_row_blocks(2000, 881, per_image, "64MiB", min_blocks=2, strict_chunks=False)
+    assert csr.block_rows == 1000 and csr.n_blocks == 2
+    dense = plan_row_blocks(2000, 881, per_image, "64MiB", min_blocks=2, strict_chunks=True)
+    assert dense.block_rows == 1762 and dense.n_blocks == 2
+    near = plan_row_blocks(2000, 500, per_image, "64MiB", min_blocks=2, strict_chunks=False)
+    assert near.block_rows == 1000  # two whole chunks per block: equal shares already
+    four = plan_row_blocks(2000, 881, per_image, "64MiB", min_blocks=4, strict_chunks=False)
+    assert four.block_rows == 500 and four.n_blocks == 4

@@ -19,10 +19,13 @@ from ..runtime.cluster import scheduler_threads
 from .estimates import matrix_expansion, source_estimates
 from .spec import Settings, check_settings
 
-#: Blocks per scheduler thread the planner aims for (when the stack allows):
-#: enough to even out blocks of unequal cost, few enough that a small job
-#: does not pay per-task overhead many times over (measured in docs/benchmarks.md).
-BLOCKS_PER_THREAD = 2
+#: Blocks per scheduler thread the planner aims for when the stack is small
+#: enough that the block budget alone would give fewer: every thread gets
+#: work, and a small job pays each block's fixed costs (its tasks, record,
+#: marker and, for CSR outputs, its link of the carry chain) once per thread.
+#: Two per thread would even out blocks of unequal cost, but measured slower
+#: on every small job tried (docs/benchmarks.md, "Figures behind the code").
+BLOCKS_PER_THREAD = 1
 
 
 def plan_blocks(*, n_images: int, chunk_rows: int, frame_shape: tuple[int, int], out_shape: tuple[int, int],

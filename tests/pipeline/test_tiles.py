@@ -316,7 +316,7 @@ def test_the_lazy_convolve_computes_whole_images_and_says_so(stores):
 
 def test_resume_on_a_cluster_of_another_size_keeps_the_written_tiles(tmp_path):
     """A single frame is cut into more bands for more threads; a run planned
-    for 1 thread, interrupted, is resumed by a plan for 4 threads: the
+    for 1 thread, interrupted, is resumed by a plan for 8 threads: the
     resume takes the stored bands (they fit the budget), skips the tiles
     written, and ends exact."""
     from dask_sparseconv import Convolver
@@ -327,14 +327,14 @@ def test_resume_on_a_cluster_of_another_size_keeps_the_written_tiles(tmp_path):
     src, target = str(tmp_path / "r.zarr"), str(tmp_path / "y.zarr")
     write_csr_stack(src, frame, (3000, 3000))
     k = gaussian(sigma=1.0)
-    one, four = (plan_job(src, k, "same", block_memory="16MiB", threads=t) for t in (1, 4))
-    assert one.blocks.tiles.band_rows > four.blocks.tiles.band_rows  # more threads, more bands
+    one, eight = (plan_job(src, k, "same", block_memory="16MiB", threads=t) for t in (1, 8))
+    assert one.blocks.tiles.band_rows > eight.blocks.tiles.band_rows  # more threads, more bands
     graph = convolve_zarr(src, k, target, "same", block_memory="16MiB", plan=one, compute=False)
     hlg = dict(graph.__dask_graph__())
     keys = sorted((key for key in hlg if isinstance(key, str) and key.startswith("sparseconv-block-")),
                   key=lambda key: int(key.rsplit("-", 1)[1]))
     dask.get(hlg, keys[:2])
-    summary = convolve_zarr(src, k, target, "same", block_memory="16MiB", plan=four)
+    summary = convolve_zarr(src, k, target, "same", block_memory="16MiB", plan=eight)
     assert summary.resumed and summary.blocks == len(keys) and summary.blocks_skipped == 2
     y = open_stack(target).compute(scheduler="sync")
     ref = Convolver((3000, 3000), k, mode="same")(frame, out="csr")
