@@ -19,6 +19,7 @@ other than its default ``spawn``), or set ``DASK_SPARSECONV_FORK_WORKERS=0``.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import sys
@@ -120,11 +121,18 @@ def start_cluster(**kwargs: Any):
         # here); the server already runs with ours, so skip that
         if hasattr(distributed.utils, "_forkserver_preload_set"):
             distributed.utils._forkserver_preload_set = True
+        # a failed fork is logged by every nanny with a traceback, on the
+        # command's stderr; it is handled here (spawned workers instead), so
+        # nothing of it is logged (the spawned attempt logs as usual)
+        previous = logging.root.manager.disable
+        logging.disable(logging.ERROR)
         try:
             with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
                 return LocalCluster(**kwargs)
         except Exception:
             pass
+        finally:
+            logging.disable(previous)
     return LocalCluster(**kwargs)
 
 
