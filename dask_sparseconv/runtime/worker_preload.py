@@ -16,6 +16,7 @@ starts its workers the usual way, see :func:`.forkserver.start_cluster`).
 from __future__ import annotations
 
 import gc
+import signal
 
 
 def warm() -> None:
@@ -40,10 +41,18 @@ def warm() -> None:
         nonzero_digest(y.indices.astype(np.int64), y.data)
 
 
+# Ctrl-C in a terminal reaches the whole process group, this server too:
+# its parent stops the run (and the server with it), so the server ignores
+# it while it loads rather than print a traceback beside the command's one
+# line. The default handler is back before multiprocessing records it for
+# the workers forked from here.
+_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
 try:
     warm()
 except Exception:  # a worker then imports and loads what it needs itself
     pass
+finally:
+    signal.signal(signal.SIGINT, _sigint)
 # The children share these objects: kept out of the collector's walks, their
 # pages are not written (copied) by every collection in every worker.
 gc.freeze()

@@ -171,3 +171,45 @@ def test_the_preload_leaves_a_process_safe_to_fork():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["1", "False", "False", "True"]
+
+
+def test_ctrl_c_while_the_server_loads_is_ignored(tmp_path):
+    """Ctrl-C reaches the whole process group: the server, still loading,
+    neither dies nor prints a traceback, and forks warm workers afterwards
+    whose Ctrl-C handling is a spawned worker's."""
+    code = textwrap.dedent("""
+        import json, os, signal, time
+        import psutil
+        from distributed import Client
+        from dask_sparseconv.runtime import forkserver
+
+        def handler():
+            # asyncio.run (the worker's loop) puts its own handler in place
+            # only over Python's default one, as in a spawned worker
+            import signal
+            return "_on_sigint" in repr(signal.getsignal(signal.SIGINT))
+
+        if __name__ == "__main__":
+            forkserver.start()
+            server = next(p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline()))
+            time.sleep(0.2)  # inside its ~1 s of loading
+            os.kill(server.pid, signal.SIGINT)
+            lc = forkserver.start_cluster(n_workers=1, threads_per_worker=1, processes=True,
+                                          dashboard_address=None, memory_limit=0)
+            with Client(lc) as client:
+                ppids = list(client.run(os.getppid).values())
+                handlers = list(client.run(handler).values())
+                total = client.submit(sum, [1, 2, 3]).result()
+            lc.close()
+            print(json.dumps({"server": server.pid, "ppids": ppids, "handlers": handlers, "total": total}))
+    """)
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(code)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "KeyboardInterrupt" not in res.stderr, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["ppids"] == [out["server"]]  # forked by the server that got the SIGINT
+    assert out["handlers"] == [True] and out["total"] == 6
