@@ -73,6 +73,16 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def _python(*args: str, timeout: float = 120, drop: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a fresh interpreter that imports this checkout,
+    without the environment variables in ``drop``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    for key in drop:
+        env.pop(key, None)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
 def _run(tmp_path: Path, kill: str = "-"):
     from dask_sparseconv.sample_data import sample_stack
     from dask_sparseconv.storage import write_dense_stack
@@ -84,12 +94,8 @@ def _run(tmp_path: Path, kill: str = "-"):
     np.save(tmp_path / "k.npy", kernel)
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    for key in ("DASK_SPARSECONV_TEST_MARK", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "PYTHONHASHSEED"):
-        env.pop(key, None)
-    res = subprocess.run([sys.executable, str(script), src, str(tmp_path / "out.zarr"), kill,
-                          str(tmp_path / "k.npy")], capture_output=True, text=True, env=env, timeout=240)
+    res = _python(str(script), src, str(tmp_path / "out.zarr"), kill, str(tmp_path / "k.npy"), timeout=240,
+                  drop=("DASK_SPARSECONV_TEST_MARK", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "PYTHONHASHSEED"))
     assert res.returncode == 0, res.stderr[-3000:]
     # a failed fork is handled, not reported: no nanny tracebacks on stderr
     assert "Traceback" not in res.stderr and "Nanny failed" not in res.stderr, res.stderr[-3000:]
@@ -149,10 +155,7 @@ def test_workers_are_spawned_when_the_user_says_so(tmp_path, setting):
         from multiprocessing import forkserver as mp_forkserver
         print(json.dumps({{"started": started, "server": mp_forkserver._forkserver._forkserver_pid}}))
     """)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("DASK_SPARSECONV_FORK_WORKERS", None)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    res = _python("-c", code, timeout=60, drop=("DASK_SPARSECONV_FORK_WORKERS",))
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"started": False, "server": None}
 
@@ -166,9 +169,7 @@ def test_the_preload_leaves_a_process_safe_to_fork():
             "from dask_sparseconv.engine import direct\n"
             "print(threading.active_count(), 'torch' in sys.modules, 'cupy' in sys.modules, "
             "len(direct._csr_batch.overloads) > 0)")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    res = _python("-c", code)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["1", "False", "False", "True"]
 
@@ -205,9 +206,7 @@ def test_ctrl_c_while_the_server_loads_is_ignored(tmp_path):
     """)
     script = tmp_path / "ctrl_c.py"
     script.write_text(code)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    res = _python(str(script))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Traceback" not in res.stderr and "KeyboardInterrupt" not in res.stderr, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
