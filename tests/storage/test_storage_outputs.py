@@ -454,3 +454,35 @@ def test_csr_block_records_list_their_chunks_raw_and_old_records_still_verify(tm
     raw[len(raw) // 2] ^= 0xFF
     victim.write_bytes(bytes(raw))
     assert again.block_record(1) is None and again.block_record(0) is not None
+
+
+@pytest.mark.parametrize("hash", ["xxh3", "crc32"])
+def test_stored_chunks_of_local_files_match_the_store_read(tmp_path, hash):
+    """Local chunks are digested from their files in pieces; the record is the
+    same as a whole read through the store (an fsspec ``file://`` store here,
+    which takes the store path), for chunks larger than a piece, a chunk of
+    one piece and a chunk zarr did not store (all fill value)."""
+    import zlib
+
+    import xxhash
+
+    from dask_sparseconv.storage import progress
+
+    rng = np.random.default_rng(3)
+    target = tmp_path / "a.zarr"
+    big = progress._PIECE // 4 * 3  # float32 values: a chunk ~3 pieces long, uncompressed
+    arr = zarr.create_array(target, shape=(3, big), chunks=(1, big), dtype="float32", compressors=None,
+                            fill_value=0)
+    arr[0] = rng.random(big, dtype=np.float32)
+    arr[2, :10] = 1.0  # mostly fill value, stored whole (no compressor)
+    keys = ["c/0/0", "c/1/0", "c/2/0"]
+    local = progress.stored_chunks(zarr.open_array(target, mode="r"), keys, hash)
+    through_store = progress.stored_chunks(zarr.open_array(f"file://{target}", mode="r"), keys, hash)
+    assert progress._local_folder(zarr.open_array(f"file://{target}", mode="r")) is None
+    assert local == through_store
+    for key in ("c/0/0", "c/2/0"):
+        raw = (target / key).read_bytes()
+        assert len(raw) > progress._PIECE
+        want = f"xxh3:{xxhash.xxh3_64_hexdigest(raw)}" if hash == "xxh3" else f"{zlib.crc32(raw):08x}"
+        assert local[key] == [len(raw), want]
+    assert local["c/1/0"] is None
