@@ -96,13 +96,17 @@ def _runs_locally(path: str) -> bool:
 
 
 def _local_worker_env(args) -> dict[str, str]:
-    """Environment for local worker processes: without ``--verbose``, their
-    task-failure logs and warnings would otherwise print tracebacks on our
-    stderr. Variables the user set are left as they are."""
-    if args.verbose:
-        return {}
-    quiet = {"DASK_LOGGING__DISTRIBUTED": "critical", "PYTHONWARNINGS": "ignore"}
-    return {k: v for k, v in quiet.items() if k not in os.environ}
+    """Environment for local worker processes: glibc's allocator set to reuse
+    a block's memory (:mod:`dask_sparseconv.runtime.allocator`); without
+    ``--verbose``, quiet logs, since their task-failure logs and warnings
+    would otherwise print tracebacks on our stderr. Variables the user set
+    are left as they are."""
+    from ..runtime.allocator import block_worker_malloc
+
+    env = block_worker_malloc()
+    if not args.verbose:
+        env.update({"DASK_LOGGING__DISTRIBUTED": "critical", "PYTHONWARNINGS": "ignore"})
+    return {k: v for k, v in env.items() if k not in os.environ}
 
 
 def _run_locked(args, wf, overwrite, plan: Plan, lock) -> int:

@@ -34,6 +34,21 @@ PRELOAD = "dask_sparseconv.runtime.worker_preload"
 _started = False
 
 
+def distributed_defaults() -> dict:
+    """distributed's default ``distributed.nanny.pre-spawn-environ``, read
+    from its ``distributed.yaml`` without importing it (``{}`` when it is
+    not installed)."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("distributed")
+    if spec is None or spec.origin is None:
+        return {}
+    with open(os.path.join(os.path.dirname(spec.origin), "distributed.yaml"), encoding="utf-8") as f:
+        return yaml.safe_load(f)["distributed"]["nanny"]["pre-spawn-environ"] or {}
+
+
 def spawn_environ() -> dict[str, str]:
     """What distributed sets in the environment just before it spawns a
     worker: ``distributed.nanny.pre-spawn-environ`` (by default glibc's
@@ -46,16 +61,9 @@ def spawn_environ() -> dict[str, str]:
     distributed (0.24 s before the server could start): its defaults from
     its ``distributed.yaml``, the user's settings from dask's config.
     """
-    import importlib.util
-
     import dask.config
-    import yaml
 
-    spec = importlib.util.find_spec("distributed")
-    if spec is None or spec.origin is None:
-        return {}
-    with open(os.path.join(os.path.dirname(spec.origin), "distributed.yaml"), encoding="utf-8") as f:
-        defaults = yaml.safe_load(f)["distributed"]["nanny"]["pre-spawn-environ"] or {}
+    defaults = distributed_defaults()
     wanted = {**defaults, **(dask.config.get("distributed.nanny.pre-spawn-environ", default=None) or {})}
     env = {k: os.environ.get(k, str(v)) for k, v in wanted.items() if v is not None}
     if env.get("PYTHONHASHSEED") in (None, "0"):

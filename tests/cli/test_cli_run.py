@@ -6,6 +6,7 @@ scipy.signal.convolve2d."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -125,6 +126,64 @@ def test_csr_to_csr_workflow(tmp_path):
     check_against_scipy(wf, range(60))
     info = ok(cli("info", w.output.path)).stdout
     assert "format:     csr" in info and "state:      complete" in info and "mode:         full" in info
+
+
+# a distributed worker preload: each worker records the allocator settings it started with
+RECORD_MALLOC = textwrap.dedent("""
+    import json, os
+
+    def dask_setup(worker):
+        path = os.path.join(os.environ["DSC_TEST_ENV_DIR"], f"{os.getpid()}.json")
+        with open(path, "w") as f:
+            json.dump({k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}, f)
+""")
+
+
+@pytest.mark.parametrize("fork, user", [("1", None), ("0", None), ("1", "65536")],
+                         ids=["forked", "spawned", "user-setting"])
+def test_local_workers_reuse_block_memory(tmp_path, fork, user):
+    """The command's local workers start with glibc's allocator set to reuse
+    a block's memory (runtime/allocator.py), forked or spawned; a
+    MALLOC_* variable of the user's stands instead. The output is right."""
+    from dask_sparseconv.runtime.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+    wf = copy_workflow("csr_to_csr.yaml", tmp_path, input={"sample": {"n_images": 24, "frame_shape": [64, 48],
+                                                                      "format": "csr", "seed": 2}})
+    (tmp_path / "record_malloc.py").write_text(RECORD_MALLOC)
+    (tmp_path / "envs").mkdir()
+    e = {k: v for k, v in env().items() if not k.startswith("MALLOC_")}
+    e.update(DSC_TEST_ENV_DIR=str(tmp_path / "envs"), DASK_SPARSECONV_FORK_WORKERS=fork,
+             DASK_DISTRIBUTED__WORKER__PRELOAD=f"['{tmp_path / 'record_malloc.py'}']")
+    if user is not None:
+        e["MALLOC_TRIM_THRESHOLD_"] = user
+    res = subprocess.run([sys.executable, "-m", "dask_sparseconv.cli", "run", str(wf)], capture_output=True,
+                         text=True, cwd=REPO, env=e, timeout=300)
+    ok(res)
+    check_against_scipy(wf, range(24))
+    seen = [json.loads(p.read_text()) for p in (tmp_path / "envs").iterdir()]
+    assert len(seen) == 2  # the workflow's two workers
+    want = ({"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+            if user is None else {"MALLOC_TRIM_THRESHOLD_": user})
+    assert seen == [want, want]
+
+
+def test_allocator_settings_leave_the_users_choice():
+    """A MALLOC_* variable in the environment or in dask's
+    ``distributed.nanny.pre-spawn-environ`` is the user's choice; distributed's
+    own default there is not."""
+    import dask
+
+    from dask_sparseconv.runtime.allocator import block_worker_malloc
+
+    assert set(block_worker_malloc({}, {})) == {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
+    assert block_worker_malloc({"MALLOC_ARENA_MAX": "2"}, {}) == {}
+    assert block_worker_malloc({}, {"MALLOC_TRIM_THRESHOLD_": 0}) == {}
+    assert block_worker_malloc({}, {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": 1}) != {}
+    import distributed  # noqa: F401  (puts its defaults, MALLOC_TRIM_THRESHOLD_ 65536, into dask's config)
+
+    assert block_worker_malloc({}) != {}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 0}):
+        assert block_worker_malloc({}) == {}
 
 
 def test_periodic_correlation_workflow(tmp_path):

@@ -1,0 +1,63 @@
+"""The memory allocator of the command's local workers.
+
+distributed starts every worker with glibc's ``MALLOC_TRIM_THRESHOLD_`` set
+(65536, its ``distributed.nanny.pre-spawn-environ``), so that freed memory
+goes back to the system at once. Setting any of glibc's thresholds also
+turns off its *dynamic* mmap threshold, so every allocation over 128 KiB is
+mapped afresh and its pages faulted in and zeroed on first touch: a block
+task allocates its input, result and encoded chunks (tens of MB each) anew
+for every block. On the resume benchmark's jobs that was 10-17 % of a clean
+command's time (docs/benchmarks.md, "Workers' allocator").
+
+The command's own local workers start instead with glibc's allocator
+serving blocks up to :data:`MMAP_THRESHOLD` from its heap and keeping up to
+:data:`TRIM_THRESHOLD` of it freed at the heap's top for the next block:
+the default block budget's arrays are reused, not faulted in again. This is
+the same trade glibc makes by itself in a process that frees a large block
+(its dynamic thresholds then rise to 32 / 64 MiB), with room for one default
+block. A worker holds at most that much more than it would under
+distributed's setting.
+
+A choice of the user's stands: a ``MALLOC_*`` variable in the command's
+environment, or in ``distributed.nanny.pre-spawn-environ`` of dask's config,
+leaves these alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: Allocations up to this size come from glibc's heap (the default block budget).
+MMAP_THRESHOLD = 64 << 20
+#: Freed memory at the top of the heap kept for reuse (glibc's dynamic rule: 2x the mmap threshold).
+TRIM_THRESHOLD = 128 << 20
+
+
+def block_worker_malloc(environ: dict[str, str] | None = None, config: dict | None = None) -> dict[str, str]:
+    """The ``MALLOC_*`` variables a local block worker should start with
+    (``{}`` when the user chose the allocator's settings).
+
+    ``environ``: the command's environment (default ``os.environ``);
+    ``config``: ``distributed.nanny.pre-spawn-environ`` as the user set it
+    (default: read from dask's config, where distributed's own default
+    ``MALLOC_TRIM_THRESHOLD_`` does not count as a choice).
+    """
+    environ = os.environ if environ is None else environ
+    if config is None:
+        config = _user_pre_spawn_environ()
+    if any(k.startswith("MALLOC_") for k in environ) or any(
+            k.startswith("MALLOC_") and v is not None for k, v in config.items()):
+        return {}
+    return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+
+
+def _user_pre_spawn_environ() -> dict:
+    """``distributed.nanny.pre-spawn-environ`` of dask's config without
+    distributed's own defaults (which it adds when it is imported)."""
+    import dask.config
+
+    from .forkserver import distributed_defaults
+
+    current = dask.config.get("distributed.nanny.pre-spawn-environ", default=None) or {}
+    defaults = distributed_defaults()
+    return {k: v for k, v in current.items() if k not in defaults or str(defaults[k]) != str(v)}
