@@ -93,6 +93,17 @@ BBOX_SLACK = 4096
 #: bit map of touched slots (cost proportional to what was touched).
 DENSE_OPS = 1
 
+#: Output frames larger than this (bytes) are done in bands of rows of
+#: ``BAND_BYTES`` when an image touches about every cache line of the rows
+#: it reaches (``nnz * K * BAND_OPS >= rows * W_out``): scattered and scanned
+#: across a whole 8 MiB frame, the two threads' frames and bit maps left the
+#: caches and a second thread bought nothing (50 x 1024 x 1024, 5 x 5,
+#: d=0.01: 47-60 ms on 2 threads, 41-43 ms on 1; in bands of 512 KiB 25-29 ms);
+#: figures in docs/engine.md, "Large frames in bands".
+BAND_FRAME_BYTES = 4 * 1024**2
+BAND_BYTES = 512 * 1024
+BAND_OPS = 8
+
 #: Pixels add a kernel's taps run by run (adjacent columns of a row,
 #: contiguous updates that vectorise) when its runs average at least this
 #: many taps, else tap by tap. A loop over interior pixels alone measured
@@ -426,7 +437,7 @@ def _coo_image(indices, data, a, e, W_in, ti, tj, tv, top, left, H_out, W_out, o
 @numba.njit(**_JIT)
 def _csr_image(
     b, indptr, indices, data, W_in, ti, tj, tv, run0, runlen, dfull, top, left, imin, imax, jmin, jmax,
-    H_out, W_out, sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
+    H_out, W_out, sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack, band_frame, band_slots, band_ops,
     buf, bits, out_idx, out_val, pos,
 ):
     """Convolve image ``b`` into out_*[pos:]; returns (new pos, scratch buffer).
@@ -445,6 +456,15 @@ def _csr_image(
         return pos, buf  # every tap lands outside the output window
     ops = (e - a) * K
     area = (R1 - R0 + 1) * W_out  # the output rows the image can touch
+    if full and H_out * W_out > band_frame and ops * band_ops >= area:
+        # a large frame whose output touches (about) every cache line of its
+        # rows: scattered and scanned in bands of rows that stay in cache,
+        # not across the whole frame (8 MiB at 1024 x 1024)
+        C0, C1 = _out_cols(indices, a, e, W_in, W_out, left, jmin, jmax)
+        if C1 < C0:
+            return pos, buf
+        return _bands(indices, data, a, e, W_in, ti, tj, tv, run0, runlen, top, left, imin, imax, jmin, jmax,
+                      W_out, R0, R1, C0, C1, band_slots, buf, out_idx, out_val, pos), buf
     if full and ops * dense_ops >= area:
         # dense output: scatter, then scan the bounding box
         cmin, cmax = _scatter(indices, data, a, e, W_in, ti, tj, tv, dfull, run0, runlen, top, left,
@@ -458,15 +478,7 @@ def _csr_image(
                       imin, imax, jmin, jmax, H_out, W_out, buf, bits)
         return _extract_bits(buf, bits, R0 * W_out, (R1 + 1) * W_out - 1, out_idx, out_val, pos), buf
     # huge frame, or a few pixels far apart: bounding box first
-    cmin = W_in
-    cmax = np.int64(-1)
-    for jj in range(a, e):
-        p = np.int64(indices[jj])
-        c = p - (p // W_in) * W_in
-        cmin = min(cmin, c)
-        cmax = max(cmax, c)
-    C0 = max(cmin + jmin - left, 0)
-    C1 = min(cmax + jmax - left, W_out - 1)
+    C0, C1 = _out_cols(indices, a, e, W_in, W_out, left, jmin, jmax)
     if C1 < C0:
         return pos, buf
     h = R1 - R0 + 1
@@ -478,6 +490,32 @@ def _csr_image(
     hb = max(1, min(h, cap // w))
     if buf.size < hb * w:
         buf = np.zeros(max(hb * w, min(2 * buf.size, cap)), dtype=tv.dtype)
+    return _bands(indices, data, a, e, W_in, ti, tj, tv, run0, runlen, top, left, imin, imax, jmin, jmax,
+                  W_out, R0, R1, C0, C1, cap, buf, out_idx, out_val, pos), buf
+
+
+@numba.njit(**_JIT)
+def _out_cols(indices, a, e, W_in, W_out, left, jmin, jmax):
+    """The output columns image pixels ``[a, e)`` can reach: ``(C0, C1)``, empty when C1 < C0."""
+    cmin = W_in
+    cmax = np.int64(-1)
+    for jj in range(a, e):
+        p = np.int64(indices[jj])
+        c = p - (p // W_in) * W_in
+        cmin = min(cmin, c)
+        cmax = max(cmax, c)
+    return max(cmin + jmin - left, 0), min(cmax + jmax - left, W_out - 1)
+
+
+@numba.njit(**_JIT)
+def _bands(indices, data, a, e, W_in, ti, tj, tv, run0, runlen, top, left, imin, imax, jmin, jmax, W_out,
+           R0, R1, C0, C1, slots, buf, out_idx, out_val, pos):
+    """Output window [R0..R1] x [C0..C1] of image pixels ``[a, e)``, in bands
+    of rows of at most ``slots`` values (at least one row): each band is
+    scattered into ``buf`` (zero, at least one band long; left zero) and
+    scanned into out_*[pos:]. Returns the new pos."""
+    w = C1 - C0 + 1
+    hb = max(1, min(R1 - R0 + 1, slots // w))
     d = ti * w + tj
     for B0 in range(R0, R1 + 1, hb):
         B1 = min(B0 + hb, R1 + 1)  # band of output rows [B0, B1)
@@ -490,13 +528,13 @@ def _csr_image(
             _scatter(indices, data, aa, ee, W_in, ti, tj, tv, d, run0, runlen, top, left,
                      imin, imax, jmin, jmax, B0, C0, B1 - B0, w, buf)
             pos = _extract(buf, B0, C0, w, B0, B1 - 1, C0, C1, W_out, out_idx, out_val, pos)
-    return pos, buf
+    return pos
 
 
 @numba.njit(**_JIT)
 def _csr_range(
     start, stop, indptr, indices, data, W_in, ti, tj, tv, run0, runlen, top, left, imin, imax, jmin, jmax,
-    H_out, W_out, sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
+    H_out, W_out, sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack, band_frame, band_slots, band_ops,
     out_idx, out_val, pos, counts, stage_size, buf, bits,
 ):
     """Convolve images [start, stop); counts[b] = nnz of image b. Returns the
@@ -518,7 +556,8 @@ def _csr_range(
             begin = pos
             pos, buf = _csr_image(b, indptr, indices, data, W_in, ti, tj, tv, run0, runlen, dfull, top, left,
                                   imin, imax, jmin, jmax, H_out, W_out, sg_off, sg_mask, sg_w, full, cap,
-                                  dense_ops, bbox_ratio, bbox_slack, buf, bits, out_idx, out_val, pos)
+                                  dense_ops, bbox_ratio, bbox_slack, band_frame, band_slots, band_ops, buf, bits,
+                                  out_idx, out_val, pos)
             counts[b] = pos - begin
         return pos - pos0
     st_idx = np.empty(stage_size, dtype=out_idx.dtype)
@@ -527,7 +566,7 @@ def _csr_range(
     for b in range(stop - 1, start - 1, -1):
         m, buf = _csr_image(b, indptr, indices, data, W_in, ti, tj, tv, run0, runlen, dfull, top, left, imin, imax, jmin, jmax,
                             H_out, W_out, sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
-                            buf, bits, st_idx, st_val, 0)
+                            band_frame, band_slots, band_ops, buf, bits, st_idx, st_val, 0)
         end -= m
         out_idx[end : end + m] = st_idx[:m]
         out_val[end : end + m] = st_val[:m]
@@ -538,8 +577,8 @@ def _csr_range(
 @numba.njit(**_JIT)
 def _csr_batch(
     indptr, indices, data, W_in, ti, tj, tv, run0, runlen, top, left, imin, imax, jmin, jmax, H_out, W_out,
-    sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack, tighten, split_work, alloc_limit, index_like,
-    buf, bits,
+    sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack, band_frame, band_slots, band_ops, tighten,
+    split_work, alloc_limit, index_like, buf, bits,
 ):
     """The whole serial call in one dispatch: bounds, output arrays, the
     convolution and the result's indptr (in ``index_like``'s dtype).
@@ -566,7 +605,7 @@ def _csr_batch(
     counts = np.empty(n, dtype=np.int64)
     nnz = _csr_range(0, n, indptr, indices, data, W_in, ti, tj, tv, run0, runlen, top, left, imin, imax, jmin, jmax,
                      H_out, W_out, sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
-                     out_idx, out_val, 0, counts, 0, buf, bits)
+                     band_frame, band_slots, band_ops, out_idx, out_val, 0, counts, 0, buf, bits)
     indptr_out = np.empty(n + 1, dtype=index_like.dtype)
     indptr_out[0] = 0
     acc = 0
@@ -744,6 +783,9 @@ class DirectNumba(Engine):
     dense_ops: float = DENSE_OPS
     bbox_ratio: int = BBOX_RATIO
     bbox_slack: int = BBOX_SLACK
+    band_frame_bytes: int = BAND_FRAME_BYTES
+    band_bytes: int = BAND_BYTES
+    band_ops: int = BAND_OPS
 
     def __init__(self, frame_shape, kernel, dtype, **kwargs):
         super().__init__(frame_shape, kernel, dtype, **kwargs)
@@ -779,6 +821,11 @@ class DirectNumba(Engine):
         except BaseException:
             self._scratch_of.pop(key, None)
             raise
+
+    def _band_args(self) -> tuple[np.int64, np.int64, np.int64]:
+        """``(band_frame, band_slots, band_ops)`` of the compiled calls, in values of this dtype."""
+        size = self.dtype.itemsize
+        return np.int64(self.band_frame_bytes // size), np.int64(max(1, self.band_bytes // size)), np.int64(self.band_ops)
 
     def _keeps(self, n_frame: int) -> bool:
         return n_frame * self.dtype.itemsize <= KEEP_SCRATCH_BYTES
@@ -851,7 +898,7 @@ class DirectNumba(Engine):
         done, indptr_out, indices_out, data_out, nnz, ub_cum, work = self._with_scratch(
             out_pixels if full else 0, _csr_batch,
             x.indptr, x.indices, x.data, *plan.args, plan.sg_off, plan.sg_mask, plan.sg_w, full, cap,
-            np.float64(self.dense_ops), np.int64(self.bbox_ratio), np.int64(self.bbox_slack),
+            np.float64(self.dense_ops), np.int64(self.bbox_ratio), np.int64(self.bbox_slack), *self._band_args(),
             np.int64(TIGHTEN_BOUNDS), np.int64(split_work), np.int64(COMPILED_ALLOC_BYTES), index_like,
         )
         if done:
@@ -876,7 +923,8 @@ class DirectNumba(Engine):
         counts = np.empty(n, dtype=np.int64)
         args = (
             x.indptr, x.indices, x.data, *plan.args, plan.sg_off, plan.sg_mask, plan.sg_w, full, cap,
-            np.float64(self.dense_ops), np.int64(self.bbox_ratio), np.int64(self.bbox_slack), out_idx, out_val,
+            np.float64(self.dense_ops), np.int64(self.bbox_ratio), np.int64(self.bbox_slack), *self._band_args(),
+            out_idx, out_val,
         )
         n_frame = out_pixels if full else 0
         if len(ranges) == 1:

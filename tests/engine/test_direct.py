@@ -63,14 +63,18 @@ def problems(draw):
         budget=draw(st.sampled_from(BUDGETS)),
         n_threads=draw(st.sampled_from([1, 2, 3, 4])),
         idx64=draw(st.booleans()),
-        path=draw(st.sampled_from(["auto", "scan", "bits", "coo"])),
+        path=draw(st.sampled_from(["auto", "scan", "bits", "coo", "bands"])),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
 
 
 def force_path(eng, path):
-    """Make every image take one extraction path: box scan, bit map or coordinate list."""
-    if path == "scan":
+    """Make every image take one extraction path: box scan, bit map,
+    coordinate list, or (frame-sized scratch) bands of a few rows as large frames do."""
+    if path == "bands":
+        eng.band_frame_bytes, eng.band_ops = 0, 10**9
+        eng.band_bytes = 3 * eng.dtype.itemsize * 8  # 24 values: bands of one to a few rows, or single rows
+    elif path == "scan":
         eng.dense_ops = 1e18
     elif path == "bits":
         eng.dense_ops, eng.bbox_ratio, eng.bbox_slack = 0.0, 10**9, 10**9
@@ -108,7 +112,7 @@ def run_engine_all_modes(frame_shape, kernel, x, dtype=np.float64, **kw):
             continue
         ref = reference(x, frame_shape, kernel, mode)
         for budget in BUDGETS:
-            for path in ("auto", "scan", "bits", "coo"):
+            for path in ("auto", "scan", "bits", "coo", "bands"):
                 eng = DirectNumba(frame_shape, kernel.astype(dtype), dtype, max_buffer_bytes=budget, **kw)
                 force_path(eng, path)
                 y = eng.to_csr(x, mode)
@@ -372,6 +376,37 @@ def test_dense_image_over_the_scratch_budget_is_done_in_bands():
         check_against_scipy(y, ref, np.float64)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_large_frames_are_done_in_bands_that_stay_in_cache(dtype):
+    """Frames over BAND_FRAME_BYTES whose images touch every cache line are
+    scattered and scanned in bands of rows (docs/engine.md), with the
+    default thresholds: 1100 x 1030 frames (8.6 / 4.3 MiB of output), a
+    dense-ish image, a sparse one (bit map path) and an empty one, serial
+    and on two threads."""
+    from dask_sparseconv.engine import direct
+
+    rng = np.random.default_rng(41)
+    H, W = 1100, 1030
+    assert H * W * np.dtype(dtype).itemsize > direct.BAND_FRAME_BYTES
+    kernel = rng.standard_normal((5, 6)).astype(dtype)
+    dense = random_csr(rng, 2, H, W, 0.02, dtype)
+    sparse = random_csr(rng, 1, H, W, 0.0005, dtype)
+    x = scipy.sparse.vstack([dense[0], sparse, scipy.sparse.csr_matrix((1, H * W), dtype=dtype), dense[1]],
+                            format="csr")
+    ops = np.diff(x.indptr) * kernel.size
+    assert ops[0] * direct.BAND_OPS >= H * W > ops[1] * direct.BAND_OPS  # one image each way
+    for mode in MODES:
+        ref = reference(x, (H, W), kernel, mode)
+        for n_threads in (1, 2):
+            eng = DirectNumba((H, W), kernel, dtype, n_threads=n_threads)
+            eng.serial_work = 0
+            y = eng.to_csr(x, mode)
+            check_csr(y, 4, ref[0].size, dtype)
+            check_against_scipy(y, ref, dtype)
+            for buf, bits in eng._scratch_of.values():
+                assert not buf.any() and not bits.any()
+
+
 # -- through the public API ----------------------------------------------------
 
 
@@ -552,11 +587,13 @@ def test_kept_scratch_stays_zero_across_calls_paths_and_modes():
     rng = np.random.default_rng(12)
     kernel = rng.standard_normal((5, 4))
     eng = DirectNumba((30, 34), kernel, np.float64, n_threads=2)
-    for step in range(24):
-        path = ("auto", "scan", "bits", "coo")[step % 4]
+    for step in range(30):
+        path = ("auto", "scan", "bits", "coo", "bands")[step % 5]
         mode = MODES[step % 3]
         eng.serial_work = 0 if step % 2 else None  # threaded ranges keep their own scratch
         eng.dense_ops, eng.bbox_ratio, eng.bbox_slack = DirectNumba.dense_ops, DirectNumba.bbox_ratio, DirectNumba.bbox_slack
+        eng.band_frame_bytes, eng.band_bytes, eng.band_ops = (DirectNumba.band_frame_bytes, DirectNumba.band_bytes,
+                                                              DirectNumba.band_ops)
         force_path(eng, path)
         x = random_csr(rng, 1 + step % 5, 30, 34, (0.02, 0.3, 1.0)[step % 3], np.float64)
         if step % 5 == 0:
