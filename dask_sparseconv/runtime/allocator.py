@@ -20,7 +20,9 @@ distributed's setting.
 
 A choice of the user's stands: a ``MALLOC_*`` variable in the command's
 environment, or in ``distributed.nanny.pre-spawn-environ`` of dask's config,
-leaves these alone.
+leaves these alone. So does a worker memory limit under
+:data:`MIN_MEMORY_LIMIT`: near its limit a worker is paused or restarted on
+its resident memory, in which freed memory kept for reuse would count.
 """
 
 from __future__ import annotations
@@ -31,17 +33,25 @@ import os
 MMAP_THRESHOLD = 64 << 20
 #: Freed memory at the top of the heap kept for reuse (glibc's dynamic rule: 2x the mmap threshold).
 TRIM_THRESHOLD = 128 << 20
+#: Workers limited to less memory than this keep distributed's setting.
+MIN_MEMORY_LIMIT = 2 << 30
 
 
-def block_worker_malloc(environ: dict[str, str] | None = None, config: dict | None = None) -> dict[str, str]:
+def block_worker_malloc(environ: dict[str, str] | None = None, config: dict | None = None,
+                        memory_limit: int | None = None) -> dict[str, str]:
     """The ``MALLOC_*`` variables a local block worker should start with
-    (``{}`` when the user chose the allocator's settings).
+    (``{}`` when the user chose the allocator's settings, or when the
+    worker's memory limit is under :data:`MIN_MEMORY_LIMIT`).
 
     ``environ``: the command's environment (default ``os.environ``);
     ``config``: ``distributed.nanny.pre-spawn-environ`` as the user set it
     (default: read from dask's config, where distributed's own default
-    ``MALLOC_TRIM_THRESHOLD_`` does not count as a choice).
+    ``MALLOC_TRIM_THRESHOLD_`` does not count as a choice);
+    ``memory_limit``: each worker's limit in bytes, None for none
+    (:func:`worker_memory_limit`).
     """
+    if memory_limit is not None and memory_limit < MIN_MEMORY_LIMIT:
+        return {}
     environ = os.environ if environ is None else environ
     if config is None:
         config = _user_pre_spawn_environ()
@@ -49,6 +59,37 @@ def block_worker_malloc(environ: dict[str, str] | None = None, config: dict | No
             k.startswith("MALLOC_") and v is not None for k, v in config.items()):
         return {}
     return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+
+
+def worker_memory_limit(memory_limit, threads_per_worker: int = 1) -> int | None:
+    """Each local worker's memory limit in bytes as ``LocalCluster`` sets
+    it from the workflow's ``cluster.memory_limit`` (None or 0: no limit;
+    ``'auto'``: the machine's memory times the worker's share of its cores;
+    else a size such as ``'2GiB'``). Raises ValueError for what is none of
+    these (the workflow's check then reports it)."""
+    if memory_limit is None or memory_limit == 0:
+        return None
+    if memory_limit == "auto":
+        cores = os.cpu_count() or 1
+        share = min(1.0, max(1, int(threads_per_worker)) / cores)
+        return int(_machine_memory() * share)
+    from dask.utils import parse_bytes
+
+    value = parse_bytes(memory_limit) if isinstance(memory_limit, str) else int(memory_limit)
+    return None if value == 0 else value
+
+
+def _machine_memory() -> int:
+    """Physical memory, or the cgroup (v2) limit of this process when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            text = f.read().strip()
+        if text.isdigit():
+            total = min(total, int(text))
+    except OSError:
+        pass
+    return total
 
 
 def _user_pre_spawn_environ() -> dict:

@@ -440,12 +440,12 @@ def test_tls_with_unusable_certificates(tmp_path, dense_store):
 def test_run_peeks_at_the_cluster_before_the_full_check(tmp_path, text, local):
     """`run` starts the local workers' fork server before the workflow's full
     check only when the file names no scheduler address."""
-    from dask_sparseconv.cli.commands import _runs_locally
+    from dask_sparseconv.cli.commands import _local_cluster
 
     wf = tmp_path / "wf.yaml"
     wf.write_text(text)
-    assert _runs_locally(str(wf)) is local
-    assert _runs_locally(str(tmp_path / "missing.yaml")) is False
+    assert (_local_cluster(str(wf)) is not None) is local
+    assert _local_cluster(str(tmp_path / "missing.yaml")) is None
 
 
 def test_the_command_starts_before_the_heavy_imports():

@@ -139,16 +139,19 @@ RECORD_MALLOC = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("fork, user", [("1", None), ("0", None), ("1", "65536")],
-                         ids=["forked", "spawned", "user-setting"])
-def test_local_workers_reuse_block_memory(tmp_path, fork, user):
+@pytest.mark.parametrize("fork, user, limit", [("1", None, "2GiB"), ("0", None, "2GiB"), ("1", "65536", "2GiB"),
+                                               ("1", None, "1GiB")],
+                         ids=["forked", "spawned", "user-setting", "small-memory-limit"])
+def test_local_workers_reuse_block_memory(tmp_path, fork, user, limit):
     """The command's local workers start with glibc's allocator set to reuse
     a block's memory (runtime/allocator.py), forked or spawned; a
-    MALLOC_* variable of the user's stands instead. The output is right."""
+    MALLOC_* variable of the user's stands instead, and so does
+    distributed's setting under a memory limit below 2 GiB. The output is right."""
     from dask_sparseconv.runtime.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
 
     wf = copy_workflow("csr_to_csr.yaml", tmp_path, input={"sample": {"n_images": 24, "frame_shape": [64, 48],
-                                                                      "format": "csr", "seed": 2}})
+                                                                      "format": "csr", "seed": 2}},
+                       cluster={"memory_limit": limit})
     (tmp_path / "record_malloc.py").write_text(RECORD_MALLOC)
     (tmp_path / "envs").mkdir()
     e = {k: v for k, v in env().items() if not k.startswith("MALLOC_")}
@@ -162,20 +165,34 @@ def test_local_workers_reuse_block_memory(tmp_path, fork, user):
     check_against_scipy(wf, range(24))
     seen = [json.loads(p.read_text()) for p in (tmp_path / "envs").iterdir()]
     assert len(seen) == 2  # the workflow's two workers
-    want = ({"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
-            if user is None else {"MALLOC_TRIM_THRESHOLD_": user})
+    if user is not None:
+        want = {"MALLOC_TRIM_THRESHOLD_": user}
+    elif limit == "1GiB":
+        want = {"MALLOC_TRIM_THRESHOLD_": "65536"}  # distributed's
+    else:
+        want = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
     assert seen == [want, want]
 
 
 def test_allocator_settings_leave_the_users_choice():
     """A MALLOC_* variable in the environment or in dask's
     ``distributed.nanny.pre-spawn-environ`` is the user's choice; distributed's
-    own default there is not."""
+    own default there is not. Workers limited to less than 2 GiB keep
+    distributed's setting (near its limit a worker pauses on its resident
+    memory)."""
     import dask
 
-    from dask_sparseconv.runtime.allocator import block_worker_malloc
+    from dask_sparseconv.runtime.allocator import MIN_MEMORY_LIMIT, block_worker_malloc, worker_memory_limit
 
     assert set(block_worker_malloc({}, {})) == {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
+    assert block_worker_malloc({}, {}, memory_limit=MIN_MEMORY_LIMIT) != {}
+    assert block_worker_malloc({}, {}, memory_limit=MIN_MEMORY_LIMIT - 1) == {}
+    assert worker_memory_limit(None) is None and worker_memory_limit(0) is None and worker_memory_limit("0") is None
+    assert worker_memory_limit("1.5GiB") == 3 * 2**29 and worker_memory_limit(4096) == 4096
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < worker_memory_limit("auto", 1) <= machine and worker_memory_limit("auto", 10**6) <= machine
+    with pytest.raises(ValueError):
+        worker_memory_limit("lots")
     assert block_worker_malloc({"MALLOC_ARENA_MAX": "2"}, {}) == {}
     assert block_worker_malloc({}, {"MALLOC_TRIM_THRESHOLD_": 0}) == {}
     assert block_worker_malloc({}, {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": 1}) != {}
