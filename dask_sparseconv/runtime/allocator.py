@@ -6,8 +6,9 @@ goes back to the system at once. Setting any of glibc's thresholds also
 turns off its *dynamic* mmap threshold, so every allocation over 128 KiB is
 mapped afresh and its pages faulted in and zeroed on first touch: a block
 task allocates its input, result and encoded chunks (tens of MB each) anew
-for every block. On the resume benchmark's jobs that was 10-17 % of a clean
-command's time (docs/benchmarks.md, "Workers' allocator").
+for every block. On the resume benchmark's jobs, clean commands take
+0.74-0.87 of the time they took under it (medians of 5 runs; 0.84-0.88 as
+medians of pairs; docs/benchmarks.md, "Workers' allocator").
 
 The command's own local workers start instead with glibc's allocator
 serving blocks up to :data:`MMAP_THRESHOLD` from its heap and keeping up to
