@@ -71,6 +71,8 @@ def worker_memory_limit(memory_limit, threads_per_worker: int = 1) -> int | None
     if memory_limit is None or memory_limit == 0:
         return None
     if memory_limit == "auto":
+        # distributed's own rule (its parse_memory_limit), computed here
+        # because importing distributed would delay the fork server by ~0.25 s
         cores = os.cpu_count() or 1
         share = min(1.0, max(1, int(threads_per_worker)) / cores)
         return int(_machine_memory() * share)

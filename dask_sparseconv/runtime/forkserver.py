@@ -19,6 +19,7 @@ other than its default ``spawn``), or set ``DASK_SPARSECONV_FORK_WORKERS=0``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -38,6 +39,13 @@ def distributed_defaults() -> dict:
     """distributed's default ``distributed.nanny.pre-spawn-environ``, read
     from its ``distributed.yaml`` without importing it (``{}`` when it is
     not installed)."""
+    return dict(_distributed_defaults())
+
+
+@functools.lru_cache(maxsize=1)
+def _distributed_defaults() -> dict:
+    # read once per process: the command asks before the server starts and
+    # again when it starts it (~10 ms a read, on the server's critical path)
     import importlib.util
 
     import yaml
