@@ -71,6 +71,7 @@ def run_graph(client, graph, n_blocks: int) -> Any:
     from distributed import as_completed
 
     from ..pipeline.graph import block_keys as graph_block_keys
+    from ..pipeline.graph import key_blocks
 
     block_keys = graph_block_keys(graph)
     # one graph, all the keys wanted: computing each block as a collection of
@@ -78,14 +79,16 @@ def run_graph(client, graph, n_blocks: int) -> Any:
     # submission; this: 0.01 s)
     futures = client.get(graph.__dask_graph__(), [graph.key, *block_keys], sync=False)
     final, blocks = futures[0], futures[1:]
-    progress = ProgressReporter(len(blocks) or n_blocks)
+    # a resumed run's written blocks are one key per run of them
+    weight = {k: key_blocks(k) for k in block_keys}
+    progress = ProgressReporter(sum(weight.values()) or n_blocks)
     progress.update(0)
     done = 0
     try:
         for fut in as_completed(blocks):
             if fut.status == "error":
                 fut.result()  # raises the task's exception
-            done += 1
+            done += weight[fut.key]
             progress.update(done)
         summary = final.result()
     finally:

@@ -33,12 +33,13 @@ from .csr_chain import (
     _WRITE_PRIORITY,
     VERIFY_PIECE,
     BlockResult,
+    SegmentResult,
     _runs,
     carry_block,
     lag,
     resume_segment,
-    segment_block,
     segment_carry,
+    segment_stats,
     verify_blocks,
     write_block,
 )
@@ -137,15 +138,16 @@ def member_carry(prevs: list | None, k: int):
     return None if prevs is None else prevs[k]
 
 
-def bank_block(*stats: BlockStats) -> list:
-    """A block's key task: the K kernels' stats, once each chain wrote it."""
-    return list(stats)
+def bank_segment(*segments: SegmentResult) -> SegmentResult:
+    """The key task of a run of kept blocks: per block, the K kernels' stats."""
+    return SegmentResult(None, [list(per_block) for per_block in zip(*(seg.stats for seg in segments))])
 
 
 def bank_chain_graph(g, bank_job, kernel, members_job, member_jobs: list, member_kernels: list, outs, bounds,
                      done: set[int], annotations: dict, token: str, threads: int, prefix: str, block_key) -> list:
     """Add a CSR bank's K chains to ``g`` (a :class:`~dask_sparseconv.pipeline.graph.TaskGraph`);
-    returns the block tasks' references (their values: lists of K :class:`BlockStats`).
+    returns the block tasks' references (their values: lists of K :class:`BlockStats`,
+    or for a run of kept blocks a :class:`SegmentResult` of such lists).
     ``outs``: a reference to the list of the K member outputs.
 
     As :func:`~dask_sparseconv.pipeline.csr_chain.chain_graph`, with one
@@ -164,7 +166,8 @@ def bank_chain_graph(g, bank_job, kernel, members_job, member_jobs: list, member
     # planner's block budget, which counts the K outputs.
     L = 2 * lag(threads)
     K = len(member_jobs)
-    blocks: list = [None] * len(bounds)
+    blocks: list = [None] * len(bounds)  # per block: what a compute L blocks on waits for
+    tasks: list = []
     prev = None  # the K carries after the last block added (one task)
     last = len(bounds) - 1
     for a, b, written in _runs(len(bounds), done):
@@ -183,9 +186,7 @@ def bank_chain_graph(g, bank_job, kernel, members_job, member_jobs: list, member
             if b <= last:
                 prev = g.add(f"{prefix}-carry-{token}-{b - 1:06d}", segment_carries, *segs,
                              annotations={"priority": _CARRY_PRIORITY})
-            for i in range(a, b):
-                stats = [g.add(f"{prefix}-kept{k}-{token}-{i:06d}", segment_block, segs[k], i - a) for k in range(K)]
-                blocks[i] = g.add(block_key(token, i), bank_block, *stats, annotations={"priority": _WRITE_PRIORITY})
+            tasks.append(g.add(block_key(token, a, b), bank_segment, *segs, annotations={"priority": _WRITE_PRIORITY}))
             continue
         for i in range(a, b):
             start, stop = bounds[i]
@@ -198,7 +199,8 @@ def bank_chain_graph(g, bank_job, kernel, members_job, member_jobs: list, member
                              annotations={"priority": _CARRY_PRIORITY})
             blocks[i] = g.add(block_key(token, i), write_all, members_job, kernel, res, before,
                               prev if i < last else None, annotations={"priority": _WRITE_PRIORITY})
-    return blocks
+            tasks.append(blocks[i])
+    return tasks
 
 
 def combined_stats(per_kernel: list) -> BlockStats:
@@ -219,6 +221,7 @@ def finish_bank(parent, outs: list, info, names: list[str], *blocks: list):
 
     from .summary import summarize
 
+    blocks = tuple(segment_stats(blocks))
     p0 = time.perf_counter()
     for k, out in enumerate(outs):
         out.finish(sorted((b[k] for b in blocks), key=lambda s: s.index), info.resumed)

@@ -29,7 +29,10 @@ that holds its result instead of moving the result to them.
 A resumed run replaces each run of blocks whose markers are set by parallel
 ``verify`` tasks and one ``segment`` task that moves the carry over them
 (and redoes, in place, a block that fails its check); each block key is
-then a tiny task reading its stats from the segment.
+one key for the whole run, whose value is the segment (progress counts it as
+its blocks: :func:`~dask_sparseconv.pipeline.graph.key_blocks`). A tiny task
+per written block, as before, cost the scheduler and the client a round trip
+each: 281 of the 505 tasks of a resumed CSR job (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -161,9 +164,16 @@ def segment_carry(segment: SegmentResult):
     return segment.carry
 
 
-def segment_block(segment: SegmentResult, k: int) -> BlockStats:
-    """The stats of the segment's ``k``-th block (its block key's task: progress counts it)."""
-    return segment.stats[k]
+def segment_stats(results) -> list:
+    """Block tasks' values, one entry per block: a :class:`SegmentResult`
+    stands for its blocks."""
+    out: list = []
+    for r in results:
+        if isinstance(r, SegmentResult):
+            out.extend(r.stats)
+        else:
+            out.append(r)
+    return out
 
 
 def _runs(n: int, done: set[int]) -> list[tuple[int, int, bool]]:
@@ -181,14 +191,16 @@ def chain_graph(g, job, kernel, out, bounds, done: set[int], annotations: dict, 
                 threads: int, prefix: str, block_key) -> list:
     """Add a CSR job's chain to ``g`` (a :class:`~dask_sparseconv.pipeline.graph.TaskGraph`;
     ``job``, ``kernel``, ``out``: references to its data nodes); returns the
-    block tasks' references (their values: :class:`BlockStats`), in block order.
+    block tasks' references in block order (their values: a block's
+    :class:`BlockStats`, or a :class:`SegmentResult` for a run of written blocks).
 
     Blocks a resumed run finds written (``done``) are not links of the chain:
     each run of them is verified in parallel pieces and carried over by one
     task (:func:`resume_segment`), since a chain link costs a scheduler round
     trip (~7 ms on a 2-worker cluster) however little it does."""
     L = lag(threads)
-    writes: list = [None] * len(bounds)
+    writes: list = [None] * len(bounds)  # per block: what a compute L blocks on waits for
+    tasks: list = []
     prev = None
     last = len(bounds) - 1
     for a, b, written in _runs(len(bounds), done):
@@ -198,14 +210,12 @@ def chain_graph(g, job, kernel, out, bounds, done: set[int], annotations: dict, 
                             [(i, *bounds[i]) for i in range(p, min(p + VERIFY_PIECE, b))],
                             annotations={"priority": _CARRY_PRIORITY})
                       for p in range(a, b, VERIFY_PIECE)]
-            seg = g.add(f"{prefix}-segment-{tag}", resume_segment, job, kernel, prev, *pieces,
+            seg = g.add(block_key(token, a, b), resume_segment, job, kernel, prev, *pieces,
                         annotations={"priority": _CARRY_PRIORITY})
+            tasks.append(seg)
             if b <= last:
                 prev = g.add(f"{prefix}-carry-{token}-{b - 1:06d}", segment_carry, seg,
                              annotations={"priority": _CARRY_PRIORITY})
-            for i in range(a, b):
-                writes[i] = g.add(block_key(token, i), segment_block, seg, i - a,
-                                  annotations={"priority": _WRITE_PRIORITY})
             continue
         for i in range(a, b):
             start, stop = bounds[i]
@@ -220,4 +230,5 @@ def chain_graph(g, job, kernel, out, bounds, done: set[int], annotations: dict, 
                              annotations={"priority": _CARRY_PRIORITY})
             writes[i] = g.add(block_key(token, i), write_block, job, kernel, res, before, prev if i < last else None,
                               annotations={"priority": _WRITE_PRIORITY})
-    return writes
+            tasks.append(writes[i])
+    return tasks

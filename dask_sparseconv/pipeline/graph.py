@@ -25,7 +25,7 @@ import numpy as np
 
 from ..kernels import kernel_digest
 from ..row_blocks import RowBlocks
-from .csr_chain import chain_graph
+from .csr_chain import chain_graph, segment_stats
 from .spec import BlockSpec
 from .summary import JobInfo, summarize
 from .tasks import run_block
@@ -71,8 +71,18 @@ class TaskGraph:
         return Delayed(key, HighLevelGraph(self.layers, self.dependencies))
 
 
-def block_key(token: str, i: int) -> str:
-    return f"{PREFIX}-block-{token}-{i:06d}"
+def block_key(token: str, i: int, stop: int | None = None) -> str:
+    """The key of block ``i``'s task, or of one task that stands for blocks
+    ``[i, stop)`` (a resumed run's written blocks, carried over together)."""
+    if stop is None or stop == i + 1:
+        return f"{PREFIX}-block-{token}-{i:06d}"
+    return f"{PREFIX}-block-{token}-{i:06d}-{stop:06d}"
+
+
+def key_blocks(key: str) -> int:
+    """How many blocks a block key (:func:`block_key`) stands for."""
+    *_, a, b = str(key).rsplit("-", 2)
+    return int(b) - int(a) if len(a) == len(b) == 6 and a.isdigit() and b.isdigit() else 1
 
 
 def kernel_node(kernel: np.ndarray):
@@ -153,10 +163,13 @@ def bank_graph(src, parent, members: list, kernel: np.ndarray, names: list[str],
     return g.delayed(finish_key)
 
 
-def finish_job(out, info: JobInfo, *stats):
-    """The graph's last task: ``stats`` are the blocks'."""
+def finish_job(out, info: JobInfo, *results):
+    """The graph's last task: ``results`` are the block tasks' (a block's
+    :class:`~dask_sparseconv.pipeline.tasks.BlockStats`, or a resumed
+    segment's :class:`~dask_sparseconv.pipeline.csr_chain.SegmentResult`)."""
     import time
 
+    stats = segment_stats(results)
     p0 = time.perf_counter()
     out.finish(sorted(stats, key=lambda s: s.index), info.resumed)
     summary = summarize(out, info, stats, time.perf_counter() - p0)

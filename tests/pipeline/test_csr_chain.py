@@ -74,6 +74,7 @@ def test_resumed_chain_carries_over_written_blocks_and_redoes_a_damaged_one(loca
     from distributed import Client
 
     import dask_sparseconv.storage.csr_store.output as csr_output
+    from dask_sparseconv.pipeline.graph import key_blocks
     from dask_sparseconv.storage import progress
 
     # output chunks of 64 values (the output is created here, in the client): most blocks write chunks of their own
@@ -109,7 +110,12 @@ def test_resumed_chain_carries_over_written_blocks_and_redoes_a_damaged_one(loca
         assert computed == set(range(n)) - set(done)  # no compute task for a written block
         verified = sorted(i for k in _task_keys(hlg, "verify") for i, _, _ in hlg[k].args[1])
         assert verified == done
-        assert len(_task_keys(hlg, "segment")) >= 1 and len(_task_keys(hlg, "block")) == n
+        # each run of written blocks is one block key (no task per written block), counted as its blocks
+        spans = [(int(a), int(b)) for a, b in (k.rsplit("-", 2)[1:] for k in _task_keys(hlg, "block")
+                                               if key_blocks(k) > 1)]
+        assert spans and all(set(range(a, b)) <= set(done) for a, b in spans)
+        assert sum(key_blocks(k) for k in _task_keys(hlg, "block")) == n
+        assert len(_task_keys(hlg, "block")) == n - sum(b - a for a, b in spans) + len(spans)
         summary = client.compute(graph, sync=True)
     assert summary.resumed
     assert (summary.blocks_skipped, summary.blocks_computed) == (len(done) - 1, n - len(done) + 1)

@@ -104,6 +104,8 @@ def test_cli_interrupted_run_resumes(tmp_path, inputs, sig, fmt, src):
     res = cli("run", wf, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert f"resumed:    {n_blocks - written:,} blocks computed, {written:,} skipped" in res.stdout, res.stdout
+    # progress counts every block (a CSR run's written blocks are one task per run of them)
+    assert f"progress: {n_blocks}/{n_blocks} blocks (100%)" in res.stderr, res.stderr
     assert_identical(out, _clean(tmp_path, inputs[src], wf, fmt))
     assert tree_digest(inputs[src]) == before  # the input was never touched
 
