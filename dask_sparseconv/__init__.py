@@ -19,7 +19,6 @@ Drop-in for sparse_convolution 0.4.2::
 from __future__ import annotations
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from .geometry import geometry
@@ -27,10 +26,17 @@ from .geometry import geometry
 if TYPE_CHECKING:
     from .convolver import Convolver
 
-try:
-    __version__ = version("dask-sparseconv")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+
+def _installed_version() -> str:
+    # read on first use: importing importlib.metadata costs ~18 ms, which
+    # every command paid before it could start its local workers' server
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dask-sparseconv")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0.0.0+unknown"
+
 
 # Everything else loads on first use: `import dask_sparseconv` (and so the
 # command line, whose `run` starts its local workers' fork server before it
@@ -55,6 +61,9 @@ _LAZY = {
 
 
 def __getattr__(name: str):
+    if name == "__version__":
+        globals()[name] = text = _installed_version()
+        return text
     if name in _LAZY:
         mod = _LAZY[name]
         value = import_module(f".{name}", __name__) if mod is None else getattr(import_module(f".{mod}", __name__), name)

@@ -27,7 +27,6 @@ block and compare before skipping it.
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import json
 import os
 import threading
@@ -58,14 +57,11 @@ __all__ = [
 ]
 
 
-@functools.lru_cache(maxsize=1)
 def package_version() -> str:
-    try:
-        from importlib.metadata import version
+    """This package's version, as recorded in provenance."""
+    import dask_sparseconv
 
-        return version("dask-sparseconv")
-    except Exception:  # not installed (running from a checkout)
-        return "0+unknown"
+    return dask_sparseconv.__version__
 
 
 def _now() -> str:
