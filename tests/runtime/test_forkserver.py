@@ -193,7 +193,15 @@ def test_ctrl_c_while_the_server_loads_is_ignored(tmp_path):
         if __name__ == "__main__":
             forkserver.start()
             server = next(p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline()))
-            time.sleep(0.2)  # inside its ~1 s of loading
+            # once its loading has begun (a fixed sleep raced the server's
+            # start on a loaded machine): the preload ignores SIGINT first
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with open(f"/proc/{server.pid}/status") as f:
+                    ignored = int(next(l for l in f if l.startswith("SigIgn:")).split()[1], 16)
+                if ignored & (1 << (signal.SIGINT - 1)):
+                    break
+                time.sleep(0.002)
             os.kill(server.pid, signal.SIGINT)
             lc = forkserver.start_cluster(n_workers=1, threads_per_worker=1, processes=True,
                                           dashboard_address=None, memory_limit=0)
