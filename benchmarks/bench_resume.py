@@ -103,7 +103,11 @@ def workflow(folder: str, src: str, kernel_file: str, fmt: str, memory: str) -> 
 # runs
 # ---------------------------------------------------------------------------
 def _cli() -> list[str]:
-    exe = shutil.which("dask-sparseconv")
+    # the command installed beside this Python: on PATH there may be a
+    # wrapper instead (pyenv's shim adds ~0.08 s to every command here)
+    exe = os.path.join(os.path.dirname(sys.executable), "dask-sparseconv")
+    if not os.access(exe, os.X_OK):
+        exe = shutil.which("dask-sparseconv")
     return [exe] if exe else [sys.executable, "-m", "dask_sparseconv.cli"]
 
 
