@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -80,7 +81,10 @@ def _python(*args: str, timeout: float = 120, drop: tuple[str, ...] = ()) -> sub
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     for key in drop:
         env.pop(key, None)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    # a test run from a shell's background inherits an ignored SIGINT, and
+    # so would the server these scripts start: give them Ctrl-C back
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _run(tmp_path: Path, kill: str = "-"):

@@ -235,8 +235,10 @@ def test_cli_resumes_an_interrupted_s3_output(s3_server, tmp_path):
     bucket, opts, src, target = _bucket_with_input(s3_server, "dense", x)
     wf = _workflow(tmp_path, src, target, opts, "csr")
     for _attempt in range(3):  # SIGINT can land after the last block: then try again from scratch
+        # a test run from a shell's background inherits an ignored SIGINT: give the command Ctrl-C back
         proc = subprocess.Popen([sys.executable, "-m", "dask_sparseconv.cli", "run", wf, "--restart"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=base_env())
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=base_env(),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             for line in proc.stderr:
                 m = re.search(r"progress: (\d+)/(\d+) blocks", line)
