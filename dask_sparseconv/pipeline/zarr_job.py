@@ -204,7 +204,7 @@ def convolve_zarr(
         graph = _build_job(plan, src_loc, tgt_loc, target, resume_prov, overwrite=overwrite, compressor=compressor,
                            route=route, annotations=annotations, workers=workers,
                            target_storage_options=target_storage_options, release=held if took_lock else None,
-                           names=names, pyramid=int(pyramid))
+                           fence=None if held is None else held.token, names=names, pyramid=int(pyramid))
     except BaseException:
         if took_lock:
             held.release()
@@ -227,9 +227,10 @@ def convolve_zarr(
 
 def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None, *, overwrite: bool, compressor,
                route: str, annotations: dict, workers: dict[str, int] | None, target_storage_options: dict | None,
-               release, names: list[str] | None = None, pyramid: int = 0):
+               release, fence: str | None = None, names: list[str] | None = None, pyramid: int = 0):
     """Fingerprint the input (refusing a resume whose input changed), create
-    or reopen the target, and build the graph."""
+    or reopen the target, and build the graph. ``fence``: the token of the
+    target's lock held for this run; every write of the graph checks it."""
     from ..storage import create_output
     from ..storage.fingerprint import check_unchanged
 
@@ -283,7 +284,7 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
     if bank and fmt == "csr":
         return _build_csr_bank(plan, blocks, spec, info, attrs, target, tgt_loc, resume_prov, names or [],
                                overwrite=overwrite, compressor=compressor, annotations=annotations,
-                               target_storage_options=target_storage_options)
+                               target_storage_options=target_storage_options, fence=fence)
     out = create_output(
         target,
         settings.container or fmt,  # 'ome-zarr': a dense output inside an NGFF image group
@@ -300,6 +301,8 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
         compressor=compressor,
         resume=resume_prov is not None,  # reopens only the same job's output, else ValueError
     )
+    if fence is not None:
+        out.fence = (tgt_loc, fence)
     if resume_prov is not None and resume_prov.get("consolidated"):
         from dask import delayed
 
@@ -310,7 +313,7 @@ def _build_job(plan: JobPlan, src_loc, tgt_loc, target, resume_prov: dict | None
 
 def _build_csr_bank(plan: JobPlan, blocks, spec: BlockSpec, info: JobInfo, attrs: dict, target, tgt_loc,
                     resume_prov: dict | None, names: list[str], *, overwrite: bool, compressor, annotations: dict,
-                    target_storage_options: dict | None):
+                    target_storage_options: dict | None, fence: str | None = None):
     """A CSR bank's parent group and K member outputs (created, or reopened
     to resume), and its graph: one compute per block feeding K write-once
     chains (:func:`~dask_sparseconv.pipeline.bank.bank_chain_graph`)."""
@@ -342,6 +345,9 @@ def _build_csr_bank(plan: JobPlan, blocks, spec: BlockSpec, info: JobInfo, attrs
         members.append(create_output(target, "csr", src.n_images, plan.out_shape, plan.out_dtype, blocks.bounds,
                                      storage_options=target_storage_options, overwrite=False, attrs=member_attrs,
                                      compressor=compressor, array=name, resume=resume_prov is not None))
+    if fence is not None:
+        for m in members:
+            m.fence = (tgt_loc, fence)
     done = set.intersection(*(m.done_blocks() for m in members)) if resume_prov is not None else set()
     member_spec = dataclasses.replace(spec, bank=0)
     return bank_graph(src, parent, members, kernel, names, blocks, spec, member_spec, info, annotations=annotations,

@@ -104,6 +104,10 @@ class OutputBase:
         self.dtype = np.dtype(dtype)
         self.block_bounds = list(block_bounds)
         self._node: Any = None
+        #: (target, token) of the run whose graph writes this output: every
+        #: write checks that the run still holds the target's lock (see
+        #: :func:`~dask_sparseconv.storage.job_lock.check_held`); None: unlocked
+        self.fence: tuple[Location, str] | None = None
 
     #: attributes that are per-process caches (dropped when pickled)
     _CACHE_KEYS: ClassVar[tuple[str, ...]] = ()
@@ -135,6 +139,14 @@ class OutputBase:
     def attach(self, node: Any) -> None:
         """Use an already opened node (the creator or a resume has one)."""
         self._node = node
+
+    def check_fence(self, doing: str) -> None:
+        """Raise :class:`~dask_sparseconv.storage.job_lock.LockLostError`
+        when the run writing this output has lost the target's lock."""
+        if self.fence is not None:
+            from .job_lock import check_held
+
+            check_held(self.fence[0], self.fence[1], doing)
 
     def _check_block(self, i: int, start: int, stop: int) -> None:
         if not 0 <= int(i) < len(self.block_bounds):

@@ -542,6 +542,7 @@ class DenseOutput(OutputBase):
         extra keys) -- see :meth:`verify_block`.
         """
         self._check_block(i, start, stop)
+        self.check_fence(f"writing block {i}")
         rows = stop - start
         shape = self._unit_shape
         pixels = int(np.prod(shape))
@@ -654,6 +655,7 @@ class DenseOutput(OutputBase):
         extra = {}
         if block_nnz is not None:
             extra["nnz"] = int(sum(int(x) for x in block_nnz))
+        self.check_fence("completing the output")
         progress.mark_complete(self.node, **extra)
 
     def __repr__(self) -> str:

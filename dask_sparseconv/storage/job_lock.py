@@ -61,7 +61,7 @@ from typing import Any
 
 from .location import Location
 
-__all__ = ["JobLock", "TargetLockedError", "lock_location", "read_lock"]
+__all__ = ["JobLock", "LockLostError", "TargetLockedError", "check_held", "lock_location", "read_lock"]
 
 #: Seconds between renewals of a held lock.
 RENEW_SECONDS = 30.0
@@ -218,6 +218,30 @@ def read_lock(target: Location) -> dict | None:
     except (ValueError, UnicodeDecodeError):
         return {"unreadable": True}
     return rec if isinstance(rec, dict) else {"unreadable": True}
+
+
+class LockLostError(RuntimeError):
+    """A run's task was about to write, but the run no longer holds the target's lock."""
+
+
+def check_held(target: Location, token: str, doing: str) -> None:
+    """Raise :class:`LockLostError` unless the lock of ``target`` still carries ``token``.
+
+    Block tasks of a run on a cluster the run does not own keep running when
+    the run stops (dask cannot stop a running task), and so may still be
+    writing once the run released the lock. Another run may then have taken
+    the target over, to start it anew with another kernel or input, and an
+    old task's write would put the old values into the new output, under a
+    record that verifies. So each write checks first that its run still holds
+    the lock; what is left between that check and the write is the time of
+    one read, not the length of a block.
+    """
+    held = read_lock(target)
+    if held is not None and held.get("token") == token:
+        return
+    why = ("the run released it (it was stopped)" if held is None
+           else f"another run holds it now ({describe_holder(held)})")
+    raise LockLostError(f"not {doing}: this run no longer holds the lock of {target}: {why}")
 
 
 def describe_holder(rec: dict) -> str:

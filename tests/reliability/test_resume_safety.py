@@ -283,3 +283,44 @@ def test_full_disk_ends_with_its_cause_and_resumes_exact(tmp_path):
         np.testing.assert_allclose(_dense_result(disk / "out.zarr"), _reference(x, kernel), rtol=1e-5, atol=1e-6)
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.xdist_group("cluster")
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+def test_late_block_tasks_of_a_stopped_run_write_nothing(tmp_path, local_cluster, fmt):
+    """A run's block tasks on a cluster it does not own outlive the run (dask
+    cannot stop a running task). Once the run has let go of the target's
+    lock, such a late task fails and writes nothing: neither into the
+    partial output, nor into the output of a run that started the target
+    over with another kernel (where the old values would sit under a record
+    that verifies)."""
+    from distributed import Client
+
+    from dask_sparseconv.storage import resolve_location
+    from dask_sparseconv.storage.job_lock import LockLostError, read_lock, release_token
+
+    x = stack(N, H, W, density=0.03, seed=7)
+    src = write_inputs(tmp_path, x, dense_chunks=2)["dense"]
+    target = str(tmp_path / "out.zarr")
+    loc = resolve_location(target)
+    kw = dict(output_format=fmt, block_memory="16KiB" if fmt == "dense" else "64KiB")
+    old = convolve_zarr(src, KERNEL, target, "same", compute=False, **kw)  # run A: holds the lock
+    hlg = dict(old.__dask_graph__())
+    blocks = sorted(k for k in hlg if isinstance(k, str) and k.startswith("sparseconv-block-"))
+    assert len(blocks) >= 4
+    other = np.full((5, 5), 1 / 25, dtype=np.float32)
+    with Client(local_cluster) as client:
+        client.get(hlg, blocks[:2])  # A's first blocks, while A holds the lock
+        assert done_count(target) == 2
+        release_token(loc, read_lock(loc)["token"])  # A stops: the command lets go of the lock
+        with pytest.raises(LockLostError, match="no longer holds the lock.*released"):
+            client.get(hlg, [blocks[2]])
+        assert done_count(target) == 2  # nothing written by the late task
+        # run B starts the target over with another kernel and finishes
+        s = convolve_zarr(src, other, target, "same", overwrite=True, **kw)
+        assert not s.resumed and s.blocks_computed == s.blocks
+        after_b = tree_digest(target)
+        with pytest.raises(LockLostError, match="no longer holds the lock"):
+            client.get(hlg, blocks[1:4])  # A's late tasks again, after B released the lock
+    assert tree_digest(target) == after_b
+    np.testing.assert_allclose(_dense_result(target), _reference(x, other), rtol=1e-5, atol=1e-5)

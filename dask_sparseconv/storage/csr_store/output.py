@@ -267,6 +267,7 @@ class CSROutput(OutputBase):
         chunk left), then its record and done marker. ``prev``: the carry
         after block ``i - 1``; when it holds no values (blocks a resumed run
         skipped), ``produce`` recomputes them. Returns the block's nnz."""
+        self.check_fence(f"writing block {i}")
         prev = prev or self.first_carry()
         if not 0 <= int(i) < len(self.block_bounds):
             raise ValueError(f"block index {i} is out of range: the output {self._loc} has {len(self.block_bounds)} blocks")
@@ -410,6 +411,7 @@ class CSROutput(OutputBase):
         prov = progress.provenance(g) or {}
         if prov.get("complete"):
             return
+        self.check_fence("completing the output")
         if not prov.get("consolidated"):
             if counts is None:
                 counts = self._recorded_counts()
