@@ -196,7 +196,18 @@ def test_ctrl_c_while_the_server_loads_is_ignored(tmp_path):
 
         if __name__ == "__main__":
             forkserver.start()
-            server = next(p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline()))
+            # the server is forked and then exec'd without waiting: until
+            # the exec, the child still shows this script's command line
+            deadline = time.monotonic() + 60
+            server = None
+            while server is None and time.monotonic() < deadline:
+                for p in psutil.Process().children():
+                    try:
+                        if "forkserver" in " ".join(p.cmdline()):
+                            server = p
+                    except psutil.Error:
+                        pass
+                time.sleep(0.002)
             # once its loading has begun (a fixed sleep raced the server's
             # start on a loaded machine): the preload ignores SIGINT first
             deadline = time.monotonic() + 60
