@@ -90,8 +90,11 @@ BBOX_SLACK = 4096
 
 #: An image with ``nnz * K * DENSE_OPS >= (output rows it touches) * W_out``
 #: is extracted by a plain scan of its bounding box; sparser ones through a
-#: bit map of touched slots (cost proportional to what was touched).
-DENSE_OPS = 1
+#: bit map of touched slots (cost proportional to what was touched). Since the
+#: scan became branch-free it wins from about a third (~28 % of the slots
+#: touched): at 1, 50 x 100x100 with a 9 x 9 kernel took 0.55 ms, at 3 0.41
+#: ms (benchmarks/bench_extract_path.py; table in docs/engine.md).
+DENSE_OPS = 3
 
 #: Output frames larger than this (bytes) are done in bands of rows of
 #: ``BAND_BYTES`` when an image touches about every cache line of the rows
