@@ -93,7 +93,8 @@ def check_kernel(kernel: Any, name: str = "kernel") -> np.ndarray:
         raise ValueError(f"{name} must be 2-D; got {arr.ndim}-D with shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{name} must not be empty; got shape {arr.shape}")
-    if kind == "f" and not np.isfinite(arr).all():
+    # a reduce of isfinite rather than .all(), which goes through a Python wrapper
+    if kind == "f" and not np.logical_and.reduce(np.isfinite(arr), axis=None):
         raise ValueError(f"{name} must hold only finite values; got NaN or inf in a kernel of shape {arr.shape}")
     return arr
 
