@@ -23,6 +23,7 @@ import functools
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 from typing import Any
 
@@ -31,6 +32,10 @@ OPT_OUT = "DASK_SPARSECONV_FORK_WORKERS"
 
 #: The module the fork server imports before it forks a worker.
 PRELOAD = "dask_sparseconv.runtime.worker_preload"
+
+#: Set in the server's environment when :func:`start` blocked Ctrl-C across
+#: its launch: the preload unblocks it once it ignores it.
+UNBLOCK_SIGINT = "_DASK_SPARSECONV_UNBLOCK_SIGINT"
 
 _started = False
 
@@ -106,11 +111,28 @@ def start(env: dict[str, str] | None = None) -> bool:
 
         multiprocessing.get_context("forkserver").set_forkserver_preload([PRELOAD])
         env = {**spawn_environ(), **(env or {})}
+        # Ctrl-C reaches the whole process group. The server ignores it while
+        # it loads (worker_preload), but Python's own start-up comes first: a
+        # Ctrl-C there printed a KeyboardInterrupt traceback from the server
+        # beside the command's one line. Blocked here, across the launch, the
+        # signal is blocked in the server from its first instruction (the
+        # mask is inherited through fork and exec) until the preload ignores
+        # it; in this process a Ctrl-C meanwhile waits, it is not lost.
+        # (multiprocessing's resource tracker, which the server needs, is
+        # started first: its start unblocks SIGINT when it is done)
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+        blocked = _block_sigint()
+        if blocked is not None and signal.SIGINT not in blocked:
+            env[UNBLOCK_SIGINT] = "1"
         previous = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
             forkserver.ensure_running()  # returns once the server is launched, not loaded
         finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             for k, v in previous.items():
                 if v is None:
                     os.environ.pop(k, None)
@@ -120,6 +142,14 @@ def start(env: dict[str, str] | None = None) -> bool:
         return False
     _started = True
     return True
+
+
+def _block_sigint() -> set | None:
+    """Block SIGINT in this thread; the previous mask, or None where that is
+    not possible (no ``pthread_sigmask``)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return set(signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}))
 
 
 def start_cluster(**kwargs: Any):

@@ -16,7 +16,10 @@ starts its workers the usual way, see :func:`.forkserver.start_cluster`).
 from __future__ import annotations
 
 import gc
+import os
 import signal
+
+from dask_sparseconv.runtime.forkserver import UNBLOCK_SIGINT
 
 
 def warm() -> None:
@@ -47,6 +50,10 @@ def warm() -> None:
 # line. The default handler is back before multiprocessing records it for
 # the workers forked from here.
 _sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+# forkserver.start blocked it across the server's launch, so that one
+# arriving during Python's start-up waits; ignored now, it is dropped
+if os.environ.pop(UNBLOCK_SIGINT, None) == "1":
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 try:
     warm()
 except Exception:  # a worker then imports and loads what it needs itself

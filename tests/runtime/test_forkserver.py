@@ -164,6 +164,54 @@ def test_workers_are_spawned_when_the_user_says_so(tmp_path, setting):
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"started": False, "server": None}
 
 
+def test_ctrl_c_from_the_server_launch_on_is_ignored(tmp_path):
+    """Ctrl-C sent to the server from the moment it is launched (Python's own
+    start-up, before the preload can ignore it; a traceback of the server's
+    once appeared beside the command's one line there): no traceback, the
+    server survives and forks workers whose Ctrl-C handling is a spawned
+    worker's, and the caller's signal mask is as it was."""
+    code = textwrap.dedent("""
+        import json, os, signal, time
+        from distributed import Client
+        from dask_sparseconv.runtime import forkserver
+        from multiprocessing import forkserver as mp_forkserver
+
+        def handler():
+            import signal
+            return ("_on_sigint" in repr(signal.getsignal(signal.SIGINT)),
+                    signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set()))
+
+        if __name__ == "__main__":
+            forkserver.start()
+            server = mp_forkserver._forkserver._forkserver_pid
+            sent = 0
+            end = time.monotonic() + 1.5  # through the server's start-up and loading
+            while time.monotonic() < end:
+                os.kill(server, signal.SIGINT)
+                sent += 1
+                time.sleep(0.003)
+            mask = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+            lc = forkserver.start_cluster(n_workers=1, threads_per_worker=1, processes=True,
+                                          dashboard_address=None, memory_limit=0)
+            with Client(lc) as client:
+                ppids = list(client.run(os.getppid).values())
+                handlers = [list(h) for h in client.run(handler).values()]
+                total = client.submit(sum, [1, 2, 3]).result()
+            lc.close()
+            print(json.dumps({"server": server, "sent": sent, "mask": mask, "ppids": ppids,
+                              "handlers": handlers, "total": total}))
+    """)
+    script = tmp_path / "ctrl_c_launch.py"
+    script.write_text(code)
+    res = _python(str(script))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "KeyboardInterrupt" not in res.stderr, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["sent"] > 50 and out["mask"] is False
+    assert out["ppids"] == [out["server"]]  # forked by the server that got the signals
+    assert out["handlers"] == [[True, False]] and out["total"] == 6
+
+
 def test_the_preload_leaves_a_process_safe_to_fork():
     """What the server loads starts no thread (a forked child would inherit
     locks that no thread of its own releases) and no GPU library (CUDA
