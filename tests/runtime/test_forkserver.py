@@ -164,54 +164,6 @@ def test_workers_are_spawned_when_the_user_says_so(tmp_path, setting):
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"started": False, "server": None}
 
 
-def test_ctrl_c_from_the_server_launch_on_is_ignored(tmp_path):
-    """Ctrl-C sent to the server from the moment it is launched (Python's own
-    start-up, before the preload can ignore it; a traceback of the server's
-    once appeared beside the command's one line there): no traceback, the
-    server survives and forks workers whose Ctrl-C handling is a spawned
-    worker's, and the caller's signal mask is as it was."""
-    code = textwrap.dedent("""
-        import json, os, signal, time
-        from distributed import Client
-        from dask_sparseconv.runtime import forkserver
-        from multiprocessing import forkserver as mp_forkserver
-
-        def handler():
-            import signal
-            return ("_on_sigint" in repr(signal.getsignal(signal.SIGINT)),
-                    signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set()))
-
-        if __name__ == "__main__":
-            forkserver.start()
-            server = mp_forkserver._forkserver._forkserver_pid
-            sent = 0
-            end = time.monotonic() + 1.5  # through the server's start-up and loading
-            while time.monotonic() < end:
-                os.kill(server, signal.SIGINT)
-                sent += 1
-                time.sleep(0.003)
-            mask = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set())
-            lc = forkserver.start_cluster(n_workers=1, threads_per_worker=1, processes=True,
-                                          dashboard_address=None, memory_limit=0)
-            with Client(lc) as client:
-                ppids = list(client.run(os.getppid).values())
-                handlers = [list(h) for h in client.run(handler).values()]
-                total = client.submit(sum, [1, 2, 3]).result()
-            lc.close()
-            print(json.dumps({"server": server, "sent": sent, "mask": mask, "ppids": ppids,
-                              "handlers": handlers, "total": total}))
-    """)
-    script = tmp_path / "ctrl_c_launch.py"
-    script.write_text(code)
-    res = _python(str(script))
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "Traceback" not in res.stderr and "KeyboardInterrupt" not in res.stderr, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["sent"] > 50 and out["mask"] is False
-    assert out["ppids"] == [out["server"]]  # forked by the server that got the signals
-    assert out["handlers"] == [[True, False]] and out["total"] == 6
-
-
 def test_the_preload_leaves_a_process_safe_to_fork():
     """What the server loads starts no thread (a forked child would inherit
     locks that no thread of its own releases) and no GPU library (CUDA
@@ -226,60 +178,92 @@ def test_the_preload_leaves_a_process_safe_to_fork():
     assert res.stdout.split() == ["1", "False", "False", "True"]
 
 
-def test_ctrl_c_while_the_server_loads_is_ignored(tmp_path):
-    """Ctrl-C reaches the whole process group: the server, still loading,
-    neither dies nor prints a traceback, and forks warm workers afterwards
-    whose Ctrl-C handling is a spawned worker's."""
-    code = textwrap.dedent("""
-        import json, os, signal, time
-        import psutil
-        from distributed import Client
-        from dask_sparseconv.runtime import forkserver
+#: A script that starts the server, runs ``interrupt(server_pid)`` on it,
+#: then a cluster of one forked worker; prints what the tests check.
+_CTRL_C_SCRIPT = """
+import json, os, signal, time
+from multiprocessing import forkserver as mp_forkserver
 
-        def handler():
-            # asyncio.run (the worker's loop) puts its own handler in place
-            # only over Python's default one, as in a spawned worker
-            import signal
-            return "_on_sigint" in repr(signal.getsignal(signal.SIGINT))
+from distributed import Client
 
-        if __name__ == "__main__":
-            forkserver.start()
-            # the server is forked and then exec'd without waiting: until
-            # the exec, the child still shows this script's command line
-            deadline = time.monotonic() + 60
-            server = None
-            while server is None and time.monotonic() < deadline:
-                for p in psutil.Process().children():
-                    try:
-                        if "forkserver" in " ".join(p.cmdline()):
-                            server = p
-                    except psutil.Error:
-                        pass
-                time.sleep(0.002)
-            # once its loading has begun (a fixed sleep raced the server's
-            # start on a loaded machine): the preload ignores SIGINT first
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                with open(f"/proc/{server.pid}/status") as f:
-                    ignored = int(next(l for l in f if l.startswith("SigIgn:")).split()[1], 16)
-                if ignored & (1 << (signal.SIGINT - 1)):
-                    break
-                time.sleep(0.002)
-            os.kill(server.pid, signal.SIGINT)
-            lc = forkserver.start_cluster(n_workers=1, threads_per_worker=1, processes=True,
-                                          dashboard_address=None, memory_limit=0)
-            with Client(lc) as client:
-                ppids = list(client.run(os.getppid).values())
-                handlers = list(client.run(handler).values())
-                total = client.submit(sum, [1, 2, 3]).result()
-            lc.close()
-            print(json.dumps({"server": server.pid, "ppids": ppids, "handlers": handlers, "total": total}))
-    """)
+from dask_sparseconv.runtime import forkserver
+
+
+def handler():
+    # asyncio.run (the worker's loop) puts its own handler in place only
+    # over Python's default one, as in a spawned worker; and SIGINT must
+    # not be left blocked
+    import signal
+    return ["_on_sigint" in repr(signal.getsignal(signal.SIGINT)),
+            signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set())]
+
+
+def interrupt(server):
+{interrupt}
+
+
+if __name__ == "__main__":
+    forkserver.start()
+    server = mp_forkserver._forkserver._forkserver_pid
+    sent = interrupt(server)
+    mask = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    lc = forkserver.start_cluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, memory_limit=0)
+    with Client(lc) as client:
+        ppids = list(client.run(os.getppid).values())
+        handlers = list(client.run(handler).values())
+        total = client.submit(sum, [1, 2, 3]).result()
+    lc.close()
+    print(json.dumps({{"server": server, "sent": sent, "mask": mask, "ppids": ppids,
+                      "handlers": handlers, "total": total}}))
+"""
+
+
+def _ctrl_c(tmp_path: Path, interrupt: str) -> dict:
+    """Run :data:`_CTRL_C_SCRIPT` with ``interrupt``'s body; check that
+    nothing printed a traceback, that the server that got the signals forked
+    the worker, and that the worker handles Ctrl-C as a spawned one would."""
     script = tmp_path / "ctrl_c.py"
-    script.write_text(code)
+    script.write_text(_CTRL_C_SCRIPT.format(interrupt=textwrap.indent(textwrap.dedent(interrupt), "    ")))
     res = _python(str(script))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Traceback" not in res.stderr and "KeyboardInterrupt" not in res.stderr, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["ppids"] == [out["server"]]  # forked by the server that got the SIGINT
-    assert out["handlers"] == [True] and out["total"] == 6
+    assert out["ppids"] == [out["server"]]  # forked by the server that got the signals
+    assert out["handlers"] == [[True, False]] and out["total"] == 6
+    assert out["mask"] is False  # the caller's signal mask is as it was
+    return out
+
+
+def test_ctrl_c_while_the_server_loads_is_ignored(tmp_path):
+    """Ctrl-C reaches the whole process group: the server, loading, neither
+    dies nor prints a traceback, and forks warm workers afterwards."""
+    _ctrl_c(tmp_path, """
+        # once its loading has begun (a fixed sleep raced the server's start
+        # on a loaded machine): the preload ignores SIGINT first
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with open(f"/proc/{server}/status") as f:
+                ignored = int(next(l for l in f if l.startswith("SigIgn:")).split()[1], 16)
+            if ignored & (1 << (signal.SIGINT - 1)):
+                break
+            time.sleep(0.002)
+        os.kill(server, signal.SIGINT)
+        return 1
+    """)
+
+
+def test_ctrl_c_from_the_server_launch_on_is_ignored(tmp_path):
+    """Ctrl-C sent to the server from the moment it is launched, through
+    Python's own start-up, before the preload can ignore it (a traceback of
+    the server's once appeared beside the command's one line there)."""
+    out = _ctrl_c(tmp_path, """
+        sent = 0
+        end = time.monotonic() + 1.5  # through the server's start-up and loading
+        while time.monotonic() < end:
+            os.kill(server, signal.SIGINT)
+            sent += 1
+            time.sleep(0.003)
+        return sent
+    """)
+    assert out["sent"] > 50
