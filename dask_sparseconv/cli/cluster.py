@@ -74,6 +74,8 @@ def open_client(cluster, source: str | None = None) -> Iterator[Any]:
         "memory_limit": cluster.memory_limit if cluster.memory_limit is not None else 0,
         "processes": True,
         "dashboard_address": cluster.dashboard_address,
+        # Ctrl-C is the command's: its workers ignore it (runtime/worker_signals.py)
+        "preload": ["dask_sparseconv.runtime.worker_signals"],
     }
     try:
         lc = start_cluster(**kwargs)

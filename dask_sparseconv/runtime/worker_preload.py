@@ -45,11 +45,11 @@ def warm() -> None:
 
 
 # Ctrl-C in a terminal reaches the whole process group, this server too:
-# its parent stops the run (and the server with it), so the server ignores
-# it while it loads rather than print a traceback beside the command's one
-# line. The default handler is back before multiprocessing records it for
-# the workers forked from here.
-_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+# the command stops the run (and the server with it), so the server ignores
+# it for good rather than print a traceback beside the command's one line,
+# and so do the workers forked from here (multiprocessing gives them the
+# server's handler; see worker_signals for why workers ignore it).
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 # forkserver.start blocked it across the server's launch, so that one
 # arriving during Python's start-up waits; ignored now, it is dropped
 if os.environ.pop(UNBLOCK_SIGINT, None) == "1":
@@ -58,8 +58,6 @@ try:
     warm()
 except Exception:  # a worker then imports and loads what it needs itself
     pass
-finally:
-    signal.signal(signal.SIGINT, _sigint)
 # The children share these objects: kept out of the collector's walks, their
 # pages are not written (copied) by every collection in every worker.
 gc.freeze()

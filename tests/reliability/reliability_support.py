@@ -109,10 +109,12 @@ def cli(*args, cwd=None, timeout: float = RUN_TIMEOUT, pre: str | None = None) -
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env(), timeout=timeout)
 
 
-def start_cli(*args, cwd=None, log_dir: Path) -> tuple[subprocess.Popen, Path, Path]:
+def start_cli(*args, cwd=None, log_dir: Path, extra_env: dict[str, str] | None = None,
+              ) -> tuple[subprocess.Popen, Path, Path]:
     out, err = log_dir / "cli.out", log_dir / "cli.err"
     # a test run from a shell's background inherits an ignored SIGINT: give the command Ctrl-C back
-    proc = subprocess.Popen(cli_cmd(*args), stdout=open(out, "wb"), stderr=open(err, "wb"), cwd=cwd, env=env(),
+    proc = subprocess.Popen(cli_cmd(*args), stdout=open(out, "wb"), stderr=open(err, "wb"), cwd=cwd,
+                            env={**env(), **(extra_env or {})},
                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return proc, out, err
 

@@ -10,6 +10,7 @@ never modified."""
 
 from __future__ import annotations
 
+import os
 import signal
 import textwrap
 
@@ -55,13 +56,20 @@ def _workflow(tmp_path, src: str, fmt: str, memory: str = "16KiB") -> str:
     return str(wf)
 
 
-def _interrupt(tmp_path, wf: str, sig: int) -> tuple[int, str, int]:
-    """Start `run`, send ``sig`` once a few blocks are written; return (rc, stderr, markers at exit)."""
+def _interrupt(tmp_path, wf: str, sig: int, extra_env: dict[str, str] | None = None) -> tuple[int, str, int]:
+    """Start `run`, send ``sig`` once a few blocks are written; return (rc, stderr, markers at exit).
+
+    SIGINT goes to the whole process group, as Ctrl-C in a terminal does:
+    the command's workers and fork server get it too. SIGTERM goes to the
+    command alone (what a batch scheduler or ``kill`` sends)."""
     out = tmp_path / "out.zarr"
-    proc, _, err = start_cli("run", wf, cwd=tmp_path, log_dir=tmp_path)
+    proc, _, err = start_cli("run", wf, cwd=tmp_path, log_dir=tmp_path, extra_env=extra_env)
     try:
         wait_for_blocks(out, 12, proc, timeout=150)
-        proc.send_signal(sig)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         rc = proc.wait(60)
     finally:
         kill_group(proc)  # the CLI and any worker it left behind
@@ -75,9 +83,12 @@ def _clean(tmp_path, src: str, wf: str, fmt: str) -> str:
 
 
 @pytest.mark.xdist_group("cluster")
-@pytest.mark.parametrize("sig, fmt, src", [(signal.SIGINT, "dense", "dense"), (signal.SIGTERM, "csr", "csr")],
-                         ids=["ctrl-c-dense", "sigterm-csr"])
-def test_cli_interrupted_run_resumes(tmp_path, inputs, sig, fmt, src):
+@pytest.mark.parametrize("sig, fmt, src, workers", [
+    (signal.SIGINT, "dense", "dense", "forked"),
+    (signal.SIGINT, "csr", "csr", "spawned"),
+    (signal.SIGTERM, "csr", "csr", "forked"),
+], ids=["ctrl-c-dense", "ctrl-c-csr-spawned-workers", "sigterm-csr"])
+def test_cli_interrupted_run_resumes(tmp_path, inputs, sig, fmt, src, workers):
     wf = _workflow(tmp_path, inputs[src], fmt, "16KiB" if fmt == "dense" else "64KiB")
     out = tmp_path / "out.zarr"
     before = tree_digest(inputs[src])
@@ -85,7 +96,8 @@ def test_cli_interrupted_run_resumes(tmp_path, inputs, sig, fmt, src):
     n_blocks = int(plan.stdout.split("row blocks:")[1].split()[0].replace(",", ""))
     assert n_blocks >= 100, plan.stdout
 
-    rc, stderr, written = _interrupt(tmp_path, wf, sig)
+    # workers forked from the command's warm server (the default), or spawned (DASK_SPARSECONV_FORK_WORKERS=0)
+    rc, stderr, written = _interrupt(tmp_path, wf, sig, {"DASK_SPARSECONV_FORK_WORKERS": "0"} if workers == "spawned" else None)
     # a clean exit: 130 (Ctrl-C) / 143 (SIGTERM), one line saying what to do, no traceback
     assert rc == (130 if sig == signal.SIGINT else 143), stderr
     line = one_line_error(stderr)
