@@ -74,8 +74,7 @@ def open_client(cluster, source: str | None = None) -> Iterator[Any]:
         "memory_limit": cluster.memory_limit if cluster.memory_limit is not None else 0,
         "processes": True,
         "dashboard_address": cluster.dashboard_address,
-        # Ctrl-C is the command's: its workers ignore it (runtime/worker_signals.py)
-        "preload": ["dask_sparseconv.runtime.worker_signals"],
+        "preload": worker_preloads(),
     }
     try:
         lc = start_cluster(**kwargs)
@@ -90,6 +89,19 @@ def open_client(cluster, source: str | None = None) -> Iterator[Any]:
             freeze_workers(client)
     finally:
         lc.close()
+
+
+def worker_preloads() -> list[str]:
+    """The local workers' preloads: the user's (``distributed.worker.preload``
+    in dask's config, which an explicit list would otherwise replace) and
+    ours, which makes them ignore Ctrl-C: the command handles it and stops
+    them (:mod:`dask_sparseconv.runtime.worker_signals`)."""
+    import dask
+
+    users = dask.config.get("distributed.worker.preload", default=None) or []
+    if isinstance(users, str):
+        users = [users]
+    return [*users, "dask_sparseconv.runtime.worker_signals"]
 
 
 def dashboard_text(client) -> str:
