@@ -293,7 +293,7 @@ class Convolver:
                     cls = separable.AutoSeparable if self.auto_separable else engine_class(self.method, self.backend)
                     eng = cls(
                         key[1],
-                        self._taps.astype(dtype, copy=False),  # a private copy already (check_kernel)
+                        self._taps.astype(dtype),
                         dtype,
                         device=self.device,
                         n_threads=self.n_threads,

@@ -123,16 +123,15 @@ def start(env: dict[str, str] | None = None) -> bool:
         from multiprocessing import resource_tracker
 
         resource_tracker.ensure_running()
-        blocked = _block_sigint()
-        if blocked is not None and signal.SIGINT not in blocked:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Linux only, checked above
+        if signal.SIGINT not in blocked:
             env[UNBLOCK_SIGINT] = "1"
         previous = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
             forkserver.ensure_running()  # returns once the server is launched, not loaded
         finally:
-            if blocked is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             for k, v in previous.items():
                 if v is None:
                     os.environ.pop(k, None)
@@ -142,14 +141,6 @@ def start(env: dict[str, str] | None = None) -> bool:
         return False
     _started = True
     return True
-
-
-def _block_sigint() -> set | None:
-    """Block SIGINT in this thread; the previous mask, or None where that is
-    not possible (no ``pthread_sigmask``)."""
-    if not hasattr(signal, "pthread_sigmask"):
-        return None
-    return set(signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}))
 
 
 def start_cluster(**kwargs: Any):
