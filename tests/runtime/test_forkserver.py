@@ -36,16 +36,20 @@ SCRIPT = textwrap.dedent("""
         # SIGKILL; without reap, wait until it is dead but leave it to
         # multiprocessing to reap (it does when it next needs a server); reaped
         # here, multiprocessing's own check of it fails, and so does a fork
+        # (found by its pid: it is launched without waiting for its exec, so
+        # its command line may not say "forkserver" yet)
         import time, psutil
-        for p in psutil.Process().children():
-            if "forkserver" in " ".join(p.cmdline()):
-                p.kill()
-                if reap:
-                    p.wait(10)
-                while not reap and p.status() != psutil.STATUS_ZOMBIE:
-                    time.sleep(0.01)
-                return p.pid
-        raise SystemExit("no fork server running")
+        from multiprocessing import forkserver as mp_forkserver
+        pid = mp_forkserver._forkserver._forkserver_pid
+        if pid is None:
+            raise SystemExit("no fork server running")
+        p = psutil.Process(pid)
+        p.kill()
+        if reap:
+            p.wait(10)
+        while not reap and p.status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.01)
+        return p.pid
 
     def state():
         from dask_sparseconv.engine import direct
