@@ -9,8 +9,11 @@ when that lies inside ``out_shape``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is not imported with the package: `import dask_sparseconv` stays cheap
+    import numpy as np
+
 
 MODES = ("full", "same", "valid")
 

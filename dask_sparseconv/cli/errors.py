@@ -31,6 +31,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, turned into the same orderly unwinding as Ctrl-C."""
 
 
+def interrupted_what(exc: KeyboardInterrupt) -> str:
+    """How a run was stopped, for its last line."""
+    return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+
+
 def _on_sigterm(signum, frame):
     raise Terminated()
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .cluster import local_threads
-from .errors import EXIT_RUNTIME, EXIT_USAGE, RUNNING, CLIError, Terminated
+from .errors import EXIT_RUNTIME, EXIT_USAGE, RUNNING, CLIError, interrupted_what
 from .report import fmt_int, fmt_shape, say
 
 
@@ -353,7 +353,7 @@ def output_state(path: str, opts: dict) -> str:
 
 
 def interrupted_message(exc: KeyboardInterrupt) -> str:
-    what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    what = interrupted_what(exc)
     out = RUNNING.get("output")
     if out is None:
         return f"{what}; nothing was left half-done"

@@ -8,7 +8,6 @@ import os
 import sys
 import traceback
 
-from .commands import COMMANDS
 from .errors import (
     EXIT_RUNTIME,
     EXIT_USAGE,
@@ -17,11 +16,11 @@ from .errors import (
     CLIError,
     Terminated,
     failure_line,
+    interrupted_what,
     is_numba_error,
     quiet,
     sigterm_unwinds,
 )
-from .inspect import interrupted_message
 from .report import say_err
 
 
@@ -98,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     RUNNING.clear()
     try:
         with sigterm_unwinds(), quiet(verbose):
+            from .commands import COMMANDS  # here, not at the top: a Ctrl-C while it loads is handled below
+
             return int(COMMANDS[args.command](args) or 0)
     except CLIError as exc:
         if verbose and exc.__cause__ is not None and not is_numba_error(exc.__cause__):
@@ -110,7 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RUNTIME
     except KeyboardInterrupt as exc:
         try:
-            say_err(f"error: {interrupted_message(exc)}")
+            if RUNNING.get("output") is None:
+                # nothing written yet; and the interrupt may have cut numpy's
+                # import short, which a second import then refuses
+                say_err(f"error: {interrupted_what(exc)}; nothing was left half-done")
+            else:
+                from .inspect import interrupted_message
+
+                say_err(f"error: {interrupted_message(exc)}")
         except KeyboardInterrupt:  # a second Ctrl-C while describing the output
             say_err("error: interrupted; the output is incomplete: run the same workflow again to resume")
         return 143 if isinstance(exc, Terminated) else 130
@@ -132,7 +140,11 @@ def console_main() -> int:
     """The ``dask-sparseconv`` command: :func:`main`, then a quick exit
     (:mod:`dask_sparseconv.runtime.process_exit`). Only the command's own
     process freezes its objects; code that calls :func:`main` keeps its own."""
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # before main's own handling: parsing the arguments
+        say_err("error: interrupted; nothing was left half-done")
+        return 130
     from ..runtime.process_exit import freeze_for_exit
 
     freeze_for_exit()

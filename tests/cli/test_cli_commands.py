@@ -451,9 +451,11 @@ def test_run_peeks_at_the_cluster_before_the_full_check(tmp_path, text, local):
 def test_the_command_starts_before_the_heavy_imports():
     """`run` starts its local workers' fork server before it imports the
     engine, dask or zarr (they load there and in this process at once): the
-    package and the command's modules must import with none of them."""
+    package and the command's entry module must import with none of them,
+    nor numpy (what is imported before the command's own Ctrl-C handling
+    runs prints Python's traceback when interrupted)."""
     code = ("import sys, dask_sparseconv, dask_sparseconv.cli.main\n"
-            "print(sorted(m for m in ('numba', 'scipy.sparse', 'zarr', 'dask', 'distributed', 'pydantic', 'yaml')"
+            "print(sorted(m for m in ('numpy', 'numba', 'scipy', 'zarr', 'dask', 'distributed', 'pydantic', 'yaml')"
             " if m in sys.modules))")
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -465,3 +467,32 @@ def test_the_command_starts_before_the_heavy_imports():
 
     assert dask_sparseconv.Convolver.__name__ == "Convolver"
     assert "Convolver" in dir(dask_sparseconv)
+
+
+@pytest.mark.parametrize("module", ["dask_sparseconv.cli.commands", "numpy.linalg"])
+def test_ctrl_c_while_the_command_loads_is_one_line(tmp_path, module):
+    """A Ctrl-C while the command's modules load (numpy, zarr, the engine:
+    ~0.15 s) ends with the command's one line and exit 130, not a traceback.
+    The interrupt is raised by an import hook when ``module`` is imported, so
+    it lands there every time. Inside numpy's import it leaves numpy's
+    compiled core loaded and numpy not, which a second import refuses
+    ("cannot load module more than once per process"): the line must not
+    need numpy."""
+    code = textwrap.dedent(f"""
+        import sys
+        class Interrupt:
+            def find_spec(self, name, path=None, target=None):
+                if name == {module!r}:
+                    raise KeyboardInterrupt
+        sys.meta_path.insert(0, Interrupt())
+        sys.argv = ["dask-sparseconv", "run", "wf.yaml"]
+        from dask_sparseconv.cli.main import console_main
+        sys.exit(console_main())
+    """)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=60)
+    assert_clean_failure(res, 130)
+    assert res.stderr.strip().splitlines()[-1] == "error: interrupted; nothing was left half-done"
+    assert not list(tmp_path.iterdir())
