@@ -21,6 +21,7 @@ a batch of 10 images depended on what it had seen before (0.37 ms after a
     python benchmarks/bench_engine.py --markdown results.md
     python benchmarks/bench_engine.py --threads 1       # both single-threaded
     python benchmarks/bench_engine.py --init            # construction + call, one process (the seed's total time)
+    python benchmarks/bench_engine.py --init --no-settle  # ... each call right after the other side's
     python benchmarks/bench_engine.py --bandwidth       # large frames: output GB/s against a numpy copy
 """
 
@@ -33,6 +34,7 @@ import math
 import os
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -171,12 +173,69 @@ def run_config(cfg: Config, dtype, quick: bool, threads: int | None = None) -> d
     return dict(cfg=cfg, ours=t_o * 1e3, peer=t_p * 1e3, speedup=t_p / t_o, nnz=x.nnz, problem=problem)
 
 
-def run_init(configs: list[Config], dtype, runs: int) -> list[dict]:
+def _other_threads_ns() -> int | None:
+    """CPU time (ns) that this process's threads other than the calling one
+    have run (Linux); None where that cannot be read.
+
+    Read from each thread's CPU clock, which is exact: /proc's schedstat of
+    a thread running on another core is only brought up to date at scheduler
+    ticks (4 ms here), so a spinning thread looked asleep between them.
+    """
+    me = threading.get_native_id()
+    total = 0
+    try:
+        for tid in map(int, os.listdir("/proc/self/task")):
+            if tid != me:
+                try:
+                    # the thread's CPU clock: Linux's MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)
+                    total += time.clock_gettime_ns(((~tid) << 3) | 6)
+                except OSError:  # the thread has just exited
+                    pass
+    except (OSError, AttributeError, ValueError):
+        return None
+    return total
+
+
+def quiesce(window_s: float = 0.001, limit_s: float = 0.1) -> float:
+    """Wait until no other thread of this process has run for ``window_s``
+    (at most ``limit_s``); returns the seconds waited.
+
+    After each parallel region the peer's libgomp worker spins on a core for
+    ~7-9 ms (measured: 8-9 ms of that thread's CPU time during whatever runs
+    next, on 2 cores; ~1.1 ms of it in every 1 ms for the first 7 ms). A call started in that time has one core where it
+    would have two. A notebook's calls start with every library's threads
+    asleep, so each timed call starts so too.
+    """
+    t0 = time.perf_counter()
+    last = _other_threads_ns()
+    if last is None:
+        time.sleep(0.02)  # no /proc: longer than the spin measured
+        return time.perf_counter() - t0
+    while time.perf_counter() - t0 < limit_s:
+        time.sleep(window_s)
+        now = _other_threads_ns() or 0
+        if now - last < window_s * 1e9 * 0.05:  # under 5 % of a core: asleep
+            break
+        last = now
+    return time.perf_counter() - t0
+
+
+#: run_init's waits for quiet threads, by the side whose call came before (seconds)
+SETTLE_WAITS: dict[str, list[float]] = {}
+
+
+def run_init(configs: list[Config], dtype, runs: int, settle: bool = True) -> list[dict]:
     """Init + call, the way the seed's grid search and a notebook see it: build
     the drop-in ``Toeplitz_convolution2d(x_shape, k, mode='same')`` and call it
     once on the batch, every configuration in this one process. ``runs``
     interleaved rounds (ours then the peer, then the other way round), after a
-    warm-up round that compiles both; the median of each is reported."""
+    warm-up round that compiles both; the median of each is reported.
+
+    With ``settle`` each timed call starts once the other library's threads
+    have gone back to sleep (:func:`quiesce`); without it, right after the
+    previous call, so that whichever side follows the peer shares a core
+    with its spinning OpenMP thread.
+    """
     from sparse_convolution import Toeplitz_convolution2d as Peer
 
     from dask_sparseconv import Toeplitz_convolution2d as Ours
@@ -203,6 +262,8 @@ def run_init(configs: list[Config], dtype, runs: int) -> list[dict]:
 
     problems = {cfg: same_result(ours(k, x, cfg), peer(k, x, cfg), dtype) for cfg, k, x in cases}  # warm-up + check
     times: dict[Config, dict[str, list[float]]] = {cfg: {"ours": [], "peer": []} for cfg, _, _ in cases}
+    SETTLE_WAITS.clear()
+    previous = "peer"  # the check above ended with a peer call
     for r in range(runs):
         gc.collect()
         gc.disable()  # a collection inside a sub-millisecond call would be timed as the call
@@ -210,9 +271,12 @@ def run_init(configs: list[Config], dtype, runs: int) -> list[dict]:
             for cfg, k, x in cases:
                 order = (("ours", ours), ("peer", peer)) if r % 2 == 0 else (("peer", peer), ("ours", ours))
                 for name, f in order:
+                    if settle:
+                        SETTLE_WAITS.setdefault(previous, []).append(quiesce())
                     t0 = time.perf_counter()
                     f(k, x, cfg)
                     times[cfg][name].append(time.perf_counter() - t0)
+                    previous = name
         finally:
             gc.enable()
     rows = []
@@ -328,6 +392,9 @@ def main(argv=None) -> int:
                     help="time construction plus one call of the drop-in class, every configuration in one process "
                          "(the seed's total time), medians of --runs interleaved rounds")
     ap.add_argument("--runs", type=int, default=7, help="rounds for --init (default 7)")
+    ap.add_argument("--no-settle", dest="settle", action="store_false",
+                    help="--init: start each call right after the previous one, without waiting for the other "
+                         "library's threads to stop spinning (see quiesce)")
     ap.add_argument("--bandwidth", action="store_true",
                     help="output bandwidth of the largest frames (50x512x512, 50x1024x1024) against a numpy copy of "
                          "the same output, --runs interleaved rounds")
@@ -355,7 +422,7 @@ def main(argv=None) -> int:
         print(format_bandwidth(rows))
         return 1 if any(r["problem"] for r in rows) else 0
     if args.init:
-        rows = run_init([cfg for name in names for cfg in SWEEPS[name]], dtype, args.runs)
+        rows = run_init([cfg for name in names for cfg in SWEEPS[name]], dtype, args.runs, args.settle)
         for r in rows:
             print(f"  {r['cfg'].sweep:12s} {r['cfg'].label:32s} ours {r['ours']:9.3f} ms  peer {r['peer']:9.3f} ms  "
                   f"{r['speedup']:5.2f}x  {r['problem'] or 'ok'}", file=sys.stderr, flush=True)
@@ -373,10 +440,15 @@ def main(argv=None) -> int:
                 flush=True,
             )
     threads = args.threads or "default"
-    what = f"init + call, one process, medians of {args.runs} interleaved runs" if args.init else "call only"
+    what = (f"init + call, one process, medians of {args.runs} interleaved runs, "
+            f"{'each call started on quiet threads' if args.settle else 'calls back to back'}") if args.init else "call only"
     print(f"# {what}; dtype={dtype}, mode='same', CSR in/out, {os.cpu_count()} CPUs, threads={threads}, "
           f"{time.perf_counter() - t_start:.0f} s")
     print(format_table(rows, markdown=False))
+    if args.init and SETTLE_WAITS:
+        print("# waits for quiet threads before a call, median (max): "
+              + ", ".join(f"after {side}'s call {statistics.median(w) * 1e3:.1f} ms ({max(w) * 1e3:.1f})"
+                          for side, w in sorted(SETTLE_WAITS.items())))
     if args.markdown:
         with open(args.markdown, "w") as fh:
             fh.write(f"dtype={dtype}, mode='same', CSR in -> CSR out, {os.cpu_count()} CPUs, threads={threads}\n\n")
