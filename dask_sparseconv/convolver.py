@@ -39,9 +39,12 @@ def compute_dtype(input_dtype: np.dtype, requested: np.dtype | None) -> np.dtype
     (and float16) input, float64 for everything else."""
     if requested is not None:
         return np.dtype(requested)
-    if np.dtype(input_dtype) in (np.dtype(np.float32), np.dtype(np.float16)):
-        return np.dtype(np.float32)
-    return np.dtype(np.float64)
+    # constants, not np.dtype(...) calls: this runs on every construction
+    return _F32 if np.dtype(input_dtype) in _TO_F32 else _F64
+
+
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_TO_F32 = (_F32, np.dtype(np.float16))
 
 
 def as_canonical_csr(x: Any, n_cols: int, dtype: np.dtype, name: str = "x") -> scipy.sparse.csr_matrix:

@@ -8,6 +8,7 @@ when that lies inside ``out_shape``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,13 @@ def geometry(frame_shape: tuple[int, int], kernel_shape: tuple[int, int], mode: 
         If ``mode`` is unknown, or ``mode='valid'`` and the kernel is larger
         than the frame in either dimension.
     """
+    try:
+        return _known(frame_shape, kernel_shape, mode)
+    except TypeError:  # unhashable shapes (lists): computed, not kept
+        return _geometry(frame_shape, kernel_shape, mode)
+
+
+def _geometry(frame_shape, kernel_shape, mode: str) -> Geometry:
     H, W = int(frame_shape[0]), int(frame_shape[1])
     kh, kw = int(kernel_shape[0]), int(kernel_shape[1])
     if mode == "full":
@@ -92,6 +100,12 @@ def geometry(frame_shape: tuple[int, int], kernel_shape: tuple[int, int], mode: 
     else:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     return Geometry((H, W), (kh, kw), mode, out, top, left)
+
+
+# Geometries are immutable and few: each construction of a convolver asks
+# for one, and after an idle spell building the dataclass cost ~25 us of a
+# ~200 us construction (docs/benchmarks.md, issue #15). Errors are not kept.
+_known = functools.lru_cache(maxsize=1024)(_geometry)
 
 
 def output_support(x, taps: np.ndarray, geo: Geometry) -> int:

@@ -37,6 +37,23 @@ def test_unknown_mode_names_value():
         geometry((4, 4), (3, 3), "sideways")
 
 
+def test_kept_geometries_equal_computed_ones_for_any_shape_type():
+    """Geometries are kept per process: a kept one must be what the
+    arguments compute, whatever types they come in (numpy integers, lists),
+    and a refused one is refused again."""
+    for frame, kshape in [((6, 5), (3, 4)), ([6, 5], [3, 4]), (np.array([6, 5]), np.array([3, 4])),
+                          ((np.int64(6), np.int32(5)), (np.int16(3), 4))]:
+        for mode in ("full", "same", "valid"):
+            geo = geometry(frame, kshape, mode)
+            ref = scipy.signal.convolve2d(np.ones((6, 5)), np.ones((3, 4)), mode=mode)
+            assert geo.out_shape == ref.shape and geo.frame_shape == (6, 5) and geo.kernel_shape == (3, 4)
+            assert all(type(v) is int for v in (*geo.frame_shape, *geo.kernel_shape, *geo.out_shape, geo.top, geo.left))
+            assert geometry(frame, kshape, mode) == geo
+    for _ in range(2):
+        with pytest.raises(ValueError, match="x must be larger than k"):
+            geometry((2, 5), (3, 3), "valid")
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     H=st.integers(1, 10), W=st.integers(1, 10), kh=st.integers(1, 6), kw=st.integers(1, 6),

@@ -23,12 +23,34 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+_cpus: int | None = None
+
+
 def default_threads() -> int:
-    """Threads a single convolver call may use: the CPUs this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    """Threads a single convolver call may use: the CPUs this process may run on.
+
+    Read once per process (and again in a forked child): every construction
+    of a convolver asks, and the system call cost ~10 us of a ~200 us
+    construction after an idle spell (docs/benchmarks.md, issue #15). An
+    affinity changed later in the process's life is not seen; pass
+    ``n_threads`` then.
+    """
+    global _cpus
+    if _cpus is None:
+        try:
+            _cpus = max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            _cpus = max(1, os.cpu_count() or 1)
+    return _cpus
+
+
+def _forget_cpus() -> None:
+    global _cpus
+    _cpus = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_cpus)
 
 
 def _get_pool() -> ThreadPoolExecutor:
