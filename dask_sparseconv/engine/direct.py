@@ -49,6 +49,7 @@ through the nonzero taps, and a NaN result is stored (NaN != 0).
 from __future__ import annotations
 
 import threading
+import weakref
 
 import numba
 import numpy as np
@@ -134,10 +135,51 @@ COMPILED_ALLOC_BYTES = 4 * 1024**2
 #: which the one-process rotation of docs/benchmarks.md pays on every call.
 KEEP_SCRATCH_BYTES = 16 * 1024**2
 
-#: Threads per engine whose scratch is kept (beyond it, scratch is per call).
-KEEP_SCRATCH_THREADS = 64
+#: Frame scratches (one per frame size and dtype) a thread keeps, least
+#: recently used dropped first, at most this many and this many bytes.
+KEEP_SCRATCH_FRAMES = 4
+KEEP_SCRATCH_TOTAL = 32 * 1024**2
 
 _JIT = dict(nogil=True, cache=True)
+
+
+class _ThreadScratch:
+    """One thread's zeroed frame scratches, shared by every engine the thread
+    calls: ``(dtype char, frame pixels) -> (values, bit map)``, most recently
+    used last. Kept per thread, not per engine: a notebook or a dask worker
+    builds many convolvers, and each new one used to allocate, zero and
+    fault in its own (50 x 512x512: 11.5 -> 10.4 ms for a new convolver's
+    first call, docs/benchmarks.md), and to hold it for as long as it lived."""
+
+    __slots__ = ("frames", "nbytes", "__weakref__")
+
+    def __init__(self):
+        self.frames: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.nbytes = 0
+
+
+_scratch_local = threading.local()
+#: every live thread's scratch, for nbytes and tests; an entry goes with its thread
+_scratch_of_thread: weakref.WeakValueDictionary[int, _ThreadScratch] = weakref.WeakValueDictionary()
+
+
+def _thread_scratch() -> _ThreadScratch:
+    try:
+        return _scratch_local.scratch
+    except AttributeError:
+        store = _scratch_local.scratch = _ThreadScratch()
+        _scratch_of_thread[threading.get_ident()] = store
+        return store
+
+
+def scratch_buffers() -> list[tuple[np.ndarray, np.ndarray]]:
+    """The frame scratches kept now by every thread of this process (zero between calls)."""
+    return [bufs for store in list(_scratch_of_thread.values()) for bufs in list(store.frames.values())]
+
+
+def scratch_nbytes() -> int:
+    """Memory the kept frame scratches of every thread hold."""
+    return sum(store.nbytes for store in list(_scratch_of_thread.values()))
 
 
 # ---------------------------------------------------------------------------
@@ -799,8 +841,6 @@ class DirectNumba(Engine):
         super().__init__(frame_shape, kernel, dtype, **kwargs)
         self._plans: dict[str, _Plan] = {}
         self._plans_lock = threading.Lock()
-        # thread id -> (frame buffer, bit map), zeroed; a thread only uses its own
-        self._scratch_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _budget(self, out_pixels: int, n_ranges: int) -> tuple[bool, np.int64]:
         """``(full, cap)`` for ``n_ranges`` ranges at once: whether each gets a
@@ -812,23 +852,28 @@ class DirectNumba(Engine):
     def _with_scratch(self, n_frame: int, kernel, *args):
         """``kernel(*args, buf, bits)`` with this thread's zeroed frame buffer
         and bit map for ``n_frame`` output pixels (0: none, the bounding-box
-        buffer is grown per image). They are kept for the thread's next call
-        when small enough, and dropped when the call fails, which may leave
-        them dirty. (A plain method, not a context manager: this runs on
-        every call, where a generator's set-up is a visible cost.)"""
+        buffer is grown per image). They are kept for the thread's next call,
+        of any engine (:class:`_ThreadScratch`), when small enough, and
+        dropped when the call fails, which may leave them dirty. (A plain
+        method, not a context manager: this runs on every call, where a
+        generator's set-up is a visible cost.)"""
         if not n_frame:
             return kernel(*args, *_NO_SCRATCH[self.dtype])
-        key = threading.get_ident()
-        kept = self._scratch_of.get(key)
-        if kept is None or kept[0].size != n_frame:
+        store = _thread_scratch()
+        key = (self.dtype.char, n_frame)
+        kept = store.frames.pop(key, None)  # put back (last: most recent) once the call succeeds
+        if kept is None:
             kept = (np.zeros(n_frame, dtype=self.dtype), np.zeros((n_frame >> 6) + 1, dtype=np.uint64))
-            if self._keeps(n_frame) and (key in self._scratch_of or len(self._scratch_of) < KEEP_SCRATCH_THREADS):
-                self._scratch_of[key] = kept
-        try:
-            return kernel(*args, *kept)
-        except BaseException:
-            self._scratch_of.pop(key, None)
-            raise
+        else:
+            store.nbytes -= kept[0].nbytes + kept[1].nbytes
+        result = kernel(*args, *kept)  # a failed call may leave it dirty: then it is dropped
+        if self._keeps(n_frame):
+            store.frames[key] = kept
+            store.nbytes += kept[0].nbytes + kept[1].nbytes
+            while len(store.frames) > KEEP_SCRATCH_FRAMES or store.nbytes > KEEP_SCRATCH_TOTAL:
+                old = store.frames.pop(next(iter(store.frames)))
+                store.nbytes -= old[0].nbytes + old[1].nbytes
+        return result
 
     def _band_args(self) -> tuple[np.int64, np.int64, np.int64]:
         """``(band_frame, band_slots, band_ops)`` of the compiled calls, in values of this dtype."""
@@ -969,8 +1014,8 @@ class DirectNumba(Engine):
 
     def nbytes(self) -> int:
         plans = sum(p.ti.nbytes + p.tj.nbytes + p.tv.nbytes + p.run0.nbytes + p.runlen.nbytes for p in self._plans.values())
-        scratch = sum(buf.nbytes + bits.nbytes for buf, bits in list(self._scratch_of.values()))
-        return self.kernel.nbytes + plans + scratch
+        # the frame scratch is the threads', shared by all engines: scratch_nbytes()
+        return self.kernel.nbytes + plans
 
 
 __all__ = ["DirectNumba"]

@@ -50,6 +50,7 @@ per policy.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -285,13 +286,21 @@ def _evict_locked() -> None:
         _stats["evictions"] += 1
 
 
+def _scratch_nbytes() -> int:
+    direct = sys.modules.get("dask_sparseconv.engine.direct")  # not loaded: no scratch kept
+    return int(direct.scratch_nbytes()) if direct is not None else 0
+
+
 def cache_stats(reset: bool = False) -> dict[str, int]:
     """Counters of this process's convolver cache.
 
     Returns a dict with ``hits``, ``misses``, ``builds``, ``evictions``,
     ``size`` (convolvers held now), ``maxsize``, ``nbytes`` (memory the held
-    convolvers keep between calls) and ``pid``. With ``reset=True`` the
-    counters are zeroed after being read (entries are kept).
+    convolvers keep between calls), ``scratch_nbytes`` (the frame scratch
+    this process's threads keep for the direct engine, shared by every
+    convolver: at most 4 frame sizes and 32 MiB a thread) and ``pid``. With
+    ``reset=True`` the counters are zeroed after being read (entries are
+    kept).
 
     On a cluster, gather every worker's stats with
     ``client.run(dask_sparseconv.cache_stats)``.
@@ -301,6 +310,7 @@ def cache_stats(reset: bool = False) -> dict[str, int]:
         out["size"] = len(_entries)
         out["maxsize"] = _maxsize
         out["nbytes"] = int(sum(c.nbytes for c in _entries.values()))
+        out["scratch_nbytes"] = _scratch_nbytes()
         out["pid"] = os.getpid()
         if reset:
             for k in _stats:

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dask_sparseconv import Convolver
-from dask_sparseconv.engine import engine_class
+from dask_sparseconv.engine import direct, engine_class
 from dask_sparseconv.engine.direct import DirectNumba
 from dask_sparseconv.geometry import geometry
 
@@ -403,7 +403,7 @@ def test_large_frames_are_done_in_bands_that_stay_in_cache(dtype):
             y = eng.to_csr(x, mode)
             check_csr(y, 4, ref[0].size, dtype)
             check_against_scipy(y, ref, dtype)
-            for buf, bits in eng._scratch_of.values():
+            for buf, bits in direct.scratch_buffers():
                 assert not buf.any() and not bits.any()
 
 
@@ -600,10 +600,10 @@ def test_kept_scratch_stays_zero_across_calls_paths_and_modes():
             x.data[0] = np.nan  # NaN slots must be cleared too
         ref = reference(x, (30, 34), kernel, mode)
         check_against_scipy(eng.to_csr(x, mode), ref, np.float64)
-        assert eng._scratch_of, "the frame scratch is kept between calls"
-        for buf, bits in eng._scratch_of.values():
+        assert direct.scratch_buffers(), "the frame scratch is kept between calls"
+        for buf, bits in direct.scratch_buffers():
             assert not buf.any() and not bits.any()
-    assert eng.nbytes() >= sum(b.nbytes + m.nbytes for b, m in eng._scratch_of.values())
+    assert direct.scratch_nbytes() == sum(b.nbytes + m.nbytes for b, m in direct.scratch_buffers())
 
 
 @pytest.mark.parametrize("kshape", [(31, 31), (15, 21), (3, 40), (12, 9)])
@@ -651,4 +651,34 @@ def test_frame_scratch_too_large_to_keep_is_made_per_call(monkeypatch, n_threads
     for mode in MODES:
         x = random_csr(rng, 7, 40, 44, 0.05, np.float64)
         check_against_scipy(eng.to_csr(x, mode), reference(x, (40, 44), kernel, mode), np.float64)
-    assert not eng._scratch_of
+    frames = {eng.geometry(mode).out_pixels for mode in MODES}
+    assert not [buf for buf, _ in direct.scratch_buffers() if buf.size in frames]
+
+
+def test_engines_of_one_thread_share_its_frame_scratch(monkeypatch):
+    # A thread keeps one zeroed frame scratch per frame size and dtype for
+    # every engine it calls (a notebook builds many convolvers): each new
+    # engine reuses it, and each engine's results stay its own.
+    import dask_sparseconv.engine.direct as direct
+
+    rng = np.random.default_rng(31)
+    x = random_csr(rng, 5, 37, 41, 0.1, np.float64)
+    seen = set()
+    for step in range(6):
+        kernel = rng.standard_normal((3 + step % 3, 4))
+        eng = DirectNumba((37, 41), kernel, np.float64, n_threads=1)
+        force_path(eng, ("scan", "bits")[step % 2])
+        check_against_scipy(eng.to_csr(x, "same"), reference(x, (37, 41), kernel, "same"), np.float64)
+        mine = [buf for buf, _ in direct._thread_scratch().frames.values() if buf.size == 37 * 41]
+        assert len(mine) == 1 and not mine[0].any()
+        seen.add(id(mine[0]))
+    assert len(seen) == 1, "every engine used the thread's one scratch of this frame size"
+    # at most KEEP_SCRATCH_FRAMES sizes (and KEEP_SCRATCH_TOTAL bytes) per thread, least recent dropped
+    monkeypatch.setattr(direct, "KEEP_SCRATCH_FRAMES", 2)
+    for H in (20, 21, 22, 23):
+        eng = DirectNumba((H, 30), np.ones((3, 3)), np.float64, n_threads=1)
+        y = random_csr(rng, 2, H, 30, 0.1, np.float64)
+        check_against_scipy(eng.to_csr(y, "same"), reference(y, (H, 30), np.ones((3, 3)), "same"), np.float64)
+    store = direct._thread_scratch()
+    assert sorted(key[1] for key in store.frames) == [22 * 30, 23 * 30]
+    assert store.nbytes == sum(b.nbytes + m.nbytes for b, m in store.frames.values())

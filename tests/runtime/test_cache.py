@@ -36,6 +36,22 @@ def test_hit_miss_build_counts():
     assert dask_sparseconv.cache_stats()["builds"] == 1  # the package-level export
 
 
+def test_stats_report_the_threads_frame_scratch():
+    """Convolvers share their thread's frame scratch: it is reported once,
+    beside the convolvers' own memory, and a call's result is still right."""
+    from dask_sparseconv.engine import direct
+
+    conv = cc.get_convolver((40, 50), K, "same", n_threads=1)
+    x = scipy.sparse.random(3, 2000, density=0.2, format="csr", random_state=3)
+    y = conv(x).toarray().reshape(3, 40, 50)
+    for i in range(3):
+        np.testing.assert_allclose(y[i], scipy.signal.convolve2d(x[i].toarray().reshape(40, 50), K, mode="same"),
+                                   atol=1e-12)
+    s = cc.cache_stats()
+    assert s["scratch_nbytes"] == direct.scratch_nbytes() >= 40 * 50 * 8
+    assert any(buf.size == 40 * 50 for buf, _ in direct.scratch_buffers())
+
+
 @pytest.mark.parametrize(
     "change",
     [
