@@ -161,6 +161,7 @@ class _ThreadScratch:
 _scratch_local = threading.local()
 #: every live thread's scratch, for nbytes and tests; an entry goes with its thread
 _scratch_of_thread: weakref.WeakValueDictionary[int, _ThreadScratch] = weakref.WeakValueDictionary()
+_scratch_lock = threading.Lock()  # a weak dictionary is not safe to iterate while another thread adds
 
 
 def _thread_scratch() -> _ThreadScratch:
@@ -168,18 +169,25 @@ def _thread_scratch() -> _ThreadScratch:
         return _scratch_local.scratch
     except AttributeError:
         store = _scratch_local.scratch = _ThreadScratch()
-        _scratch_of_thread[threading.get_ident()] = store
+        with _scratch_lock:
+            _scratch_of_thread[threading.get_ident()] = store
         return store
+
+
+def _stores() -> list[_ThreadScratch]:
+    with _scratch_lock:
+        return list(_scratch_of_thread.values())
 
 
 def scratch_buffers() -> list[tuple[np.ndarray, np.ndarray]]:
     """The frame scratches kept now by every thread of this process (zero between calls)."""
-    return [bufs for store in list(_scratch_of_thread.values()) for bufs in list(store.frames.values())]
+    # list() of a plain dict's values is one step under the GIL: safe while its thread moves entries
+    return [bufs for store in _stores() for bufs in list(store.frames.values())]
 
 
 def scratch_nbytes() -> int:
     """Memory the kept frame scratches of every thread hold."""
-    return sum(store.nbytes for store in list(_scratch_of_thread.values()))
+    return sum(store.nbytes for store in _stores())
 
 
 # ---------------------------------------------------------------------------
