@@ -850,7 +850,7 @@ class DirectNumba(Engine):
         self._plans: dict[str, _Plan] = {}
         self._plans_lock = threading.Lock()
 
-    def _budget(self, out_pixels: int, n_ranges: int) -> tuple[bool, np.int64]:
+    def _budget(self, out_pixels: int, n_ranges: int) -> tuple[bool, int]:
         """``(full, cap)`` for ``n_ranges`` ranges at once: whether each gets a
         frame-sized scratch within ``max_buffer_bytes``, and the slots each
         bounding-box buffer may grow to."""
@@ -883,7 +883,7 @@ class DirectNumba(Engine):
                 store.nbytes -= old[0].nbytes + old[1].nbytes
         return result
 
-    def _band_args(self) -> tuple[np.int64, np.int64, np.int64]:
+    def _band_args(self) -> tuple[int, int, int]:
         """``(band_frame, band_slots, band_ops)`` of the compiled calls, in values of this dtype."""
         size = self.dtype.itemsize
         return int(self.band_frame_bytes // size), int(max(1, self.band_bytes // size)), int(self.band_ops)
