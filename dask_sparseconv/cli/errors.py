@@ -36,6 +36,11 @@ def interrupted_what(exc: KeyboardInterrupt) -> str:
     return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
 
 
+def interrupted_before_output(exc: KeyboardInterrupt) -> str:
+    """The last line of a run stopped before it wrote anything."""
+    return f"{interrupted_what(exc)}; nothing was left half-done"
+
+
 def _on_sigterm(signum, frame):
     raise Terminated()
 

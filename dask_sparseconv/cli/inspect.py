@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .cluster import local_threads
-from .errors import EXIT_RUNTIME, EXIT_USAGE, RUNNING, CLIError, interrupted_what
+from .errors import EXIT_RUNTIME, EXIT_USAGE, RUNNING, CLIError, interrupted_before_output, interrupted_what
 from .report import fmt_int, fmt_shape, say
 
 
@@ -356,7 +356,7 @@ def interrupted_message(exc: KeyboardInterrupt) -> str:
     what = interrupted_what(exc)
     out = RUNNING.get("output")
     if out is None:
-        return f"{what}; nothing was left half-done"
+        return interrupted_before_output(exc)
     path, opts = out
     state = ""
     prov = _target_prov(path, opts)

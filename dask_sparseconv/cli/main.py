@@ -16,7 +16,7 @@ from .errors import (
     CLIError,
     Terminated,
     failure_line,
-    interrupted_what,
+    interrupted_before_output,
     is_numba_error,
     quiet,
     sigterm_unwinds,
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             if RUNNING.get("output") is None:
                 # nothing written yet; and the interrupt may have cut numpy's
                 # import short, which a second import then refuses
-                say_err(f"error: {interrupted_what(exc)}; nothing was left half-done")
+                say_err(f"error: {interrupted_before_output(exc)}")
             else:
                 from .inspect import interrupted_message
 
@@ -142,8 +142,8 @@ def console_main() -> int:
     process freezes its objects; code that calls :func:`main` keeps its own."""
     try:
         code = main()
-    except KeyboardInterrupt:  # before main's own handling: parsing the arguments
-        say_err("error: interrupted; nothing was left half-done")
+    except KeyboardInterrupt as exc:  # before main's own handling: parsing the arguments
+        say_err(f"error: {interrupted_before_output(exc)}")
         return 130
     from ..runtime.process_exit import freeze_for_exit
 

@@ -151,11 +151,13 @@ class _ThreadScratch:
     fault in its own (50 x 512x512: 11.5 -> 10.4 ms for a new convolver's
     first call, docs/benchmarks.md), and to hold it for as long as it lived."""
 
-    __slots__ = ("frames", "nbytes", "__weakref__")
+    __slots__ = ("frames", "__weakref__")
 
     def __init__(self):
         self.frames: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-        self.nbytes = 0
+
+    def nbytes(self) -> int:
+        return sum(buf.nbytes + bits.nbytes for buf, bits in list(self.frames.values()))
 
 
 _scratch_local = threading.local()
@@ -187,7 +189,7 @@ def scratch_buffers() -> list[tuple[np.ndarray, np.ndarray]]:
 
 def scratch_nbytes() -> int:
     """Memory the kept frame scratches of every thread hold."""
-    return sum(store.nbytes for store in _stores())
+    return sum(store.nbytes() for store in _stores())
 
 
 # ---------------------------------------------------------------------------
@@ -868,19 +870,19 @@ class DirectNumba(Engine):
         if not n_frame:
             return kernel(*args, *_NO_SCRATCH[self.dtype])
         store = _thread_scratch()
+        frames = store.frames
         key = (self.dtype.char, n_frame)
-        kept = store.frames.pop(key, None)  # put back (last: most recent) once the call succeeds
-        if kept is None:
+        kept = frames.pop(key, None)  # put back (last: most recent) once the call succeeds
+        fresh = kept is None
+        if fresh:
             kept = (np.zeros(n_frame, dtype=self.dtype), np.zeros((n_frame >> 6) + 1, dtype=np.uint64))
-        else:
-            store.nbytes -= kept[0].nbytes + kept[1].nbytes
         result = kernel(*args, *kept)  # a failed call may leave it dirty: then it is dropped
         if self._keeps(n_frame):
-            store.frames[key] = kept
-            store.nbytes += kept[0].nbytes + kept[1].nbytes
-            while len(store.frames) > KEEP_SCRATCH_FRAMES or store.nbytes > KEEP_SCRATCH_TOTAL:
-                old = store.frames.pop(next(iter(store.frames)))
-                store.nbytes -= old[0].nbytes + old[1].nbytes
+            frames[key] = kept
+            # only a new frame size can break the bounds; the least recent goes first
+            while fresh and len(frames) > 1 and (len(frames) > KEEP_SCRATCH_FRAMES
+                                                 or store.nbytes() > KEEP_SCRATCH_TOTAL):
+                del frames[next(iter(frames))]
         return result
 
     def _band_args(self) -> tuple[int, int, int]:

@@ -681,4 +681,4 @@ def test_engines_of_one_thread_share_its_frame_scratch(monkeypatch):
         check_against_scipy(eng.to_csr(y, "same"), reference(y, (H, 30), np.ones((3, 3)), "same"), np.float64)
     store = direct._thread_scratch()
     assert sorted(key[1] for key in store.frames) == [22 * 30, 23 * 30]
-    assert store.nbytes == sum(b.nbytes + m.nbytes for b, m in store.frames.values())
+    assert store.nbytes() == sum(b.nbytes + m.nbytes for b, m in store.frames.values())
