@@ -1,4 +1,4 @@
-"""The commands: ``run``, ``validate``, ``info``, ``preview``, registered by name in :data:`COMMANDS`."""
+"""The commands: ``run``, ``validate``, ``info``, ``preview``, ``schema``, ``compile``, registered by name in :data:`COMMANDS`."""
 
 from __future__ import annotations
 
@@ -286,4 +286,32 @@ def cmd_schema(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "info": cmd_info, "preview": cmd_preview, "schema": cmd_schema}
+def cmd_compile(args) -> int:
+    """Compile the engines into numba's on-disk cache (:mod:`dask_sparseconv.runtime.precompile`)."""
+    from ..runtime.precompile import TASKS, cache_location, precompile
+
+    names = args.only or list(TASKS)
+    for name in names:
+        if name not in TASKS:
+            raise CLIError(f"--only: unknown group {name!r}; choose from {', '.join(map(repr, TASKS))}", EXIT_USAGE)
+    say(f"compiling {len(names)} group(s) of numba functions into {cache_location()}")
+    t0 = time.perf_counter()
+    failed = []
+
+    def report(res) -> None:
+        if res.error is None:
+            say(f"  {res.name}: {res.seconds:.1f} s")
+        else:
+            failed.append(res)
+            say_err(f"  {res.name}: FAILED after {res.seconds:.1f} s: {res.error}")
+
+    precompile(names, jobs=args.jobs, on_result=report)
+    if failed:
+        raise CLIError(f"compile: {len(failed)} of {len(names)} group(s) failed, first {failed[0].name!r}: "
+                       f"{failed[0].error}", EXIT_RUNTIME)
+    say(f"done in {time.perf_counter() - t0:.1f} s; jobs now load these from the cache")
+    return EXIT_OK
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "validate": cmd_validate, "info": cmd_info, "preview": cmd_preview,
+            "schema": cmd_schema}

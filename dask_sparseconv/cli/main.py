@@ -84,7 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--scale", type=int, default=1, choices=range(1, 9), metavar="N", help="enlarge each pixel N times (1-8)")
     pv.add_argument("--no-labels", action="store_true", help="leave out the text labels")
     verbose(pv)
+
+    co = sub.add_parser("compile", help="compile the engines into numba's cache, once after installing",
+                        description="Compile the numba functions jobs use and write them to numba's on-disk cache, "
+                        "in parallel processes, so that no job (and no cluster worker) compiles them on its first block. "
+                        "Each group is checked against scipy.signal.")
+    co.add_argument("-j", "--jobs", type=_positive_int, default=None, metavar="N",
+                    help="processes to compile in (default: one per group, at most the CPUs available)")
+    co.add_argument("--only", action="append", metavar="GROUP",
+                    help="compile only this group (repeatable); the groups are listed by the command's output")
+    verbose(co)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,218 @@
+"""Fill numba's on-disk cache with the compiled functions jobs use, ahead of the first job.
+
+A fresh install has no compiled code: the first process that calls an engine
+compiles it (the direct engine's CSR path alone takes ~20 s per variant on a
+2-core machine), and every process that starts before that cache is written
+compiles it again. On a cluster whose workers start together on a fresh
+install, each worker pays it on its first block. ``dask-sparseconv compile``
+(:func:`precompile`) does the work once, in parallel processes, before any
+job.
+
+Each registered task exercises one group of variants through the public API
+on a tiny input and checks the result against ``scipy.signal``, so a
+broken cache or a miscompiled variant is reported here rather than in a job.
+Variants a task does not reach (unusual index dtypes, say) are still
+compiled on first use, as before.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+#: name -> task; registered with :func:`task`, run by :func:`precompile`
+TASKS: dict[str, Callable[[], None]] = {}
+
+
+def task(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    """Register a compile task under ``name``."""
+
+    def register(fn: Callable[[], None]) -> Callable[[], None]:
+        TASKS[name] = fn
+        return fn
+
+    return register
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """One task's outcome: its name, wall seconds, and the error text (None when it passed)."""
+
+    name: str
+    seconds: float
+    error: str | None = None
+
+
+# -- the tasks ---------------------------------------------------------------
+
+def _check(got, want, what: str) -> None:
+    import numpy as np
+
+    got = got.toarray() if hasattr(got, "toarray") else np.asarray(got)
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise RuntimeError(f"{what}: the compiled result differs from scipy.signal")
+
+
+def _frames(n: int, shape: tuple[int, int], dtype, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = (rng.random((n, *shape)) < 0.05) * rng.uniform(-1, 1, (n, *shape))
+    return x.astype(dtype)
+
+
+def _direct(dtype) -> None:
+    import numpy as np
+    import scipy.signal
+    import scipy.sparse
+
+    from dask_sparseconv.convolver import Convolver
+
+    x = _frames(6, (24, 20), dtype)
+    csr = scipy.sparse.csr_matrix(x.reshape(6, -1))
+    # a small kernel (no runs of taps) and a wide one (the run loop): two compiled variants
+    for kernel in (np.arange(9.0).reshape(3, 3) - 4, np.ones((3, 9))):
+        kernel = kernel.astype(dtype)
+        want = np.stack([scipy.signal.convolve2d(f, kernel, mode="same") for f in x]).reshape(6, -1)
+        for n_threads, serial_work in ((1, None), (2, 0)):  # one compiled call; the batch cut into ranges
+            conv = Convolver(x.shape[1:], kernel, mode="same", method="direct", backend="numba", n_threads=n_threads)
+            eng = conv.engine(np.dtype(dtype))
+            eng.serial_work = serial_work
+            _check(conv(csr), want, f"direct {np.dtype(dtype)} CSR")
+            _check(conv(csr, out="dense"), want, f"direct {np.dtype(dtype)} dense")
+
+
+@task("direct float64")
+def _direct_f64() -> None:
+    import numpy as np
+
+    _direct(np.float64)
+
+
+@task("direct float32")
+def _direct_f32() -> None:
+    import numpy as np
+
+    _direct(np.float32)
+
+
+@task("boundaries, separable, gather_scatter")
+def _other_paths() -> None:
+    import numpy as np
+    import scipy.signal
+    import scipy.sparse
+
+    from dask_sparseconv.convolver import Convolver
+
+    for dtype in (np.float64, np.float32):
+        x = _frames(4, (20, 18), dtype, seed=1)
+        csr = scipy.sparse.csr_matrix(x.reshape(4, -1))
+        gauss = np.outer([1.0, 2.0, 1.0], [1.0, 4.0, 6.0, 4.0, 1.0]).astype(dtype)
+        want = np.stack([scipy.signal.convolve2d(f, gauss, mode="same", boundary="symm") for f in x]).reshape(4, -1)
+        _check(Convolver(x.shape[1:], gauss, boundary="symm", method="direct")(csr), want, "boundary='symm'")
+        want = np.stack([scipy.signal.convolve2d(f, gauss, mode="same") for f in x]).reshape(4, -1)
+        _check(Convolver(x.shape[1:], gauss, method="separable")(csr), want, "separable")
+        _check(Convolver(x.shape[1:], gauss, method="gather_scatter", backend="numba")(csr), want, "gather_scatter")
+
+
+@task("storage readers and digests")
+def _storage() -> None:
+    import numpy as np
+    import scipy.sparse
+
+    from dask_sparseconv.storage.dense_store import dense_to_csr
+    from dask_sparseconv.storage.progress import dense_digest, nonzero_digest, verify_digest
+
+    # the dtypes stacks are usually stored in (the reader compiles one variant per dtype)
+    for dtype in (np.float32, np.float64, np.uint8, np.uint16, np.int32, np.bool_):
+        flat = (_frames(3, (8, 12), np.float64, seed=3) * 100).astype(dtype).reshape(3, -1)
+        got = dense_to_csr(flat)
+        want = scipy.sparse.csr_matrix(flat)
+        if got.shape != want.shape or (got != want).nnz or got.dtype != flat.dtype:
+            raise RuntimeError(f"dense reader {np.dtype(dtype)}: the compiled result differs from scipy.sparse")
+    for dtype in (np.float32, np.float64):  # a written block's record, and its check on resume
+        flat = _frames(2, (8, 12), dtype, seed=4).reshape(-1)
+        positions = np.flatnonzero(flat)
+        record = nonzero_digest(positions.astype(np.int64), flat[positions])
+        if record is None or record[0] != positions.size or not verify_digest(flat, *record) \
+                or dense_digest(flat)[0] != positions.size:
+            raise RuntimeError(f"block digests {np.dtype(dtype)}: the compiled digests disagree")
+
+
+# -- running them ------------------------------------------------------------
+
+def _run_one(name: str) -> TaskResult:
+    t0 = time.perf_counter()
+    try:
+        TASKS[name]()
+    except Exception as exc:  # reported by name; the other tasks still run
+        return TaskResult(name, time.perf_counter() - t0, f"{type(exc).__name__}: {exc}")
+    return TaskResult(name, time.perf_counter() - t0)
+
+
+def precompile(names: Iterable[str] | None = None, jobs: int | None = None,
+               on_result: Callable[[TaskResult], None] | None = None) -> list[TaskResult]:
+    """Compile (or load) the functions jobs use into numba's on-disk cache.
+
+    Parameters
+    ----------
+    names : iterable of str, optional
+        Tasks of :data:`TASKS` to run; default all of them.
+    jobs : int, optional
+        Processes to run them in; default one per task, at most the CPUs this
+        process may use. ``1`` runs them here, one after the other.
+    on_result : callable, optional
+        Called with each :class:`TaskResult` as it finishes (for progress).
+
+    Returns
+    -------
+    list of TaskResult
+        In the order they finished. A task whose check failed has ``error`` set.
+    """
+    names = list(TASKS) if names is None else list(names)
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown compile task(s) {unknown}; choose from {list(TASKS)}")
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"jobs must be a positive integer or None; got {jobs!r}")
+    if jobs is None:
+        from ..engine.threads import default_threads
+
+        jobs = max(1, min(len(names), default_threads()))
+    results: list[TaskResult] = []
+
+    def done(res: TaskResult) -> None:
+        results.append(res)
+        if on_result is not None:
+            on_result(res)
+
+    if jobs == 1:
+        for name in names:
+            done(_run_one(name))
+        return results
+    # spawned, not forked: a fresh interpreter per process, as a worker has
+    with ProcessPoolExecutor(max_workers=min(jobs, len(names)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_one, name) for name in names]
+        for fut in as_completed(futures):
+            done(fut.result())
+    return results
+
+
+def cache_location() -> str:
+    """Where numba writes this package's cache, in words: ``NUMBA_CACHE_DIR``
+    when set, else the ``__pycache__`` folders beside the package's sources
+    (numba falls back to a per-user folder when those are read-only)."""
+    import numba
+
+    if numba.config.CACHE_DIR:
+        return str(numba.config.CACHE_DIR)
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return f"the __pycache__ folders under {package}"
+
+
+__all__ = ["TASKS", "TaskResult", "cache_location", "precompile", "task"]
