@@ -71,6 +71,7 @@ def _direct(dtype) -> None:
     import scipy.sparse
 
     from dask_sparseconv.convolver import Convolver
+    from dask_sparseconv.engine.direct import DirectNumba
 
     x = _frames(6, (24, 20), dtype)
     csr = scipy.sparse.csr_matrix(x.reshape(6, -1))
@@ -81,7 +82,8 @@ def _direct(dtype) -> None:
         for n_threads, serial_work in ((1, None), (2, 0)):  # one compiled call; the batch cut into ranges
             conv = Convolver(x.shape[1:], kernel, mode="same", method="direct", backend="numba", n_threads=n_threads)
             eng = conv.engine(np.dtype(dtype))
-            eng.serial_work = serial_work
+            if isinstance(eng, DirectNumba):
+                eng.serial_work = serial_work
             _check(conv(csr), want, f"direct {np.dtype(dtype)} CSR")
             _check(conv(csr, out="dense"), want, f"direct {np.dtype(dtype)} dense")
 
@@ -209,8 +211,9 @@ def cache_location() -> str:
     (numba falls back to a per-user folder when those are read-only)."""
     import numba
 
-    if numba.config.CACHE_DIR:
-        return str(numba.config.CACHE_DIR)
+    where = getattr(numba.config, "CACHE_DIR", "")
+    if where:
+        return str(where)
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return f"the __pycache__ folders under {package}"
 
