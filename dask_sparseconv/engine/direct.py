@@ -624,7 +624,7 @@ def _csr_range(
     for b in range(stop - 1, start - 1, -1):
         m, buf = _csr_image(b, indptr, indices, data, W_in, ti, tj, tv, run0, runlen, dfull, top, left, imin, imax, jmin, jmax,
                             H_out, W_out, sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
-                            band_frame, band_slots, band_ops, buf, bits, st_idx, st_val, 0)
+                            band_frame, band_slots, band_ops, buf, bits, st_idx, st_val, np.int64(0))  # see _csr_batch
         end -= m
         out_idx[end : end + m] = st_idx[:m]
         out_val[end : end + m] = st_val[:m]
@@ -661,9 +661,13 @@ def _csr_batch(
     out_idx = np.empty(total, dtype=index_like.dtype)
     out_val = np.empty(total, dtype=tv.dtype)
     counts = np.empty(n, dtype=np.int64)
-    nnz = _csr_range(0, n, indptr, indices, data, W_in, ti, tj, tv, run0, runlen, top, left, imin, imax, jmin, jmax,
+    # np.int64(0), not 0: a literal would make numba compile _csr_range (and
+    # everything under it) a second time, specialised for it, beside the
+    # version the ranged path calls (~20 s of compile per variant)
+    zero = np.int64(0)
+    nnz = _csr_range(zero, n, indptr, indices, data, W_in, ti, tj, tv, run0, runlen, top, left, imin, imax, jmin, jmax,
                      H_out, W_out, sg_off, sg_mask, sg_w, full, cap, dense_ops, bbox_ratio, bbox_slack,
-                     band_frame, band_slots, band_ops, out_idx, out_val, 0, counts, 0, buf, bits)
+                     band_frame, band_slots, band_ops, out_idx, out_val, zero, counts, zero, buf, bits)
     indptr_out = np.empty(n + 1, dtype=index_like.dtype)
     indptr_out[0] = 0
     acc = 0

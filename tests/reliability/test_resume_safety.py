@@ -176,25 +176,31 @@ def test_two_runs_of_one_job_at_once(tmp_path):
     """The second run (with or without --restart) is refused at once, naming
     the first (host, pid, start); the first finishes exact; its lock is gone
     afterwards."""
-    n = 4 * N  # long enough to still be running after two refused runs on a loaded machine
-    x = stack(n, H, W, density=0.03, seed=7)
+    x = stack(N, H, W, density=0.03, seed=7)
     src = write_inputs(tmp_path, x, dense_chunks=2, csr_chunk=64)["csr"]
     out = tmp_path / "out.zarr"
     wf = _workflow(tmp_path, src, "csr", "32KiB")
     first, _, err1 = start_cli("run", wf, cwd=tmp_path, log_dir=tmp_path)
     try:
         wait_for_blocks(out, 2, first, timeout=150)
-        for extra in (["--restart"], []):  # the lock protects the target, whatever the flags
-            t0 = time.monotonic()
-            second = cli("run", wf, *extra, cwd=tmp_path)
-            t_refused = time.monotonic() - t0
-            assert first.poll() is None, "the first run ended before the second was tried; make the job longer"
-            assert second.returncode == 1, second.stdout + second.stderr
-            last = second.stderr.strip().splitlines()[-1]
-            assert last.startswith("error: output.path: target") and "being written by another run" in last
-            assert f"pid {first.pid}" in last and "started" in last and "out.zarr.lock" in last
-            assert "cluster:" not in second.stdout  # refused before starting a cluster
-            assert t_refused < 60
+        # Hold the first run where it is, mid-job: its processes alive, its
+        # lock held, as a run on a slower machine would be (rather than a job
+        # made long enough to outlast two refused runs on a loaded machine).
+        os.killpg(first.pid, signal.SIGSTOP)
+        try:
+            for extra in (["--restart"], []):  # the lock protects the target, whatever the flags
+                t0 = time.monotonic()
+                second = cli("run", wf, *extra, cwd=tmp_path)
+                t_refused = time.monotonic() - t0
+                assert first.poll() is None
+                assert second.returncode == 1, second.stdout + second.stderr
+                last = second.stderr.strip().splitlines()[-1]
+                assert last.startswith("error: output.path: target") and "being written by another run" in last
+                assert f"pid {first.pid}" in last and "started" in last and "out.zarr.lock" in last
+                assert "cluster:" not in second.stdout  # refused before starting a cluster
+                assert t_refused < 60
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
         assert first.wait(300) == 0, err1.read_text()
     finally:
         kill_group(first)
