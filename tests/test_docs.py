@@ -2,8 +2,9 @@
 
 Blocks of one file share a namespace (they read as one session), run in a
 fresh interpreter whose working directory is a temporary folder, so relative
-paths such as ``"in.zarr"`` land there. A doc whose examples start a cluster
-runs in the ``cluster`` xdist group like the other multi-process tests.
+paths such as ``"in.zarr"`` land there. Docs whose examples start a cluster
+are not in the ``cluster`` xdist group: nothing in them depends on timing,
+and that group, which runs one test at a time, is the suite's longest path.
 A doc whose examples use ``s3://dsc-docs/...`` gets moto's S3 server
 (tests/s3_server.py) with that bucket, named to them the way users name
 theirs: boto's environment variables.
@@ -38,7 +39,6 @@ def test_docs_have_examples():
     assert {"user_guide.md", "compat.md", "api.md"} <= names, names
 
 
-@pytest.mark.xdist_group("cluster")
 @pytest.mark.parametrize("path", DOCS_WITH_CODE, ids=lambda p: p.name)
 def test_doc_examples_run(path: Path, tmp_path: Path):
     blocks = python_blocks(path)
