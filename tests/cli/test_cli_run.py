@@ -23,7 +23,9 @@ from scipy_oracle import convolve_stack
 
 from dask_sparseconv.workflow import load_workflow
 
-pytestmark = pytest.mark.xdist_group("cluster")
+# Not in the serial ``cluster`` xdist group: these runs start their own
+# clusters (free ports) and assert results, not timings, so they may run
+# beside the group, which is the suite's longest path.
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 90
