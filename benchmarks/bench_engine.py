@@ -203,8 +203,9 @@ def quiesce(window_s: float = 0.001, limit_s: float = 0.1) -> float:
     After each parallel region the peer's libgomp worker spins on a core for
     ~7-9 ms (measured: 8-9 ms of that thread's CPU time during whatever runs
     next, on 2 cores; ~1.1 ms of it in every 1 ms for the first 7 ms). A
-    call started in that time has one core where it would have two. A notebook's calls start with every library's threads
-    asleep, so each timed call starts so too.
+    call started in that time has one core where it would have two. A
+    notebook's calls start with every library's threads asleep, so each
+    timed call starts so too.
     """
     t0 = time.perf_counter()
     last = _other_threads_ns()
