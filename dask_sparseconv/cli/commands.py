@@ -84,8 +84,8 @@ def _job_lock(wf) -> Iterator[Any]:
 def _local_cluster(path: str) -> dict | None:
     """The workflow file's ``cluster`` section when it names no
     ``address`` (a local cluster), read before the file's full check
-    (which takes ~0.4 s); None otherwise: anything odd says no, and the
-    check then reports it."""
+    (0.3-0.7 s: pydantic, and the storage code for an output format);
+    None otherwise: anything odd says no, and the check then reports it."""
     import yaml
 
     try:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+from typing import TYPE_CHECKING, Any
 
-from .base import Engine
+if TYPE_CHECKING:
+    from .base import Engine
 
 #: (method, backend) -> "module:Class" inside this package.
 REGISTRY: dict[tuple[str, str], str] = {
@@ -48,6 +50,16 @@ def engine_class(method: str, backend: str) -> type[Engine]:
         raise ValueError(f"no engine for method={method!r} with backend={backend!r}") from None
     module, cls = target.split(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def __getattr__(name: str) -> Any:
+    # The base class imports scipy.sparse; the registry above is read by
+    # argument checks (a workflow's schema) that must not pay for it.
+    if name == "Engine":
+        from .base import Engine
+
+        return Engine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["Engine", "REGISTRY", "engine_class"]

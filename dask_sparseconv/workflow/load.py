@@ -123,11 +123,12 @@ def _relations(d: dict, base: Path) -> list[tuple[str, str]]:
     elif "kernel" not in d and "kernels" not in d:
         out.append(("kernel", "required key is missing (or give kernels: a list of kernels, applied in one pass)"))
     fill, boundary = d.get("fillvalue", 0), d.get("boundary", "fill")
-    from ..boundaries import BOUNDARIES, canonical_boundary
-
     if isinstance(fill, (int, float)) and not isinstance(fill, bool) and math.isfinite(fill) and fill != 0 \
-            and boundary in BOUNDARIES and canonical_boundary(boundary) != "fill":
-        out.append(("fillvalue", f"only used with boundary: fill; got boundary: {boundary} (remove fillvalue)"))
+            and boundary != "fill":
+        from ..boundaries import BOUNDARIES, canonical_boundary  # numba: only where a boundary is given
+
+        if boundary in BOUNDARIES and canonical_boundary(boundary) != "fill":
+            out.append(("fillvalue", f"only used with boundary: fill; got boundary: {boundary} (remove fillvalue)"))
     method, backend = d.get("method", "auto"), d.get("backend", "auto")
     from .schema import BACKENDS, METHODS
 

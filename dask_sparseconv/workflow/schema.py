@@ -22,7 +22,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from .. import kernels as _kernels
-from ..boundaries import BOUNDARIES
 from ..geometry import MODES
 from ..row_blocks import DEFAULT_BLOCK_MEMORY
 from ..runtime.devices import ROUTES
@@ -43,6 +42,13 @@ def formats() -> tuple[str, ...]:
     from ..storage import FORMATS
 
     return tuple(FORMATS)
+
+
+def boundaries() -> tuple[str, ...]:
+    """Boundary names: the registered ones and their ``scipy.ndimage`` aliases."""
+    from ..boundaries import BOUNDARIES
+
+    return BOUNDARIES
 
 
 def sample_formats() -> tuple[str, ...]:
@@ -123,9 +129,25 @@ def _choice(allowed_fn, allow_none: bool = False):
     return check
 
 
+class _Enum:
+    """The JSON schema of a choice, read from ``allowed`` (a tuple, or a
+    function returning one) when a schema is asked for. Not at import: the
+    format and boundary registries import zarr and numba, ~1 s that a
+    command would pay before it could report a workflow's first mistake."""
+
+    __slots__ = ("allowed", "allow_none")
+
+    def __init__(self, allowed, allow_none: bool):
+        self.allowed, self.allow_none = allowed, allow_none
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict:
+        names = self.allowed() if callable(self.allowed) else self.allowed
+        return {"enum": [*names, *([None] if self.allow_none else [])]}
+
+
 def Choice(allowed, allow_none: bool = False, schema: dict | None = None):
-    enum = list(allowed() if callable(allowed) else allowed) + ([None] if allow_none else [])
-    return Annotated[Any, BeforeValidator(_choice(allowed, allow_none)), WithJsonSchema(schema or {"enum": enum})]
+    return Annotated[Any, BeforeValidator(_choice(allowed, allow_none)),
+                     WithJsonSchema(schema) if schema else _Enum(allowed, allow_none)]
 
 
 def _string(allow_none: bool):
@@ -555,7 +577,7 @@ class Workflow(Section):
     #: a kernel bank: kernels applied in one pass (instead of ``kernel``)
     kernels: Annotated[Any, BeforeValidator(_kernel_bank), WithJsonSchema(KERNELS_SCHEMA)] = None
     mode: Choice(MODES) = "same"
-    boundary: Choice(BOUNDARIES) = "fill"
+    boundary: Choice(boundaries) = "fill"
     fillvalue: Real = 0.0
     correlate: Boolean = False
     method: Choice(("auto",) + METHODS) = "auto"

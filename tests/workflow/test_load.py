@@ -306,3 +306,48 @@ def test_bad_operation_keys(tmp_path):
     assert "true or false" in problems["correlate"]
     problems, _ = problems_of(tmp_path, MINIMAL + "boundary: wrap\nfillvalue: 1.5\n")
     assert problems == {"fillvalue": "only used with boundary: fill; got boundary: wrap (remove fillvalue)"}
+
+
+def test_checking_a_workflow_imports_no_store_or_engine_code(tmp_path):
+    """A workflow is checked with pydantic, yaml and numpy alone: its
+    mistakes reach the user before zarr, numba, scipy or dask load (~1 s a
+    command paid for a misspelt mode). The registries read on demand: an
+    output format loads the storage code, a boundary the boundaries'."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    good = write(tmp_path, MINIMAL, "good.yaml")
+    bad = write(tmp_path, MINIMAL + "mode: sideways\nmethod: diagonal\n", "bad.yaml")
+    code = textwrap.dedent(f"""
+        import sys
+        from dask_sparseconv.workflow import WorkflowError, load_workflow
+        wf = load_workflow({str(good)!r})
+        try:
+            load_workflow({str(bad)!r})
+        except WorkflowError as exc:
+            print(exc)
+        heavy = ('zarr', 'numba', 'scipy', 'dask', 'distributed', 'torch')
+        print(sorted(m for m in heavy if m in sys.modules), wf.mode, wf.kernel.array.shape)
+    """)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert "mode: expected one of full, same, valid; got 'sideways'" in res.stdout, res.stdout
+    assert "method: expected one of auto, direct" in res.stdout, res.stdout
+    # the same kernel as a load in this process, where everything is imported
+    assert lines[-1] == f"[] same {load_workflow(good).kernel.array.shape}", res.stdout
+
+
+def test_registry_choices_are_checked_when_given(tmp_path):
+    """The choices read from registries on demand still refuse what is not registered."""
+    text = MINIMAL.replace("output: {path: out/res.zarr}", "output: {path: out/res.zarr, format: parquet}")
+    with pytest.raises(WorkflowError) as info:
+        load_workflow(write(tmp_path, text + "boundary: reflect-101\n"))
+    msg = str(info.value)
+    assert "output.format: expected one of dense, csr, ome-zarr" in msg, msg
+    assert "boundary: expected one of fill, wrap, symm, mirror, nearest, constant, reflect, grid-wrap" in msg, msg
+    wf = load_workflow(write(tmp_path, MINIMAL + "boundary: reflect\n", "ok.yaml"))
+    assert wf.boundary == "reflect" and wf.operation.boundary == "symm"
