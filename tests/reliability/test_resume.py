@@ -83,12 +83,14 @@ def _clean(tmp_path, src: str, wf: str, fmt: str) -> str:
 
 
 @pytest.mark.xdist_group("cluster")
-@pytest.mark.parametrize("sig, fmt, src, workers", [
-    (signal.SIGINT, "dense", "dense", "forked"),
-    (signal.SIGINT, "csr", "csr", "spawned"),
-    (signal.SIGTERM, "csr", "csr", "forked"),
+@pytest.mark.parametrize("sig, fmt, src, workers, every_step", [
+    (signal.SIGINT, "dense", "dense", "forked", True),
+    (signal.SIGINT, "csr", "csr", "spawned", True),
+    # what SIGTERM changes is the stop and its line; info, validate, a
+    # finished output and --restart are the Ctrl-C cases' (~10 s of commands)
+    (signal.SIGTERM, "csr", "csr", "forked", False),
 ], ids=["ctrl-c-dense", "ctrl-c-csr-spawned-workers", "sigterm-csr"])
-def test_cli_interrupted_run_resumes(tmp_path, inputs, sig, fmt, src, workers):
+def test_cli_interrupted_run_resumes(tmp_path, inputs, sig, fmt, src, workers, every_step):
     wf = _workflow(tmp_path, inputs[src], fmt, "16KiB" if fmt == "dense" else "64KiB")
     out = tmp_path / "out.zarr"
     before = tree_digest(inputs[src])
@@ -107,10 +109,11 @@ def test_cli_interrupted_run_resumes(tmp_path, inputs, sig, fmt, src, workers):
     assert provenance(out)["complete"] is False
     with pytest.raises(ValueError, match="incomplete"):
         open_stack(str(out))
-    info = cli("info", out)
-    assert info.returncode == 0 and "INCOMPLETE" in info.stdout and f"{written} of {n_blocks} blocks" in info.stdout
-    val = cli("validate", wf, cwd=tmp_path)
-    assert val.returncode == 0 and "will resume" in val.stdout, val.stdout + val.stderr
+    if every_step:
+        info = cli("info", out)
+        assert info.returncode == 0 and "INCOMPLETE" in info.stdout and f"{written} of {n_blocks} blocks" in info.stdout
+        val = cli("validate", wf, cwd=tmp_path)
+        assert val.returncode == 0 and "will resume" in val.stdout, val.stdout + val.stderr
 
     # the same command again resumes: exactly the written blocks are skipped
     res = cli("run", wf, cwd=tmp_path)
@@ -121,6 +124,8 @@ def test_cli_interrupted_run_resumes(tmp_path, inputs, sig, fmt, src, workers):
     assert_identical(out, _clean(tmp_path, inputs[src], wf, fmt))
     assert tree_digest(inputs[src]) == before  # the input was never touched
 
+    if not every_step:
+        return
     # a finished output is left alone: refused without --restart, recomputed with it
     done_digest = tree_digest(out)
     again = cli("run", wf, cwd=tmp_path)

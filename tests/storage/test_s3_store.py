@@ -142,14 +142,17 @@ def test_resume_on_s3_refuses_an_input_rewritten_in_place(s3_server, client, fra
 
 
 # -- the command line ----------------------------------------------------------------------
-def _workflow(folder, src: str, target: str, opts: dict | None, out_fmt: str = "dense") -> str:
+def _workflow(folder, src: str, target: str, opts: dict | None, out_fmt: str = "dense", memory: str = "60KB") -> str:
+    """A workflow on the bucket. The default block budget takes ~4 of the
+    small frames a block (12 blocks of 48 frames): several blocks on each
+    worker, without a block's ~0.1 s of requests to moto paid per frame."""
     wf = {
         "input": {"path": src},
         "kernel": {"values": KERNEL.tolist()},
         "mode": "same",
         "output": {"path": target, "format": out_fmt},
         "cluster": {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": None},
-        "block": {"memory": "20KB"},
+        "block": {"memory": memory},
     }
     if opts is not None:
         wf["input"]["storage_options"] = opts
@@ -233,7 +236,8 @@ def test_cli_resumes_an_interrupted_s3_output(s3_server, tmp_path):
     rng = np.random.default_rng(43)
     x = np.where(rng.random((240, H, W)) < 0.05, rng.standard_normal((240, H, W)), 0).astype(np.float32)
     bucket, opts, src, target = _bucket_with_input(s3_server, "dense", x)
-    wf = _workflow(tmp_path, src, target, opts, "csr")
+    # ~9 frames a block: 27 blocks, enough for a Ctrl-C to land between the first and the last
+    wf = _workflow(tmp_path, src, target, opts, "csr", memory="120KB")
     for _attempt in range(3):  # SIGINT can land after the last block: then try again from scratch
         # a test run from a shell's background inherits an ignored SIGINT: give the command Ctrl-C back
         proc = subprocess.Popen([sys.executable, "-m", "dask_sparseconv.cli", "run", wf, "--restart"],
