@@ -294,9 +294,12 @@ class Convolver:
                 eng = self._engines.get(key)
                 if eng is None:
                     cls = separable.AutoSeparable if self.auto_separable else engine_class(self.method, self.backend)
+                    # the taps as they are: the engine casts them when its
+                    # dtype differs, and shares them (read by all, written by
+                    # none) when it does not, one copy less per convolver
                     eng = cls(
                         key[1],
-                        self._taps.astype(dtype),
+                        self._taps,
                         dtype,
                         device=self.device,
                         n_threads=self.n_threads,
