@@ -288,12 +288,17 @@ def cmd_schema(args) -> int:
 
 def cmd_compile(args) -> int:
     """Compile the engines into numba's on-disk cache (:mod:`dask_sparseconv.runtime.precompile`)."""
-    from ..runtime.precompile import TASKS, cache_location, precompile
+    from ..runtime.precompile import TASKS, cache_location, precompile, write_bytecode
 
     names = args.only or list(TASKS)
     for name in names:
         if name not in TASKS:
             raise CLIError(f"--only: unknown group {name!r}; choose from {', '.join(map(repr, TASKS))}", EXIT_USAGE)
+    written, problem = write_bytecode()
+    if problem is not None:  # a read-only installation: the engines still compile
+        say_err(f"note: the package's Python bytecode was not written: {problem}")
+    elif written:
+        say(f"wrote the Python bytecode of {written} module(s) of the package")
     say(f"compiling {len(names)} group(s) of numba functions into {cache_location()}")
     t0 = time.perf_counter()
     failed = []

@@ -205,6 +205,42 @@ def precompile(names: Iterable[str] | None = None, jobs: int | None = None,
     return results
 
 
+def write_bytecode() -> tuple[int, str | None]:
+    """Write the package's Python bytecode (``__pycache__/*.pyc``) where it
+    is missing or out of date; returns ``(modules written, error or None)``.
+
+    pip writes it when it installs the package, but an editable install (a
+    clone) gets none until Python writes it on import, and Python never
+    does where ``PYTHONDONTWRITEBYTECODE`` is set (as on many CI images and
+    containers): every process then compiles the package's modules again,
+    ~0.2 s each for a command, its workers' server and every spawned worker
+    (measured on the 2-core machine of docs/benchmarks.md). A read-only
+    installation is left as it is, with the reason.
+    """
+    import compileall
+    import importlib.util
+    import io
+    from contextlib import redirect_stdout
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stale = 0
+    for folder, _, files in os.walk(package):
+        for f in files:
+            if f.endswith(".py"):
+                src = os.path.join(folder, f)
+                pyc = importlib.util.cache_from_source(src)
+                if not os.path.exists(pyc) or os.path.getmtime(pyc) < os.path.getmtime(src):
+                    stale += 1
+    if not stale:
+        return 0, None
+    out = io.StringIO()
+    with redirect_stdout(out):  # compileall prints each failure; it is returned instead
+        ok = compileall.compile_dir(package, quiet=1)
+    if not ok:
+        return 0, out.getvalue().strip().splitlines()[-1] if out.getvalue().strip() else "compileall failed"
+    return stale, None
+
+
 def cache_location() -> str:
     """Where numba writes this package's cache, in words: ``NUMBA_CACHE_DIR``
     when set, else the ``__pycache__`` folders beside the package's sources
@@ -218,4 +254,4 @@ def cache_location() -> str:
     return f"the __pycache__ folders under {package}"
 
 
-__all__ = ["TASKS", "TaskResult", "cache_location", "precompile", "task"]
+__all__ = ["TASKS", "TaskResult", "cache_location", "precompile", "task", "write_bytecode"]

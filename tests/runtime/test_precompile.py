@@ -83,3 +83,36 @@ def test_precompile_checks_its_arguments(kwargs, fragment):
     with pytest.raises(ValueError) as exc_info:
         pc.precompile(**kwargs)
     assert fragment in str(exc_info.value)
+
+
+def test_compile_writes_the_package_bytecode_once(tmp_path):
+    """A copy of the package without bytecode, under PYTHONDONTWRITEBYTECODE
+    (imports then never write it): compile writes a .pyc for every module,
+    a second run finds nothing to write, and an edited module is written again."""
+    import shutil
+
+    copy = tmp_path / "src"
+    shutil.copytree(REPO / "dask_sparseconv", copy / "dask_sparseconv",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("from dask_sparseconv.runtime.precompile import write_bytecode, __file__ as f\n"
+            "print(write_bytecode(), f)")
+    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+
+    def run() -> str:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    sources = sorted((copy / "dask_sparseconv").rglob("*.py"))
+    first = run()
+    assert first.startswith(f"({len(sources)}, None) {copy}"), first  # the copy, not the installed package
+    import importlib.util
+
+    missing = [s for s in sources if not os.path.exists(importlib.util.cache_from_source(str(s)))]
+    assert not missing, missing
+    assert run().startswith("(0, None)")
+    edited = copy / "dask_sparseconv" / "kernels.py"
+    edited.write_text(edited.read_text() + "\n# edited\n")
+    os.utime(edited, (edited.stat().st_mtime + 5, edited.stat().st_mtime + 5))
+    assert run().startswith("(1, None)")
