@@ -223,7 +223,7 @@ def write_bytecode() -> tuple[int, str | None]:
     from contextlib import redirect_stdout
 
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    stale = 0
+    stale = 0  # for the message; compileall itself checks each file's recorded source time
     for folder, _, files in os.walk(package):
         for f in files:
             if f.endswith(".py"):
@@ -231,8 +231,6 @@ def write_bytecode() -> tuple[int, str | None]:
                 pyc = importlib.util.cache_from_source(src)
                 if not os.path.exists(pyc) or os.path.getmtime(pyc) < os.path.getmtime(src):
                     stale += 1
-    if not stale:
-        return 0, None
     out = io.StringIO()
     with redirect_stdout(out):  # compileall prints each failure; it is returned instead
         ok = compileall.compile_dir(package, quiet=1)
