@@ -100,7 +100,8 @@ class Engine:
     frame_shape : tuple of int
         ``(H, W)`` of every input image.
     kernel : ndarray
-        2-D kernel, already validated and cast to ``dtype``.
+        2-D kernel, already validated; cast to ``dtype`` here when it is of
+        another dtype, else kept as it is (engines never write it).
     dtype : numpy.dtype
         float32 or float64: data type of computation and output.
     device : str, optional

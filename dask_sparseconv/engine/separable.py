@@ -557,8 +557,9 @@ class AutoSeparable(Engine):
 
     def __init__(self, frame_shape, kernel, dtype, **kwargs):
         super().__init__(frame_shape, kernel, dtype, **kwargs)
-        self.direct = DirectNumba(frame_shape, kernel, dtype, **kwargs)
-        self.separable = SeparableNumba(frame_shape, kernel, dtype, **kwargs)
+        # self.kernel: cast once here, shared by both paths
+        self.direct = DirectNumba(frame_shape, self.kernel, dtype, **kwargs)
+        self.separable = SeparableNumba(frame_shape, self.kernel, dtype, **kwargs)
         self.direct_taps = int(np.count_nonzero(self.kernel))
         self._lock = threading.Lock()
         #: calls that took each path (for tests and docs/engine.md's figures)

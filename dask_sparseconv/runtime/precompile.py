@@ -223,20 +223,22 @@ def write_bytecode() -> tuple[int, str | None]:
     from contextlib import redirect_stdout
 
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    stale = 0  # for the message; compileall itself checks each file's recorded source time
-    for folder, _, files in os.walk(package):
-        for f in files:
-            if f.endswith(".py"):
-                src = os.path.join(folder, f)
-                pyc = importlib.util.cache_from_source(src)
-                if not os.path.exists(pyc) or os.path.getmtime(pyc) < os.path.getmtime(src):
-                    stale += 1
+
+    def stamps() -> dict[str, int | None]:
+        # compileall decides what is stale (from the source time recorded in
+        # each .pyc); what it wrote is read back from the files it touched
+        pycs = (importlib.util.cache_from_source(os.path.join(folder, f))
+                for folder, _, files in os.walk(package) for f in files if f.endswith(".py"))
+        return {p: os.stat(p).st_mtime_ns if os.path.exists(p) else None for p in pycs}
+
+    before = stamps()
     out = io.StringIO()
     with redirect_stdout(out):  # compileall prints each failure; it is returned instead
         ok = compileall.compile_dir(package, quiet=1)
     if not ok:
-        return 0, out.getvalue().strip().splitlines()[-1] if out.getvalue().strip() else "compileall failed"
-    return stale, None
+        lines = out.getvalue().strip().splitlines()
+        return 0, lines[-1] if lines else "compileall failed"
+    return sum(before[p] != t for p, t in stamps().items()), None
 
 
 def cache_location() -> str:
