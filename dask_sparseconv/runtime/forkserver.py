@@ -19,6 +19,7 @@ other than its default ``spawn``), or set ``DASK_SPARSECONV_FORK_WORKERS=0``.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import multiprocessing
@@ -140,7 +141,37 @@ def start(env: dict[str, str] | None = None) -> bool:
     except Exception:
         return False
     _started = True
+    atexit.register(stop, os.getpid())
     return True
+
+
+def stop(owner: int | None = None) -> None:
+    """Stop the fork server now, whatever it is doing (registered at exit
+    by :func:`start`; ``owner``: only in that process).
+
+    Left alone, the server outlives a command that exits early (a workflow
+    refused after the launch, Ctrl-C): it finishes its preload (~1.5 s of a
+    core) before it sees that its parent is gone, and it holds the command's
+    stdout and stderr open until then, so a pipe reading them (``| tee``, a
+    test's ``capture_output``) waited that long for its end. After a run
+    the server is idle and exits either way; the workers it forked belong
+    to the cluster, which is closed by then."""
+    if owner is not None and owner != os.getpid():
+        return
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    if not pid:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)  # it ignores SIGINT (worker_preload), not this
+    except ProcessLookupError:
+        pass
+    try:
+        server._stop()  # closes its alive pipe, reaps it, removes its socket
+    except (OSError, AttributeError):
+        pass
 
 
 def start_cluster(**kwargs: Any):
@@ -173,4 +204,4 @@ def start_cluster(**kwargs: Any):
     return LocalCluster(**kwargs)
 
 
-__all__ = ["OPT_OUT", "PRELOAD", "spawn_environ", "start", "start_cluster"]
+__all__ = ["OPT_OUT", "PRELOAD", "spawn_environ", "start", "start_cluster", "stop"]

@@ -271,3 +271,37 @@ def test_ctrl_c_from_the_server_launch_on_is_ignored(tmp_path):
         return sent
     """)
     assert out["sent"] > 50
+
+
+def test_a_refused_run_leaves_no_server_behind(tmp_path):
+    """`run` launches the server before it checks the workflow; refused, it
+    stops the server as it exits. Left loading, the server held the
+    command's stdout and stderr open for ~1.5 s more, so a pipe reading them
+    (``| tee``, ``capture_output``) waited for it."""
+    import psutil
+
+    from dask_sparseconv.storage import write_dense_stack
+
+    write_dense_stack(str(tmp_path / "in.zarr"), np.ones((2, 6, 6), dtype=np.float32), chunks=1)
+    (tmp_path / "wf.yaml").write_text("input: {path: in.zarr}\nkernel: {box: {size: 3}}\nmode: circular\n"
+                                      "output: {path: out.zarr}\ncluster: {n_workers: 1, dashboard_address: null}\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("DASK_SPARSECONV_FORK_WORKERS", None)
+    with open(tmp_path / "err", "wb") as err:  # a file, not a pipe: the command's own exit is what is awaited
+        proc = subprocess.Popen([sys.executable, "-m", "dask_sparseconv.cli", "run", "wf.yaml"], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
+        rc = proc.wait(120)
+    left = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getpgid(p.pid) == proc.pid and "forkserver" in " ".join(p.info["cmdline"] or []):
+                left.append(p)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    for p in left:  # not to leave them to the next test either
+        p.kill()
+    stderr = (tmp_path / "err").read_text()
+    assert rc == 2 and "mode" in stderr and "circular" in stderr, stderr
+    assert not (tmp_path / "out.zarr").exists()
+    assert left == [], [p.info["cmdline"] for p in left]
