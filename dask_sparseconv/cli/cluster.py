@@ -34,6 +34,7 @@ def open_client(cluster, source: str | None = None) -> Iterator[Any]:
     """
     from distributed import Client
 
+    from ..runtime.collector import resume as resume_collector
     from ..runtime.forkserver import start_cluster
 
     where = f" (cluster.address in {source})" if source else ""
@@ -62,6 +63,7 @@ def open_client(cluster, source: str | None = None) -> Iterator[Any]:
             ) from None
         except ValueError as exc:
             raise CLIError(f"cannot connect to {cluster.address}{where}: {exc}") from None
+        resume_collector()
         try:
             yield client
         finally:
@@ -82,6 +84,7 @@ def open_client(cluster, source: str | None = None) -> Iterator[Any]:
         raise CLIError(f"could not start a local dask cluster ({n_workers} workers): {exc}") from exc
     try:
         with Client(lc, set_as_default=True) as client:
+            resume_collector()
             yield client
             # reached only when the command's work ended without an error
             from ..runtime.process_exit import freeze_workers

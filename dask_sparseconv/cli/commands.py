@@ -255,6 +255,9 @@ def cmd_preview(args) -> int:
         raise CLIError(f"preview draws whole frames; frames of {H} x {W} pixels are too large for a preview "
                        f"(limit: {PREVIEW_MAX_PIXELS:,} pixels per frame). Run the workflow (frames larger than a "
                        "block are convolved in tiles) and look at a window of the output", EXIT_USAGE)
+    from ..runtime.collector import resume as resume_collector
+
+    resume_collector()  # the start-up is over: the preview computes
     img = render_preview(plan.src, wf, images, scale=args.scale, labels=not args.no_labels)
     out = args.output
     try:
@@ -294,6 +297,9 @@ def cmd_compile(args) -> int:
     for name in names:
         if name not in TASKS:
             raise CLIError(f"--only: unknown group {name!r}; choose from {', '.join(map(repr, TASKS))}", EXIT_USAGE)
+    from ..runtime.collector import resume as resume_collector
+
+    resume_collector()  # compiling every engine is long work, with garbage of its own
     written, problem = write_bytecode()
     if problem is not None:  # a read-only installation: the engines still compile
         say_err(f"note: the package's Python bytecode was not written: {problem}")

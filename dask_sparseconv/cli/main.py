@@ -159,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
 def console_main() -> int:
     """The ``dask-sparseconv`` command: :func:`main`, then a quick exit
     (:mod:`dask_sparseconv.runtime.process_exit`). Only the command's own
-    process freezes its objects; code that calls :func:`main` keeps its own."""
+    process freezes its objects; code that calls :func:`main` keeps its own.
+    The collector is paused for the command's start-up
+    (:mod:`dask_sparseconv.runtime.collector`)."""
+    from ..runtime import collector
+
+    collector.pause()
     try:
         code = main()
     except KeyboardInterrupt as exc:  # before main's own handling: parsing the arguments

@@ -172,14 +172,16 @@ def test_the_preload_leaves_a_process_safe_to_fork():
     """What the server loads starts no thread (a forked child would inherit
     locks that no thread of its own releases) and no GPU library (CUDA
     cannot be used in a child forked after it initialised), and it loads the
-    compiled engine (what makes a forked worker warm)."""
-    code = ("import sys, threading, dask_sparseconv.runtime.worker_preload\n"
+    compiled engine (what makes a forked worker warm); it leaves the collector
+on, and what it loaded frozen."""
+    code = ("import gc, sys, threading, dask_sparseconv.runtime.worker_preload\n"
             "from dask_sparseconv.engine import direct\n"
             "print(threading.active_count(), 'torch' in sys.modules, 'cupy' in sys.modules, "
-            "len(direct._csr_batch.overloads) > 0)")
+            "len(direct._csr_batch.overloads) > 0, gc.isenabled(), gc.get_freeze_count() > 0)")
     res = _python("-c", code)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["1", "False", "False", "True"]
+    # the collector, off while it loads, is on for the workers forked from it
+    assert res.stdout.split() == ["1", "False", "False", "True", "True", "True"]
 
 
 #: A script that starts the server, runs ``interrupt(server_pid)`` on it,
