@@ -34,7 +34,6 @@ from .csr_chain import (
     VERIFY_PIECE,
     BlockResult,
     SegmentResult,
-    _runs,
     carry_block,
     lag,
     resume_segment,
@@ -42,6 +41,7 @@ from .csr_chain import (
     segment_stats,
     verify_blocks,
     write_block,
+    written_runs,
 )
 from .tasks import BlockStats, read_convolve
 
@@ -170,7 +170,7 @@ def bank_chain_graph(g, bank_job, kernel, members_job, member_jobs: list, member
     tasks: list = []
     prev = None  # the K carries after the last block added (one task)
     last = len(bounds) - 1
-    for a, b, written in _runs(len(bounds), done):
+    for a, b, written in written_runs(len(bounds), done):
         if written:
             tag = f"{token}-{a:06d}"
             segs = []

@@ -176,7 +176,7 @@ def segment_stats(results) -> list:
     return out
 
 
-def _runs(n: int, done: set[int]) -> list[tuple[int, int, bool]]:
+def written_runs(n: int, done: set[int]) -> list[tuple[int, int, bool]]:
     """``[(a, b, written), ...]``: blocks ``[a, b)`` all in ``done`` or none."""
     out: list[tuple[int, int, bool]] = []
     a = 0
@@ -203,7 +203,7 @@ def chain_graph(g, job, kernel, out, bounds, done: set[int], annotations: dict, 
     tasks: list = []
     prev = None
     last = len(bounds) - 1
-    for a, b, written in _runs(len(bounds), done):
+    for a, b, written in written_runs(len(bounds), done):
         if written:
             tag = f"{token}-{a:06d}"
             pieces = [g.add(f"{prefix}-verify-{tag}-{p:06d}", verify_blocks, job,

@@ -7,6 +7,10 @@
             │   block 1: ...                                     ├─> finish (completion flag; CSR: indptr)
             └─> ...                                              ┘
 
+A resumed dense job's written blocks are checked (and kept) by one task per
+piece of ``VERIFY_PIECE`` of them (:func:`~.tasks.run_kept_blocks`), whose
+key stands for all of its blocks (:func:`block_key`).
+
 CSR outputs replace each block task by compute -> carry / write
 (:mod:`~dask_sparseconv.pipeline.csr_chain`): a block's values go at an
 offset that the blocks before it decide.
@@ -25,10 +29,10 @@ import numpy as np
 
 from ..kernels import kernel_digest
 from ..row_blocks import RowBlocks
-from .csr_chain import chain_graph, segment_stats
+from .csr_chain import VERIFY_PIECE, chain_graph, segment_stats, written_runs
 from .spec import BlockSpec
 from .summary import JobInfo, summarize
-from .tasks import run_block
+from .tasks import run_block, run_kept_blocks
 
 PREFIX = "sparseconv"
 
@@ -123,9 +127,19 @@ def store_graph(src, out, kernel: np.ndarray, blocks: RowBlocks, spec: BlockSpec
         return g.delayed(finish_key)
     else:
         run = delayed(run_block, pure=False)
+        run_kept = delayed(run_kept_blocks, pure=False)
+        bounds = blocks.bounds
+        stats = []
         with dask.annotate(**(annotations or {})):  # route: only the block tasks are restricted
-            stats = [run(job_node, knode, i, start, stop, i in (done or ()), dask_key_name=block_key(token, i))
-                     for i, (start, stop) in enumerate(blocks.bounds)]
+            for a, b, written in written_runs(len(bounds), done or set()):
+                if not written:
+                    stats += [run(job_node, knode, i, *bounds[i], dask_key_name=block_key(token, i)) for i in range(a, b)]
+                    continue
+                # a resumed run's written blocks: checked (and kept) in pieces, one key each
+                for p in range(a, b, VERIFY_PIECE):
+                    q = min(p + VERIFY_PIECE, b)
+                    stats.append(run_kept(job_node, knode, [(i, *bounds[i]) for i in range(p, q)],
+                                          dask_key_name=block_key(token, p, q)))
     # stats go as separate arguments: dask unpacks Delayed arguments cheaply,
     # but optimises a list of them, at a cost that grows with the blocks
     # (figures: docs/benchmarks.md, "Figures behind the code")
