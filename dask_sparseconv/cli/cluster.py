@@ -3,10 +3,77 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
 from typing import Any, Iterator
 
 from .errors import CLIError
+
+
+def launch_local_workers(path: str, verbose: bool) -> None:
+    """Launch the fork server of a local cluster's workers
+    (:mod:`dask_sparseconv.runtime.forkserver`) if the workflow at ``path``
+    asks for a local cluster: called by ``main`` for ``run`` as soon as the
+    arguments are parsed, before the commands (numpy) and dask are imported,
+    since the server's load (~1.5 s on the other core) is what a local run
+    waits for first. Its environment is guessed without dask's config;
+    :func:`confirm_local_workers` checks it."""
+    section = local_cluster_section(path)
+    if section is not None:
+        from ..runtime import forkserver
+
+        forkserver.start(env=local_worker_env(section, verbose, guess=True), guess=True)
+
+
+def confirm_local_workers(path: str, verbose: bool) -> None:
+    """Keep the server :func:`launch_local_workers` launched when the
+    environment computed from dask's config is the one it guessed; else it
+    is started again with the right one (or the workers are spawned)."""
+    section = local_cluster_section(path)
+    if section is not None:
+        from ..runtime import forkserver
+
+        forkserver.confirm(env=local_worker_env(section, verbose))
+
+
+def local_cluster_section(path: str) -> dict | None:
+    """The workflow file's ``cluster`` section when it names no
+    ``address`` (a local cluster), read before the file's full check
+    (0.3-0.7 s: pydantic, and the storage code for an output format);
+    None otherwise: anything odd says no, and the check then reports it."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        cluster = data.get("cluster") or {}
+        return cluster if isinstance(cluster, dict) and cluster.get("address") is None else None
+    except Exception:
+        return None
+
+
+def local_worker_env(cluster: Any, verbose: bool, guess: bool = False) -> dict[str, str]:
+    """Environment for local worker processes: glibc's allocator set to reuse
+    a block's memory (:mod:`dask_sparseconv.runtime.allocator`; not under a
+    small ``memory_limit``); without ``--verbose``, quiet logs, since their
+    task-failure logs and warnings would otherwise print tracebacks on our
+    stderr. Variables the user set are left as they are.
+
+    ``cluster``: the workflow's ``cluster`` section, checked or as read.
+    ``guess=True``: without importing dask, taking its config to hold no
+    allocator settings of the user's (see :func:`launch_local_workers`)."""
+    from ..runtime.allocator import block_worker_malloc, worker_memory_limit
+
+    section = cluster if isinstance(cluster, dict) else vars(cluster)
+    try:
+        limit = worker_memory_limit(section.get("memory_limit", "auto"), int(section.get("threads_per_worker") or 1),
+                                    guess=guess)
+        env = block_worker_malloc(memory_limit=limit, config={} if guess else None)
+    except (ValueError, TypeError):  # an odd value, which the workflow's check reports
+        env = {}
+    if not verbose:
+        env.update({"DASK_LOGGING__DISTRIBUTED": "critical", "PYTHONWARNINGS": "ignore"})
+    return {k: v for k, v in env.items() if k not in os.environ}
 
 
 def local_threads(cluster) -> int:

@@ -9,7 +9,7 @@ import time
 import warnings
 from typing import Any, Iterator
 
-from .cluster import dashboard_text, open_client
+from .cluster import confirm_local_workers, dashboard_text, local_worker_env, open_client
 from .errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, PROG, RUNNING, CLIError
 from .inspect import Plan, ensure_input, inspect_or_exit, load_or_exit, output_state, path_exists
 from .progress import run_graph
@@ -41,13 +41,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    cluster = None if args.dry_run else _local_cluster(args.workflow)
-    if cluster is not None:
-        # the local workers' imports and compiled engine load from now on, on
-        # the other core, while this process checks the workflow and plans
-        from ..runtime import forkserver
-
-        forkserver.start(env=_local_worker_env(args, cluster))
+    if not args.dry_run:
+        # the local workers' server, launched by main before this module was
+        # imported (launch_local_workers), is checked against dask's config
+        confirm_local_workers(args.workflow, args.verbose)
     wf = load_or_exit(args.workflow)
     overwrite = True if args.restart else None
     plan = inspect_or_exit(wf, overwrite=overwrite, allow_complete=bool(args.dry_run))
@@ -81,50 +78,13 @@ def _job_lock(wf) -> Iterator[Any]:
         yield lock
 
 
-def _local_cluster(path: str) -> dict | None:
-    """The workflow file's ``cluster`` section when it names no
-    ``address`` (a local cluster), read before the file's full check
-    (0.3-0.7 s: pydantic, and the storage code for an output format);
-    None otherwise: anything odd says no, and the check then reports it."""
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-        cluster = data.get("cluster") or {}
-        return cluster if isinstance(cluster, dict) and cluster.get("address") is None else None
-    except Exception:
-        return None
-
-
-def _local_worker_env(args, cluster: Any) -> dict[str, str]:
-    """Environment for local worker processes: glibc's allocator set to reuse
-    a block's memory (:mod:`dask_sparseconv.runtime.allocator`; not under a
-    small ``memory_limit``); without ``--verbose``, quiet logs, since their
-    task-failure logs and warnings would otherwise print tracebacks on our
-    stderr. Variables the user set are left as they are.
-
-    ``cluster``: the workflow's ``cluster`` section, checked or as read."""
-    from ..runtime.allocator import block_worker_malloc, worker_memory_limit
-
-    section = cluster if isinstance(cluster, dict) else vars(cluster)
-    try:
-        limit = worker_memory_limit(section.get("memory_limit", "auto"), int(section.get("threads_per_worker") or 1))
-        env = block_worker_malloc(memory_limit=limit)
-    except (ValueError, TypeError):  # an odd value, which the workflow's check reports
-        env = {}
-    if not args.verbose:
-        env.update({"DASK_LOGGING__DISTRIBUTED": "critical", "PYTHONWARNINGS": "ignore"})
-    return {k: v for k, v in env.items() if k not in os.environ}
-
-
 def _run_locked(args, wf, overwrite, plan: Plan, lock) -> int:
     plan = ensure_input(plan, overwrite)
     from ..pipeline import convolve_zarr
 
     print_plan(plan, f"running {args.workflow}:")
     if wf.cluster.address is None:  # workers spawned rather than forked inherit these from here
-        os.environ.update(_local_worker_env(args, wf.cluster))
+        os.environ.update(local_worker_env(wf.cluster, args.verbose))
     RUNNING["output"] = (wf.output.path, wf.output.storage_options)  # for the message if interrupted
     with open_client(wf.cluster, wf.source) as client:
         say(f"dashboard: {dashboard_text(client)}")

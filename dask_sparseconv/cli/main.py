@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     RUNNING.clear()
     try:
         with sigterm_unwinds(), quiet(verbose):
+            if args.command == "run" and not args.dry_run:
+                from .cluster import launch_local_workers
+
+                launch_local_workers(args.workflow, verbose)  # first: see its docs
             from .commands import COMMANDS  # here, not at the top: a Ctrl-C while it loads is handled below
 
             return int(COMMANDS[args.command](args) or 0)

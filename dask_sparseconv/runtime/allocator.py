@@ -62,12 +62,16 @@ def block_worker_malloc(environ: dict[str, str] | None = None, config: dict | No
     return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
-def worker_memory_limit(memory_limit, threads_per_worker: int = 1) -> int | None:
+def worker_memory_limit(memory_limit, threads_per_worker: int = 1, guess: bool = False) -> int | None:
     """Each local worker's memory limit in bytes as ``LocalCluster`` sets
     it from the workflow's ``cluster.memory_limit`` (None or 0: no limit;
     ``'auto'``: the machine's memory times the worker's share of its cores;
     else a size such as ``'2GiB'``). Raises ValueError for what is none of
-    these (the workflow's check then reports it)."""
+    these (the workflow's check then reports it).
+
+    ``guess=True`` reads a size without importing dask (for the fork
+    server's early launch, :func:`dask_sparseconv.runtime.forkserver.start`,
+    which checks it against this function's exact answer afterwards)."""
     if memory_limit is None or memory_limit == 0:
         return None
     if memory_limit == "auto":
@@ -76,10 +80,29 @@ def worker_memory_limit(memory_limit, threads_per_worker: int = 1) -> int | None
         cores = os.cpu_count() or 1
         share = min(1.0, max(1, int(threads_per_worker)) / cores)
         return int(_machine_memory() * share)
-    from dask.utils import parse_bytes
+    if guess:
+        value = _guess_bytes(memory_limit) if isinstance(memory_limit, str) else int(memory_limit)
+    else:
+        from dask.utils import parse_bytes
 
-    value = parse_bytes(memory_limit) if isinstance(memory_limit, str) else int(memory_limit)
+        value = parse_bytes(memory_limit) if isinstance(memory_limit, str) else int(memory_limit)
     return None if value == 0 else value
+
+
+#: Units of a size, as dask's ``parse_bytes`` reads them (case aside).
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "p": 10**15, "pb": 10**15, "ki": 2**10, "kib": 2**10, "mi": 2**20,
+          "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40, "pi": 2**50, "pib": 2**50}
+
+
+def _guess_bytes(text: str) -> int:
+    """A size such as ``'2GiB'`` or ``'1.5 GB'`` in bytes (ValueError when it is not one)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if m is None or m.group(2) not in _UNITS:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def _machine_memory() -> int:

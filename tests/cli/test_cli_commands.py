@@ -440,7 +440,7 @@ def test_tls_with_unusable_certificates(tmp_path, dense_store):
 def test_run_peeks_at_the_cluster_before_the_full_check(tmp_path, text, local):
     """`run` starts the local workers' fork server before the workflow's full
     check only when the file names no scheduler address."""
-    from dask_sparseconv.cli.commands import _local_cluster
+    from dask_sparseconv.cli.cluster import local_cluster_section as _local_cluster
 
     wf = tmp_path / "wf.yaml"
     wf.write_text(text)

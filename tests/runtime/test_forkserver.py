@@ -307,3 +307,80 @@ def test_a_refused_run_leaves_no_server_behind(tmp_path):
     assert rc == 2 and "mode" in stderr and "circular" in stderr, stderr
     assert not (tmp_path / "out.zarr").exists()
     assert left == [], [p.info["cmdline"] for p in left]
+
+
+#: start(guess=True), then confirm(...) with the same or another environment,
+#: or under a start method the user chose; then a job on a cluster forked
+#: (or spawned) after it. Prints the servers' pids and what the workers saw.
+_GUESS_SCRIPT = """
+import json, os, sys
+import numpy as np
+from multiprocessing import forkserver as mp_forkserver
+from distributed import Client
+
+from dask_sparseconv.runtime import forkserver
+
+
+def server_pid():
+    return mp_forkserver._forkserver._forkserver_pid
+
+
+if __name__ == "__main__":
+    guess, exact, src, dst, kernel = sys.argv[1:6]
+    forkserver.start(env={"DASK_SPARSECONV_TEST_MARK": guess}, guess=True)
+    first = server_pid()
+    kept = forkserver.confirm(env={"DASK_SPARSECONV_TEST_MARK": exact})
+    second = server_pid()
+    first_alive = os.path.exists(f"/proc/{first}") and open(f"/proc/{first}/stat").read().split()[2] != "Z"
+    lc = forkserver.start_cluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, memory_limit=0)
+    with Client(lc) as client:
+        ppids = list(client.run(os.getppid).values())
+        marks = list(client.run(lambda: os.environ.get("DASK_SPARSECONV_TEST_MARK")).values())
+        import dask_sparseconv as dsc
+        dsc.convolve_zarr(src, np.load(kernel), dst, "same")
+    lc.close()
+    print(json.dumps({"first": first, "kept": kept, "second": second, "first_alive": first_alive,
+                      "client": os.getpid(), "ppids": ppids, "marks": marks}))
+"""
+
+
+@pytest.mark.parametrize("case", ["right guess", "wrong guess", "user's start method"])
+def test_a_server_launched_on_a_guess_is_kept_only_when_right(tmp_path, case):
+    """``run`` launches the server before dask is imported, guessing its
+    environment (no allocator settings or start method of the user's in
+    dask's config); once the config is read, a right guess keeps that
+    server, a wrong one starts another with the right environment, and a
+    start method of the user's stops it (the workers are spawned)."""
+    from dask_sparseconv.storage import write_dense_stack
+
+    rng = np.random.default_rng(9)
+    frames = np.where(rng.random((8, 16, 18)) < 0.2, rng.random((8, 16, 18)), 0).astype(np.float32)
+    write_dense_stack(str(tmp_path / "in.zarr"), frames, chunks=4)
+    kernel = rng.uniform(-1, 1, (3, 4)).astype(np.float32)
+    np.save(tmp_path / "k.npy", kernel)
+    script = tmp_path / "guess.py"
+    script.write_text(_GUESS_SCRIPT)
+    exact = "b" if case == "wrong guess" else "a"
+    env_drop = ("DASK_SPARSECONV_TEST_MARK", "DASK_SPARSECONV_FORK_WORKERS", "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD")
+    if case == "user's start method":
+        os.environ["DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"] = "fork"  # read by dask in the child
+    try:
+        res = _python(str(script), "a", exact, str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"),
+                      str(tmp_path / "k.npy"), timeout=240,
+                      drop=env_drop if case != "user's start method" else env_drop[:2])
+    finally:
+        os.environ.pop("DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD", None)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    got = np.asarray(zarr.open_array(str(tmp_path / "out.zarr"), mode="r")[:])
+    np.testing.assert_allclose(got, convolve_stack(frames, kernel, "same"), rtol=1e-5, atol=1e-6)
+    if case == "right guess":
+        assert out["kept"] is True and out["second"] == out["first"] and out["ppids"] == [out["first"]]
+        assert out["marks"] == ["a"]
+    elif case == "wrong guess":
+        assert out["kept"] is True and out["second"] not in (None, out["first"]) and not out["first_alive"]
+        assert out["ppids"] == [out["second"]] and out["marks"] == ["b"]  # forked from the new server
+    else:
+        assert out["kept"] is False and out["second"] is None and not out["first_alive"]
+        assert out["ppids"] != [out["first"]]  # not from the stopped server
