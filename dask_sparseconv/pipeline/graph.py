@@ -35,6 +35,8 @@ from .summary import JobInfo, summarize
 from .tasks import run_block, run_kept_blocks
 
 PREFIX = "sparseconv"
+#: Priority of a resumed dense job's checks of its written blocks (block tasks: 0, higher first).
+KEPT_PRIORITY = -1
 
 
 class TaskGraph:
@@ -135,11 +137,14 @@ def store_graph(src, out, kernel: np.ndarray, blocks: RowBlocks, spec: BlockSpec
                 if not written:
                     stats += [run(job_node, knode, i, *bounds[i], dask_key_name=block_key(token, i)) for i in range(a, b)]
                     continue
-                # a resumed run's written blocks: checked (and kept) in pieces, one key each
-                for p in range(a, b, VERIFY_PIECE):
-                    q = min(p + VERIFY_PIECE, b)
-                    stats.append(run_kept(job_node, knode, [(i, *bounds[i]) for i in range(p, q)],
-                                          dask_key_name=block_key(token, p, q)))
+                # a resumed run's written blocks: checked (and kept) in pieces,
+                # one key each, after the blocks to compute: a worker that has
+                # no block left checks them while the other ends its last one
+                with dask.annotate(priority=KEPT_PRIORITY):
+                    for p in range(a, b, VERIFY_PIECE):
+                        q = min(p + VERIFY_PIECE, b)
+                        stats.append(run_kept(job_node, knode, [(i, *bounds[i]) for i in range(p, q)],
+                                              dask_key_name=block_key(token, p, q)))
     # stats go as separate arguments: dask unpacks Delayed arguments cheaply,
     # but optimises a list of them, at a cost that grows with the blocks
     # (figures: docs/benchmarks.md, "Figures behind the code")
