@@ -6,7 +6,7 @@ cluster) creates a few hundred thousand objects, nearly all of which stay
 alive for the whole command. The collector's passes over them free next to
 nothing and cost ~0.2 s of the ~1.5 s of start-up CPU here (its fork server
 the same, ~0.35 s: :mod:`.worker_preload`; figures in docs/benchmarks.md,
-"Resume: the collector paused during start-up"). So the ``dask-sparseconv``
+"Resume: the command's start-up cut again"). So the ``dask-sparseconv``
 command pauses the collector before anything is imported (:func:`pause`,
 from :func:`dask_sparseconv.cli.main.console_main`) and resumes it when the
 long-running part begins (:func:`resume`: the job's client is connected, a
