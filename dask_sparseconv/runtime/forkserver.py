@@ -106,7 +106,7 @@ def start(env: dict[str, str] | None = None, *, guess: bool = False) -> bool:
     a guess as well. :func:`confirm` must follow, once the real environment
     is known: it keeps the server only when the guess was right.
     """
-    global _started, _guessed_env
+    global _started, _guessed_env, _stop_registered
     if _started:
         return True
     if os.environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
@@ -126,7 +126,8 @@ def start(env: dict[str, str] | None = None, *, guess: bool = False) -> bool:
     _started = True
     _guessed_env = full if guess else None
     if not _stop_registered:
-        _register_stop()
+        _stop_registered = True
+        atexit.register(stop, os.getpid())
     return True
 
 
@@ -191,12 +192,6 @@ def _launch(env: dict[str, str]) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _register_stop() -> None:
-    global _stop_registered
-    _stop_registered = True
-    atexit.register(stop, os.getpid())
 
 
 def stop(owner: int | None = None) -> None:

@@ -78,13 +78,15 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _python(*args: str, timeout: float = 120, drop: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def _python(*args: str, timeout: float = 120, drop: tuple[str, ...] = (),
+            extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python ARGS`` in a fresh interpreter that imports this checkout,
-    without the environment variables in ``drop``."""
+    without the environment variables in ``drop``, with those in ``extra``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     for key in drop:
         env.pop(key, None)
+    env.update(extra or {})
     # a test run from a shell's background inherits an ignored SIGINT, and
     # so would the server these scripts start: give them Ctrl-C back
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout,
@@ -362,15 +364,11 @@ def test_a_server_launched_on_a_guess_is_kept_only_when_right(tmp_path, case):
     script = tmp_path / "guess.py"
     script.write_text(_GUESS_SCRIPT)
     exact = "b" if case == "wrong guess" else "a"
-    env_drop = ("DASK_SPARSECONV_TEST_MARK", "DASK_SPARSECONV_FORK_WORKERS", "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD")
-    if case == "user's start method":
-        os.environ["DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"] = "fork"  # read by dask in the child
-    try:
-        res = _python(str(script), "a", exact, str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"),
-                      str(tmp_path / "k.npy"), timeout=240,
-                      drop=env_drop if case != "user's start method" else env_drop[:2])
-    finally:
-        os.environ.pop("DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD", None)
+    method = "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"
+    res = _python(str(script), "a", exact, str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"),
+                  str(tmp_path / "k.npy"), timeout=240,
+                  drop=("DASK_SPARSECONV_TEST_MARK", "DASK_SPARSECONV_FORK_WORKERS", method),
+                  extra={method: "fork"} if case == "user's start method" else None)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     got = np.asarray(zarr.open_array(str(tmp_path / "out.zarr"), mode="r")[:])
