@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import sys
 from typing import Any, Iterable, Literal, overload
 
 import numpy as np
@@ -70,6 +71,27 @@ def check_frame_shape(frame_shape: Any, name: str = "frame_shape") -> tuple[int,
     return (out[0], out[1])
 
 
+_compiled_finite = None
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    """Whether the 2-D float array ``arr`` holds only finite values.
+
+    Compiled (:mod:`dask_sparseconv.finite`) for float32/float64 once numba is
+    loaded, which the CPU engines do, so a command that only validates does
+    not pay numba's import; otherwise numpy's isfinite and a reduce (not
+    ``.all()``, which goes through a Python wrapper).
+    """
+    global _compiled_finite
+    if arr.dtype.char in "fd" and (_compiled_finite is not None or "numba" in sys.modules):
+        if _compiled_finite is None:
+            from .finite import all_finite
+
+            _compiled_finite = all_finite
+        return bool(_compiled_finite(arr))
+    return bool(np.logical_and.reduce(np.isfinite(arr), axis=None))
+
+
 def check_kernel(kernel: Any, name: str = "kernel") -> np.ndarray:
     """Validate a kernel: a non-empty, finite, real 2-D array. Returns a copy."""
     if type(kernel) is np.ndarray:
@@ -93,8 +115,7 @@ def check_kernel(kernel: Any, name: str = "kernel") -> np.ndarray:
         raise ValueError(f"{name} must be 2-D; got {arr.ndim}-D with shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{name} must not be empty; got shape {arr.shape}")
-    # a reduce of isfinite rather than .all(), which goes through a Python wrapper
-    if kind == "f" and not np.logical_and.reduce(np.isfinite(arr), axis=None):
+    if kind == "f" and not _all_finite(arr):
         raise ValueError(f"{name} must hold only finite values; got NaN or inf in a kernel of shape {arr.shape}")
     return arr
 

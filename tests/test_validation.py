@@ -26,6 +26,42 @@ def test_check_kernel_rejects(kernel, exc, fragment):
     assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [(0, 0), (2, 3), (4, 4)])
+def test_check_kernel_finds_every_non_finite_value(dtype, bad, where):
+    """The compiled check (used once numba is loaded) finds what numpy finds,
+    wherever the value is, in every float dtype; finite kernels pass."""
+    from dask_sparseconv.finite import all_finite
+
+    k = np.random.default_rng(0).uniform(-1e4, 1e4, (5, 5)).astype(dtype)
+    assert v.check_kernel(k).dtype == dtype
+    k[where] = bad
+    if dtype != np.float16:  # numba has no float16: the numpy path takes those
+        assert not all_finite(k)
+    with pytest.raises(ValueError, match="finite"):
+        v.check_kernel(k)
+
+
+def test_check_kernel_without_numba_loaded():
+    """Validating a kernel does not import numba (a command that only checks
+    its workflow does not pay for it), and still refuses non-finite values."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from dask_sparseconv import validation as v\n"
+        "ok = v.check_kernel(np.ones((3, 3)))\n"
+        "try:\n"
+        "    v.check_kernel(np.array([[1.0, np.inf]]))\n"
+        "except ValueError as exc:\n"
+        "    print('refused', 'finite' in str(exc), ok.sum(), 'numba' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["refused", "True", "9.0", "False"]
+
+
 def test_check_kernel_copies():
     k = np.ones((3, 3))
     out = v.check_kernel(k)

@@ -117,8 +117,11 @@ class Engine:
 
     def __init__(self, frame_shape, kernel, dtype, *, device=None, n_threads=1, max_buffer_bytes=256 * 1024**2):
         self.frame_shape = (int(frame_shape[0]), int(frame_shape[1]))
-        self.kernel = np.ascontiguousarray(kernel, dtype=dtype)
-        self.dtype = np.dtype(dtype)
+        self.dtype = dtype = np.dtype(dtype)
+        # as it is when already right (the convolver's checked copy): a numpy
+        # call less per construction, which a cold grid search pays (#15)
+        self.kernel = kernel if kernel.dtype == dtype and kernel.flags.c_contiguous else \
+            np.ascontiguousarray(kernel, dtype=dtype)
         self.device = device
         self.n_threads = max(1, int(n_threads))
         self.max_buffer_bytes = int(max_buffer_bytes)
