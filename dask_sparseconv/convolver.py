@@ -194,10 +194,11 @@ class Convolver:
         correlate: bool = False,
     ):
         frame_shape = check_frame_shape(frame_shape)
-        kernel = check_kernels(kernel)
-        mode = check_mode(mode)
         auto = method is None or method == "auto"
         method, backend = resolve_method_backend(method, backend)
+        # numba's engines run next: a compiled finiteness check is cheaper there
+        kernel = check_kernels(kernel, compiled=backend == "numba")
+        mode = check_mode(mode)
         dtype = check_dtype(dtype)
         n_threads = check_positive_int(n_threads, "n_threads", allow_none=True)
         max_buffer_bytes = check_positive_int(max_buffer_bytes, "max_buffer_bytes")
@@ -215,8 +216,8 @@ class Convolver:
         grid point in the seed's benchmark, so checking twice is paid there).
         ``kernel`` is checked here (finite, real, non-empty) and copied."""
         self = cls.__new__(cls)
-        self._setup(frame_shape, check_kernel(kernel), mode, method, backend, None, device, None, max_buffer_bytes,
-                    operation)
+        self._setup(frame_shape, check_kernel(kernel, compiled=backend == "numba"), mode, method, backend, None, device,
+                    None, max_buffer_bytes, operation)
         return self
 
     def _setup(self, frame_shape, kernel, mode, method, backend, dtype, device, n_threads, max_buffer_bytes,

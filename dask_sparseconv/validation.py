@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import numbers
-import sys
 from typing import Any, Iterable, Literal, overload
 
 import numpy as np
@@ -74,17 +73,19 @@ def check_frame_shape(frame_shape: Any, name: str = "frame_shape") -> tuple[int,
 _compiled_finite = None
 
 
-def _all_finite(arr: np.ndarray) -> bool:
-    """Whether the 2-D float array ``arr`` holds only finite values.
+def _all_finite(arr: np.ndarray, compiled: bool) -> bool:
+    """Whether the 2-D array ``arr`` holds only finite values.
 
-    Compiled (:mod:`dask_sparseconv.finite`) for float32/float64 once numba is
-    loaded, which the CPU engines do, so a command that only validates does
-    not pay numba's import; otherwise numpy's isfinite and a reduce (not
-    ``.all()``, which goes through a Python wrapper).
+    ``compiled``: by the loop of :mod:`dask_sparseconv.finite` (float32 and
+    float64), for callers about to run numba's compiled engines anyway; a
+    process's first compiled function costs it ~0.3 s of numba's start-up,
+    which checks made elsewhere (a job's planning on the client) must not
+    pay. Otherwise numpy's isfinite and a reduce (not ``.all()``, which goes
+    through a Python wrapper).
     """
     global _compiled_finite
-    if arr.dtype.char in "fd" and (_compiled_finite is not None or "numba" in sys.modules):
-        if _compiled_finite is None:
+    if compiled and arr.dtype.char in "fd":
+        if _compiled_finite is None:  # imported once: an import statement per check is measurable here
             from .finite import all_finite
 
             _compiled_finite = all_finite
@@ -92,8 +93,11 @@ def _all_finite(arr: np.ndarray) -> bool:
     return bool(np.logical_and.reduce(np.isfinite(arr), axis=None))
 
 
-def check_kernel(kernel: Any, name: str = "kernel") -> np.ndarray:
-    """Validate a kernel: a non-empty, finite, real 2-D array. Returns a copy."""
+def check_kernel(kernel: Any, name: str = "kernel", *, compiled: bool = False) -> np.ndarray:
+    """Validate a kernel: a non-empty, finite, real 2-D array. Returns a copy.
+
+    ``compiled=True`` checks finiteness with a compiled loop: for callers
+    that run numba's engines next (see :func:`_all_finite`)."""
     if type(kernel) is np.ndarray:
         arr = kernel.copy()
     else:
@@ -115,16 +119,17 @@ def check_kernel(kernel: Any, name: str = "kernel") -> np.ndarray:
         raise ValueError(f"{name} must be 2-D; got {arr.ndim}-D with shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{name} must not be empty; got shape {arr.shape}")
-    if kind == "f" and not _all_finite(arr):
+    if kind == "f" and not _all_finite(arr, compiled):
         raise ValueError(f"{name} must hold only finite values; got NaN or inf in a kernel of shape {arr.shape}")
     return arr
 
 
-def check_kernels(kernel: Any, name: str = "kernel") -> np.ndarray:
+def check_kernels(kernel: Any, name: str = "kernel", *, compiled: bool = False) -> np.ndarray:
     """Validate one kernel (2-D) or a kernel bank ``(K, kH, kW)``: ``K >= 1``
-    kernels of one shape, each non-empty, finite and real. Returns a copy."""
+    kernels of one shape, each non-empty, finite and real. Returns a copy.
+    ``compiled`` as for :func:`check_kernel` (one 2-D kernel only)."""
     if type(kernel) is np.ndarray and kernel.ndim == 2:
-        return check_kernel(kernel, name)
+        return check_kernel(kernel, name, compiled=compiled)
     if isinstance(kernel, (list, tuple)) and kernel and all(np.ndim(k) == 2 for k in kernel):
         shapes = {np.shape(k) for k in kernel}
         if len(shapes) > 1:
