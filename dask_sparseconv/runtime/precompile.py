@@ -65,7 +65,7 @@ def _frames(n: int, shape: tuple[int, int], dtype, seed: int = 0):
     return x.astype(dtype)
 
 
-def _direct(dtype) -> None:
+def _direct(dtype, index_dtype) -> None:
     import numpy as np
     import scipy.signal
     import scipy.sparse
@@ -75,6 +75,9 @@ def _direct(dtype) -> None:
 
     x = _frames(6, (24, 20), dtype)
     csr = scipy.sparse.csr_matrix(x.reshape(6, -1))
+    # scipy narrows index arrays that fit int32 when it builds a matrix, so
+    # int64 ones are set afterwards, as a batch past 2**31 values has them
+    csr.indices, csr.indptr = csr.indices.astype(index_dtype), csr.indptr.astype(index_dtype)
     # a small kernel (no runs of taps) and a wide one (the run loop): two compiled variants
     for kernel in (np.arange(9.0).reshape(3, 3) - 4, np.ones((3, 9))):
         kernel = kernel.astype(dtype)
@@ -92,14 +95,30 @@ def _direct(dtype) -> None:
 def _direct_f64() -> None:
     import numpy as np
 
-    _direct(np.float64)
+    _direct(np.float64, np.int32)
 
 
 @task("direct float32")
 def _direct_f32() -> None:
     import numpy as np
 
-    _direct(np.float32)
+    _direct(np.float32, np.int32)
+
+
+# int64-indexed batches (more than 2**31 values, or frames past 2**31 pixels):
+# rare, but a worker meeting one without these compiles for ~30 s per dtype
+@task("direct float64, int64 indices")
+def _direct_f64_int64() -> None:
+    import numpy as np
+
+    _direct(np.float64, np.int64)
+
+
+@task("direct float32, int64 indices")
+def _direct_f32_int64() -> None:
+    import numpy as np
+
+    _direct(np.float32, np.int64)
 
 
 @task("boundaries, separable, gather_scatter")
