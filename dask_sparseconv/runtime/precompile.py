@@ -89,6 +89,46 @@ def _direct(dtype, index_dtype) -> None:
                 eng.serial_work = serial_work
             _check(conv(csr), want, f"direct {np.dtype(dtype)} CSR")
             _check(conv(csr, out="dense"), want, f"direct {np.dtype(dtype)} dense")
+    if np.dtype(index_dtype) == np.int64:
+        _huge_frame(dtype)
+
+
+def _huge_frame(dtype) -> None:
+    """A frame past 2**31 pixels (int64 output indices too): two images with
+    one small blob each, checked against ``scipy.signal`` around the blob."""
+    import numpy as np
+    import scipy.signal
+    import scipy.sparse
+
+    from dask_sparseconv.convolver import Convolver
+    from dask_sparseconv.engine.direct import DirectNumba
+
+    H = W = 50_000
+    r0 = c0 = 25_000
+    blob = _frames(1, (6, 7), np.float64, seed=5)[0] + np.eye(6, 7)  # not empty
+    kernel = (np.arange(15.0).reshape(3, 5) - 7).astype(dtype)
+    rr, cc = np.nonzero(blob)
+    pos = (rr + r0).astype(np.int64) * W + cc + c0
+    one = scipy.sparse.csr_matrix((blob[rr, cc].astype(dtype), pos, np.array([0, pos.size])), shape=(1, H * W))
+    x = scipy.sparse.vstack([one, one]).tocsr()
+    # 'same' output (i, j) is the blob's full convolution at (i - r0 + 1, j - c0 + 2)
+    full = scipy.signal.convolve2d(blob, kernel.astype(np.float64), mode="full")
+    fr, fc = np.nonzero(full)
+    want = dict(zip(((fr + r0 - 1) * W + fc + c0 - 2).tolist(), full[fr, fc].tolist()))
+    for n_threads, serial_work in ((1, None), (2, 0)):
+        conv = Convolver((H, W), kernel, mode="same", method="direct", backend="numba", n_threads=n_threads)
+        eng = conv.engine(np.dtype(dtype))
+        if isinstance(eng, DirectNumba):
+            eng.serial_work = serial_work
+        y = conv(x)
+        for row in range(2):
+            got = dict(zip(y.indices[y.indptr[row]:y.indptr[row + 1]].tolist(),
+                           y.data[y.indptr[row]:y.indptr[row + 1]].tolist()))
+            keys = sorted(got.keys() | want.keys())
+            if y.indices.dtype != np.int64 or not np.allclose(
+                    [got.get(k, 0.0) for k in keys], [want.get(k, 0.0) for k in keys], rtol=1e-4, atol=1e-4):
+                raise RuntimeError(f"direct {np.dtype(dtype)}, a frame past 2**31 pixels: the compiled result "
+                                   "differs from scipy.signal")
 
 
 @task("direct float64")
