@@ -225,6 +225,20 @@ def quiesce(window_s: float = 0.001, limit_s: float = 0.1) -> float:
 SETTLE_WAITS: dict[str, list[float]] = {}
 
 
+def _minor_faults() -> int:
+    """This process's minor page faults so far (0 where getrusage has none).
+
+    Reported beside the init + call times: which side's fresh output faults
+    its pages in depends on the heap the previous calls left (glibc gives
+    memory freed at the top of its heap back to the system), and on this
+    VM ~500 faults cost a 1-2 ms call 1.2-1.9 ms (docs/benchmarks.md)."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def run_init(configs: list[Config], dtype, runs: int, settle: bool = True) -> list[dict]:
     """Init + call, the way the seed's grid search and a notebook see it: build
     the drop-in ``Toeplitz_convolution2d(x_shape, k, mode='same')`` and call it
@@ -248,6 +262,7 @@ def run_init(configs: list[Config], dtype, runs: int, settle: bool = True) -> li
         cases.append((cfg, kernel, make_input(cfg, dtype)))
 
     split: dict[tuple, list[float]] = {}  # (side, cfg, 'init' | 'call') -> seconds
+    faults: dict[tuple, list[int]] = {}  # (side, cfg) -> minor page faults of each timed step
 
     def ours(kernel, x, cfg):
         t0 = time.perf_counter()
@@ -274,9 +289,11 @@ def run_init(configs: list[Config], dtype, runs: int, settle: bool = True) -> li
                 for name, f in order:
                     if settle:
                         SETTLE_WAITS.setdefault(previous, []).append(quiesce())
+                    f0 = _minor_faults()
                     t0 = time.perf_counter()
                     f(k, x, cfg)
                     times[cfg][name].append(time.perf_counter() - t0)
+                    faults.setdefault((name, cfg), []).append(_minor_faults() - f0)
                     previous = name
         finally:
             gc.enable()
@@ -287,7 +304,9 @@ def run_init(configs: list[Config], dtype, runs: int, settle: bool = True) -> li
         i_o = statistics.median(split[("ours", cfg, "init")][1:]) * 1e3
         i_p = statistics.median(split[("peer", cfg, "init")][1:]) * 1e3
         rows.append(dict(cfg=cfg, ours=t_o * 1e3, peer=t_p * 1e3, speedup=t_p / t_o, nnz=x.nnz, problem=problems[cfg],
-                         ours_init=i_o, peer_init=i_p))
+                         ours_init=i_o, peer_init=i_p,
+                         ours_faults=statistics.median(faults[("ours", cfg)]),
+                         peer_faults=statistics.median(faults[("peer", cfg)])))
     return rows
 
 
@@ -345,10 +364,11 @@ def format_bandwidth(rows: list[dict]) -> str:
 def format_table(rows: list[dict], markdown: bool) -> str:
     split = bool(rows) and "ours_init" in rows[0]
     head = ("sweep", "config", "ours (ms)", "peer (ms)", "speedup", "check") + (
-        ("ours init (ms)", "peer init (ms)") if split else ())
+        ("ours init (ms)", "peer init (ms)", "faults ours/peer") if split else ())
     body = [
         (r["cfg"].sweep, r["cfg"].label, f"{r['ours']:.3f}", f"{r['peer']:.3f}", f"{r['speedup']:.2f}x", r["problem"] or "ok")
-        + ((f"{r['ours_init']:.3f}", f"{r['peer_init']:.3f}") if split else ())
+        + ((f"{r['ours_init']:.3f}", f"{r['peer_init']:.3f}", f"{r['ours_faults']:g}/{r['peer_faults']:g}")
+           if split else ())
         for r in rows
     ]
     geo = math.exp(sum(math.log(r["speedup"]) for r in rows) / len(rows)) if rows else float("nan")
