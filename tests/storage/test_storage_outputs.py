@@ -302,6 +302,22 @@ def _three_of_five_blocks_written(tmp_path):
     return c, bounds, t, out
 
 
+def test_csr_block_markers_read_raw_agree_with_the_marker_array(tmp_path):
+    """A kept block's check reads its marker as the raw key the writer sets
+    (no array metadata, no selection): it says what the ``_progress`` array
+    says, for written blocks, unwritten ones and a cleared marker."""
+    from dask_sparseconv.storage import progress
+
+    _, _, t, out = _three_of_five_blocks_written(tmp_path)
+    g = zarr.open_group(t, mode="r+")
+    assert [progress.block_marked(g, i) for i in range(5)] == [bool(v) for v in g["_progress"][:]] \
+        == [True, True, True, False, False]
+    g["_progress"][1] = 0  # a marker cleared (what a restart does before rewriting)
+    assert [progress.block_marked(g, i) for i in range(5)] == [True, False, True, False, False]
+    again = create_output(t, "csr", 17, (5, 5), "float32", _bounds(17, 4), resume=True)
+    assert [again.block_record(i) is not None for i in range(5)] == [True, False, True, False, False]
+
+
 def test_csr_resume_checks_written_chunks_and_recomputes_carries(tmp_path):
     """A reopened writer trusts a block only if its record and the values it
     wrote read back unchanged; a block left to do gets the values that

@@ -356,7 +356,7 @@ class CSROutput(OutputBase):
         if not 0 <= int(i) < len(self.block_bounds):
             return None
         try:
-            if not self.node[progress.PROGRESS][int(i)]:
+            if not progress.block_marked(self.node, int(i)):
                 return None
             raw = self._raw(BLOCKS, f"block_{int(i)}").get_sync()
         except Exception:  # unreadable marker or record
