@@ -1,10 +1,13 @@
 """A compiled finiteness check for small float arrays (kernels).
 
-:func:`dask_sparseconv.validation.check_kernel` uses it once numba is loaded:
-numpy's ``isfinite`` and a reduce are two calls into numpy, and in the cold
-state a grid search builds its convolvers in (one per point, each after a
-large call) they cost ~40 us of a ~170 us construction; this loop costs
-~15 us (docs/benchmarks.md, issue #15). Imported only where numba already is.
+:func:`dask_sparseconv.validation.check_kernel` uses it when asked
+(``compiled=True``: a convolver on numba's engines, which load compiled code
+next anyway): numpy's ``isfinite`` and a reduce are two calls into numpy,
+and in the cold state a grid search builds its convolvers in (one per point,
+each after a large call) they cost ~40 us of a ~170 us construction; this
+loop costs ~15 us (docs/benchmarks.md, issue #15). Checks elsewhere (a job's
+planning on the client) stay on numpy: a process's first compiled function
+costs it ~0.3 s of numba's start-up.
 """
 
 from __future__ import annotations

@@ -84,7 +84,8 @@ def _all_finite(arr: np.ndarray, compiled: bool) -> bool:
     through a Python wrapper).
     """
     global _compiled_finite
-    if compiled and arr.dtype.char in "fd":
+    # native float32/float64 only: numba refuses other byte orders (a kernel read from a FITS file)
+    if compiled and arr.dtype.char in "fd" and arr.dtype.isnative:
         if _compiled_finite is None:  # imported once: an import statement per check is measurable here
             from .finite import all_finite
 

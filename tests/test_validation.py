@@ -40,6 +40,25 @@ def test_check_kernel_finds_every_non_finite_value(compiled, dtype, bad, where):
         v.check_kernel(k, compiled=compiled)
 
 
+@pytest.mark.parametrize("order", [">", "<"])
+def test_kernels_of_either_byte_order_on_numba(order):
+    """A kernel in the other byte order (a FITS file's) takes numpy's check
+    (numba refuses it) and convolves as scipy does; NaN is refused."""
+    import scipy.signal
+    import scipy.sparse
+
+    from dask_sparseconv import Convolver, Toeplitz_convolution2d
+
+    k = np.arange(9.0).reshape(3, 3).astype(order + "f8")
+    x = scipy.sparse.random(3, 64, density=0.2, format="csr", random_state=1)
+    want = np.stack([scipy.signal.convolve2d(f, k.astype(float), mode="same") for f in x.toarray().reshape(3, 8, 8)])
+    for conv in (Convolver((8, 8), k, backend="numba"), Toeplitz_convolution2d((8, 8), k)):
+        np.testing.assert_allclose(conv(x).toarray().reshape(3, 8, 8), want, rtol=1e-12, atol=1e-12)
+    k[1, 1] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        v.check_kernel(k, compiled=True)
+
+
 def test_only_the_numba_convolver_loads_the_compiled_check():
     """A convolver on numba's engines checks its kernel with the compiled loop;
     other checks (a job's planning on the client) never load compiled code,
