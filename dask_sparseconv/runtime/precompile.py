@@ -17,6 +17,7 @@ compiled on first use, as before.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import time
@@ -131,34 +132,13 @@ def _huge_frame(dtype) -> None:
                                    "differs from scipy.signal")
 
 
-@task("direct float64")
-def _direct_f64() -> None:
-    import numpy as np
-
-    _direct(np.float64, np.int32)
-
-
-@task("direct float32")
-def _direct_f32() -> None:
-    import numpy as np
-
-    _direct(np.float32, np.int32)
-
-
-# int64-indexed batches (more than 2**31 values, or frames past 2**31 pixels):
-# rare, but a worker meeting one without these compiles for ~30 s per dtype
-@task("direct float64, int64 indices")
-def _direct_f64_int64() -> None:
-    import numpy as np
-
-    _direct(np.float64, np.int64)
-
-
-@task("direct float32, int64 indices")
-def _direct_f32_int64() -> None:
-    import numpy as np
-
-    _direct(np.float32, np.int64)
+# One group per dtype, and per index dtype: int64-indexed batches (more than
+# 2**31 values, or frames past 2**31 pixels) are rare, but a worker meeting
+# one without its group compiles for ~30 s. Names as ``--only`` takes them.
+for _dtype, _index, _name in (("float64", "int32", "direct float64"), ("float32", "int32", "direct float32"),
+                              ("float64", "int64", "direct float64, int64 indices"),
+                              ("float32", "int64", "direct float32, int64 indices")):
+    task(_name)(functools.partial(_direct, _dtype, _index))
 
 
 @task("boundaries, separable, gather_scatter")
