@@ -63,9 +63,12 @@ def csr_store(tmp_path):
 
 # -- help and version ---------------------------------------------------------
 def test_version():
+    from importlib.metadata import version
+
     res = cli("--version")
     assert res.returncode == 0
-    assert res.stdout.startswith("dask-sparseconv ")
+    # looked up only when asked for (not on every parse), and the installed one
+    assert res.stdout == f"dask-sparseconv {version('dask-sparseconv')}\n"
 
 
 @pytest.mark.parametrize(

@@ -382,3 +382,26 @@ def test_a_server_launched_on_a_guess_is_kept_only_when_right(tmp_path, case):
     else:
         assert out["kept"] is False and out["second"] is None and not out["first_alive"]
         assert out["ppids"] != [out["first"]]  # not from the stopped server
+
+
+def test_distributed_defaults_read_without_importing_it_match_distributed(tmp_path):
+    """The server's environment is computed from distributed's own
+    ``distributed.yaml``, read (with libyaml's parser where PyYAML has it)
+    before distributed is imported: the values must be the ones distributed
+    itself reports once imported, with no user config in the way."""
+    code = textwrap.dedent("""
+        import json, sys
+        from dask_sparseconv.runtime import forkserver
+        read = forkserver.distributed_defaults()
+        assert "distributed" not in sys.modules
+        import dask.config, distributed  # noqa: F401
+        print(json.dumps([read, dask.config.get("distributed.nanny.pre-spawn-environ")]))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    # empty config folders (dask also reads ~/.config/dask): distributed's defaults only
+    env.update(DASK_CONFIG=str(tmp_path), HOME=str(tmp_path))
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    read, reported = json.loads(p.stdout.strip().splitlines()[-1])
+    assert read == reported
+    assert "MALLOC_TRIM_THRESHOLD_" in read
