@@ -112,7 +112,16 @@ def _cli() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "dask_sparseconv.cli"]
 
 
+def settle() -> None:
+    """Write the page cache's dirty pages out before a timed run: a dense
+    run leaves ~1 GB of output behind, and the kernel's write-back of it
+    (from 30 s on) otherwise lands in whichever run comes next."""
+    if hasattr(os, "sync"):
+        os.sync()
+
+
 def run_cli(folder: str, *args: str) -> tuple[float, str, str]:
+    settle()
     t0 = time.perf_counter()
     p = subprocess.run(_cli() + list(args), cwd=folder, capture_output=True, text=True, timeout=3600)
     dt = time.perf_counter() - t0
@@ -220,6 +229,7 @@ def bench_api(name: str, folder: str, src: str, kernel: np.ndarray, fmt: str, me
         shutil.copytree(out, clean_copy)
         for _ in range(repeats):
             shutil.rmtree(out, ignore_errors=True)
+            settle()
             t0 = time.perf_counter()
             dsc.convolve_zarr(src, kernel, out, **kw)
             cleans.append(time.perf_counter() - t0)
@@ -233,6 +243,7 @@ def bench_api(name: str, folder: str, src: str, kernel: np.ndarray, fmt: str, me
                 lock = out.rstrip("/") + ".lock"
                 if os.path.exists(lock):  # the interrupted "run" is this process: nobody releases it
                     os.unlink(lock)
+                settle()
                 t0 = time.perf_counter()
                 s = dsc.convolve_zarr(src, kernel, out, **kw)
                 r = runs[share]
