@@ -14,7 +14,11 @@ Two views, each on its own table:
   then ``convolve_zarr`` is called again; its wall time is compared with a
   clean ``convolve_zarr`` on the same cluster.
 
-Target (issue #11): ``resumed / clean <= fraction left + 0.15``.
+Target (issue #11): ``resumed / clean <= fraction left + 0.15``. Runs go in
+rounds (a clean run, then each share's interrupted and resumed run), and a
+point counts as met only when both the ratio of the medians and the median
+of each round's own ratio (resumed over that round's clean run) are within
+it.
 
 Workloads (both on a local cluster of 2 worker processes x 1 thread):
 
@@ -163,9 +167,13 @@ def _row(name: str, view: str, share: float, cleans: list[float], times: list[fl
          skipped: list[int], ok: bool) -> dict:
     left = statistics.median(c / (c + s) for c, s in zip(computed, skipped))
     clean, resumed = statistics.median(cleans), statistics.median(times)
+    # each resumed run over its own round's clean run: the two ran minutes
+    # apart at most, in the same spell of the host
+    paired = statistics.median(t / c for t, c in zip(times, cleans))
+    target = left + 0.15
     return {"workload": name, "view": view, "interrupt_at": share, "clean_s": clean, "resumed_s": resumed,
-            "fraction_left": left, "ratio": resumed / clean, "target": left + 0.15,
-            "met": resumed / clean <= left + 0.15, "identical": ok, "blocks": computed[0] + skipped[0],
+            "fraction_left": left, "ratio": resumed / clean, "paired_ratio": paired, "target": target,
+            "met": max(resumed / clean, paired) <= target, "identical": ok, "blocks": computed[0] + skipped[0],
             "clean_runs": cleans, "resumed_runs": times}
 
 
@@ -258,13 +266,13 @@ def bench_api(name: str, folder: str, src: str, kernel: np.ndarray, fmt: str, me
 
 def print_table(rows: list[dict]) -> None:
     print()
-    print("| view | workload | interrupted at | blocks left | clean (s) | resumed (s) | resumed/clean | target (left "
-          "+ 0.15) | met | identical |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| view | workload | interrupted at | blocks left | clean (s) | resumed (s) | resumed/clean | "
+          "per round | target (left + 0.15) | met (both) | identical |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['view']} | {r['workload']} | {r['interrupt_at']:.0%} | {r['fraction_left']:.0%} of {r['blocks']} | "
-              f"{r['clean_s']:.2f} | {r['resumed_s']:.2f} | {r['ratio']:.2f} | {r['target']:.2f} | "
-              f"{'yes' if r['met'] else 'NO'} | {'yes' if r['identical'] else 'NO'} |")
+              f"{r['clean_s']:.2f} | {r['resumed_s']:.2f} | {r['ratio']:.2f} | {r['paired_ratio']:.2f} | "
+              f"{r['target']:.2f} | {'yes' if r['met'] else 'NO'} | {'yes' if r['identical'] else 'NO'} |")
 
 
 def main(argv=None) -> int:
