@@ -22,6 +22,8 @@ a batch of 10 images depended on what it had seen before (0.37 ms after a
     python benchmarks/bench_engine.py --threads 1       # both single-threaded
     python benchmarks/bench_engine.py --init            # construction + call, one process (the seed's total time)
     python benchmarks/bench_engine.py --init --no-settle  # ... each call right after the other side's
+    python benchmarks/bench_engine.py --init --gap-ms 20  # ... each call after the same idle time
+    python benchmarks/bench_engine.py --init --by-library  # ... each library's sweep in turn (the seed's grid)
     python benchmarks/bench_engine.py --bandwidth       # large frames: output GB/s against a numpy copy
 """
 
@@ -223,6 +225,8 @@ def quiesce(window_s: float = 0.001, limit_s: float = 0.1) -> float:
 
 #: run_init's waits for quiet threads, by the side whose call came before (seconds)
 SETTLE_WAITS: dict[str, list[float]] = {}
+#: run_init's idle time before each timed call, from the end of the one before, by the side about to run (seconds)
+GAPS: dict[str, list[float]] = {}
 
 
 def _minor_faults() -> int:
@@ -239,7 +243,8 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def run_init(configs: list[Config], dtype, runs: int, settle: bool = True) -> list[dict]:
+def run_init(configs: list[Config], dtype, runs: int, settle: bool = True, gap_s: float = 0.0,
+             by_library: bool = False) -> list[dict]:
     """Init + call, the way the seed's grid search and a notebook see it: build
     the drop-in ``Toeplitz_convolution2d(x_shape, k, mode='same')`` and call it
     once on the batch, every configuration in this one process. ``runs``
@@ -250,6 +255,22 @@ def run_init(configs: list[Config], dtype, runs: int, settle: bool = True) -> li
     have gone back to sleep (:func:`quiesce`); without it, right after the
     previous call, so that whichever side follows the peer shares a core
     with its spinning OpenMP thread.
+
+    ``gap_s``: besides, start each timed call at least this long after the
+    previous one ended. In the rotation every call of ours follows one of
+    the peer's, whose thread spins for ~7-9 ms before it sleeps, and every
+    call of the peer's follows one of ours (~1 ms of quiet wait): so ours
+    started after ~9 ms of idling and the peer's after ~1 ms, and a 10 ms
+    pause alone makes either side's next call up to ~2x slower on this VM
+    (docs/benchmarks.md). A gap longer than the spin gives both sides the
+    same idle time before their calls, as a notebook's pauses do.
+
+    ``by_library``: each round runs every configuration with one library,
+    then every configuration with the other (which one first alternates),
+    as the seed's grid search runs one method's sweep after another: each
+    call then follows the same library's previous call, in the state that
+    library leaves itself in (its threads spinning or not), and the quiet
+    wait only comes where the library changes.
     """
     from sparse_convolution import Toeplitz_convolution2d as Peer
 
@@ -279,22 +300,32 @@ def run_init(configs: list[Config], dtype, runs: int, settle: bool = True) -> li
     problems = {cfg: same_result(ours(k, x, cfg), peer(k, x, cfg), dtype) for cfg, k, x in cases}  # warm-up + check
     times: dict[Config, dict[str, list[float]]] = {cfg: {"ours": [], "peer": []} for cfg, _, _ in cases}
     SETTLE_WAITS.clear()
+    GAPS.clear()
     previous = "peer"  # the check above ended with a peer call
+    last_end = time.perf_counter()
     for r in range(runs):
         gc.collect()
         gc.disable()  # a collection inside a sub-millisecond call would be timed as the call
         try:
-            for cfg, k, x in cases:
-                order = (("ours", ours), ("peer", peer)) if r % 2 == 0 else (("peer", peer), ("ours", ours))
-                for name, f in order:
-                    if settle:
-                        SETTLE_WAITS.setdefault(previous, []).append(quiesce())
-                    f0 = _minor_faults()
-                    t0 = time.perf_counter()
-                    f(k, x, cfg)
-                    times[cfg][name].append(time.perf_counter() - t0)
-                    faults.setdefault((name, cfg), []).append(_minor_faults() - f0)
-                    previous = name
+            sides = (("ours", ours), ("peer", peer)) if r % 2 == 0 else (("peer", peer), ("ours", ours))
+            if by_library:  # a whole sweep of one library, then of the other
+                steps = [(cfg, k, x, name, f) for name, f in sides for cfg, k, x in cases]
+            else:  # the two libraries call by call
+                steps = [(cfg, k, x, name, f) for cfg, k, x in cases for name, f in sides]
+            for cfg, k, x, name, f in steps:
+                if settle and not (by_library and name == previous):
+                    SETTLE_WAITS.setdefault(previous, []).append(quiesce())
+                idle = time.perf_counter() - last_end
+                if idle < gap_s:
+                    time.sleep(gap_s - idle)
+                f0 = _minor_faults()
+                t0 = time.perf_counter()
+                GAPS.setdefault(name, []).append(t0 - last_end)
+                f(k, x, cfg)
+                last_end = time.perf_counter()
+                times[cfg][name].append(last_end - t0)
+                faults.setdefault((name, cfg), []).append(_minor_faults() - f0)
+                previous = name
         finally:
             gc.enable()
     rows = []
@@ -416,6 +447,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-settle", dest="settle", action="store_false",
                     help="--init: start each call right after the previous one, without waiting for the other "
                          "library's threads to stop spinning (see quiesce)")
+    ap.add_argument("--gap-ms", type=float, default=0.0, metavar="MS",
+                    help="--init: start each timed call at least MS milliseconds after the previous one ended, so "
+                         "that both sides start from the same idle time (see run_init); default 0")
+    ap.add_argument("--by-library", action="store_true",
+                    help="--init: in each round, every configuration with one library, then with the other (as the "
+                         "seed's grid search runs one method after another), instead of alternating call by call")
     ap.add_argument("--bandwidth", action="store_true",
                     help="output bandwidth of the largest frames (50x512x512, 50x1024x1024) against a numpy copy of "
                          "the same output, --runs interleaved rounds")
@@ -443,7 +480,10 @@ def main(argv=None) -> int:
         print(format_bandwidth(rows))
         return 1 if any(r["problem"] for r in rows) else 0
     if args.init:
-        rows = run_init([cfg for name in names for cfg in SWEEPS[name]], dtype, args.runs, args.settle)
+        if args.gap_ms < 0:
+            ap.error(f"--gap-ms must be >= 0; got {args.gap_ms}")
+        rows = run_init([cfg for name in names for cfg in SWEEPS[name]], dtype, args.runs, args.settle,
+                        args.gap_ms / 1e3, args.by_library)
         for r in rows:
             print(f"  {r['cfg'].sweep:12s} {r['cfg'].label:32s} ours {r['ours']:9.3f} ms  peer {r['peer']:9.3f} ms  "
                   f"{r['speedup']:5.2f}x  {r['problem'] or 'ok'}", file=sys.stderr, flush=True)
@@ -462,7 +502,9 @@ def main(argv=None) -> int:
             )
     threads = args.threads or "default"
     what = (f"init + call, one process, medians of {args.runs} interleaved runs, "
-            f"{'each call started on quiet threads' if args.settle else 'calls back to back'}") if args.init else "call only"
+            f"{'each call started on quiet threads' if args.settle else 'calls back to back'}"
+            f"{f', at least {args.gap_ms:g} ms after the previous call' if args.gap_ms else ''}"
+            f"{', one library after the other' if args.by_library else ''}") if args.init else "call only"
     print(f"# {what}; dtype={dtype}, mode='same', CSR in/out, {os.cpu_count()} CPUs, threads={threads}, "
           f"{time.perf_counter() - t_start:.0f} s")
     print(format_table(rows, markdown=False))
@@ -470,6 +512,10 @@ def main(argv=None) -> int:
         print("# waits for quiet threads before a call, median (max): "
               + ", ".join(f"after {side}'s call {statistics.median(w) * 1e3:.1f} ms ({max(w) * 1e3:.1f})"
                           for side, w in sorted(SETTLE_WAITS.items())))
+    if args.init and GAPS:
+        print("# idle time before a timed call, median (max): "
+              + ", ".join(f"before {side}'s {statistics.median(w) * 1e3:.1f} ms ({max(w) * 1e3:.1f})"
+                          for side, w in sorted(GAPS.items())))
     if args.markdown:
         with open(args.markdown, "w") as fh:
             fh.write(f"dtype={dtype}, mode='same', CSR in -> CSR out, {os.cpu_count()} CPUs, threads={threads}\n\n")
