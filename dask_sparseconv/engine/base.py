@@ -120,8 +120,8 @@ class Engine:
         self.dtype = dtype = np.dtype(dtype)
         # as it is when already right (the convolver's checked copy): a numpy
         # call less per construction, which a cold grid search pays (#15)
-        self.kernel = kernel if kernel.dtype == dtype and kernel.flags.c_contiguous else \
-            np.ascontiguousarray(kernel, dtype=dtype)
+        self.kernel = kernel if type(kernel) is np.ndarray and kernel.dtype == dtype and kernel.flags.c_contiguous \
+            else np.ascontiguousarray(kernel, dtype=dtype)
         self.device = device
         self.n_threads = max(1, int(n_threads))
         self.max_buffer_bytes = int(max_buffer_bytes)

@@ -264,12 +264,20 @@ def _may_hold_negative_zero(a: np.ndarray) -> bool:
     return bool((bits == np.array(1 << (8 * size - 1), dtype=bits.dtype)).any())
 
 
+def _csr_marker(group: zarr.Group, i: int):
+    """The raw key of block ``i``'s marker under a CSR output ``group``: chunk
+    ``i`` of ``_progress`` (uint8, chunk size 1, no codec, so the encoded
+    chunk is the byte itself). Written and read as a key, not through the
+    array: one store call and no read of the array's metadata."""
+    return group.store_path / PROGRESS / default_chunk_key(int(i))
+
+
 def block_marked(group: zarr.Group, i: int) -> bool:
     """Whether block ``i``'s marker under a CSR output ``group`` is set, read
     as the raw key :func:`mark_block_done` writes: opening ``_progress`` and
     indexing it read the array's metadata and went through zarr's selection
     (~2 ms a block, most of checking a kept block's record on resume)."""
-    raw = sync((group.store_path / PROGRESS / default_chunk_key(int(i))).get(prototype=prototype()))
+    raw = sync(_csr_marker(group, i).get(prototype=prototype()))
     return raw is not None and any(raw.to_bytes())
 
 
@@ -280,11 +288,7 @@ def mark_block_done(node: zarr.Array | zarr.Group, i: int, record: dict | None =
     ``record`` (dense arrays): stored as the marker's content (JSON), so the
     marker and the block's checksum are written in one atomic key."""
     if isinstance(node, zarr.Group):
-        # chunk i of ``_progress`` (uint8, chunk size 1, no codec: the encoded
-        # chunk is the byte itself) written as its raw key: one store write
-        # and no read of the array's metadata
-        buf = buffer(b"\x01")
-        sync((node.store_path / PROGRESS / default_chunk_key(i)).set(buf))
+        sync(_csr_marker(node, i).set(buffer(b"\x01")))
     else:
         payload = b"\x01" if record is None else json.dumps(jsonable(record)).encode()
         buf = buffer(payload)

@@ -404,3 +404,23 @@ def test_modes_alternate_on_one_engine(cell):
         ref = reference(imgs, kernel, mode)
         np.testing.assert_allclose(conv(x, mode=mode).toarray(), ref, rtol=1e-10, atol=1e-12)
     assert conv.nbytes >= kernel.nbytes
+
+
+@pytest.mark.parametrize("method,backend", [c for c in CELLS if c[1] != "torch"],
+                         ids=[i for c, i in zip(CELLS, CELL_IDS) if c[1] != "torch"])
+def test_engine_takes_a_kernel_that_is_not_an_array(method, backend):
+    """An engine built straight from the registry with a nested list (or a
+    read-only, non-contiguous or other-dtype array) as its kernel converts
+    it; only a C-contiguous array of its dtype is kept as it is."""
+    from dask_sparseconv.engine import engine_class
+
+    rng = np.random.default_rng(4)
+    frames = (rng.random((3, 9, 8)) < 0.2) * rng.random((3, 9, 8))
+    x = scipy.sparse.csr_matrix(frames.reshape(3, -1))
+    kernel = [[1.0, -2.0, 0.5], [0.0, 3.0, 1.0]]
+    want = convolve_stack(frames, np.array(kernel), "same")
+    for k in (kernel, np.array(kernel, dtype=np.float32), np.asfortranarray(np.array(kernel))):
+        eng = engine_class(method, backend)((9, 8), k, np.float64)
+        assert type(eng.kernel) is np.ndarray and eng.kernel.dtype == np.float64 and eng.kernel.flags.c_contiguous
+        got = eng.to_csr(x, "same").toarray().reshape(3, 9, 8)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
